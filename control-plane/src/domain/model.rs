@@ -1,0 +1,238 @@
+//! The records Herald keeps, as plain data: tenants, tokens, subscriptions, events, deliveries
+//! and attempts. Storage reads and writes these; the gRPC edge converts them to proto.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    pub id: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Who a token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Admin,
+    Tenant(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    pub id: String,
+    pub name: String,
+    pub scope: Scope,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+/// Herald's own switch on a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscriptionStatus {
+    Enabled = 1,
+    Disabled = 2,
+}
+
+impl SubscriptionStatus {
+    pub fn from_i32(value: i32) -> Self {
+        if value == Self::Disabled as i32 {
+            Self::Disabled
+        } else {
+            Self::Enabled
+        }
+    }
+}
+
+/// The state of a delivery; the integer values are the proto enum's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeliveryState {
+    Pending = 1,
+    InFlight = 2,
+    Succeeded = 3,
+    Failed = 4,
+    Dead = 5,
+}
+
+impl DeliveryState {
+    pub fn from_i32(value: i32) -> Option<Self> {
+        Some(match value {
+            1 => Self::Pending,
+            2 => Self::InFlight,
+            3 => Self::Succeeded,
+            4 => Self::Failed,
+            5 => Self::Dead,
+            _ => return None,
+        })
+    }
+}
+
+/// Why an attempt got no HTTP status; the integer values are the proto enum's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptError {
+    None = 1,
+    Timeout = 2,
+    Connect = 3,
+    Dns = 4,
+    Tls = 5,
+    DestinationRefused = 6,
+    Response = 7,
+    LeaseExpired = 8,
+}
+
+impl AttemptError {
+    pub fn from_i32(value: i32) -> Self {
+        match value {
+            2 => Self::Timeout,
+            3 => Self::Connect,
+            4 => Self::Dns,
+            5 => Self::Tls,
+            6 => Self::DestinationRefused,
+            7 => Self::Response,
+            8 => Self::LeaseExpired,
+            _ => Self::None,
+        }
+    }
+}
+
+/// The result of the most recent attempt of any delivery of a subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastDelivery {
+    pub state: DeliveryState,
+    pub status_code: u32,
+    pub at: DateTime<Utc>,
+}
+
+/// A signing secret that still signs until `expires_at` (a rotation's grace period).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviousSecret {
+    pub secret: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub url: String,
+    pub event_types: Vec<String>,
+    pub active: bool,
+    pub status: SubscriptionStatus,
+    pub disabled_reason: Option<String>,
+    pub api_key: Option<String>,
+    pub api_key_header: String,
+    pub signing_secret: String,
+    pub previous_secret: Option<PreviousSecret>,
+    pub region: Option<String>,
+    pub timeout: Duration,
+    pub max_attempts: u32,
+    pub max_concurrency: u32,
+    pub rate_limit_per_s: u32,
+    pub ordered: bool,
+    pub last_delivery: Option<LastDelivery>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Subscription {
+    /// Returns whether a published event of `event_type` gets a delivery here (SPEC 5, fan-out).
+    pub fn receives(&self, event_type: &str) -> bool {
+        self.active
+            && self.status == SubscriptionStatus::Enabled
+            && super::filter::matches_any(&self.event_types, event_type)
+    }
+
+    /// Returns the secrets that sign at `now`: the current one, then the previous one while its
+    /// grace period lasts.
+    pub fn signing_secrets(&self, now: DateTime<Utc>) -> Vec<&str> {
+        let mut secrets = vec![self.signing_secret.as_str()];
+        if let Some(previous) = &self.previous_secret
+            && previous.expires_at > now
+        {
+            secrets.push(previous.secret.as_str());
+        }
+        secrets
+    }
+
+    /// Returns the last 4 characters of the API key, for display.
+    pub fn api_key_hint(&self) -> Option<String> {
+        self.api_key.as_deref().map(api_key_hint)
+    }
+}
+
+/// Returns the last 4 characters of an API key.
+pub fn api_key_hint(key: &str) -> String {
+    let chars: Vec<char> = key.chars().collect();
+    chars[chars.len().saturating_sub(4)..].iter().collect()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub id: String,
+    pub tenant_id: String,
+    pub event_type: String,
+    pub entity_type: Option<String>,
+    pub entity_id: Option<String>,
+    pub action: Option<String>,
+    pub payload: String,
+    pub idempotency_key: Option<String>,
+    pub traceparent: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub id: String,
+    pub tenant_id: String,
+    pub event_id: String,
+    pub subscription_id: String,
+    pub state: DeliveryState,
+    pub attempt_count: u32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub ordering_key: Option<String>,
+    pub last_status_code: Option<u32>,
+    pub last_error: Option<AttemptError>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub id: String,
+    pub delivery_id: String,
+    pub agent_id: String,
+    pub region: String,
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: u32,
+    pub status_code: u32,
+    pub response_headers: Vec<(String, String)>,
+    pub response_excerpt: String,
+    pub error: AttemptError,
+    pub error_message: String,
+}
+
+/// A page of a list, with the token of the next page when there is one.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_page_token: Option<String>,
+}
+
+/// What a list call asks for: `size` items after the cursor `after`.
+#[derive(Debug, Clone)]
+pub struct PageRequest {
+    pub size: u64,
+    pub after: Option<String>,
+}
+
+impl PageRequest {
+    /// Applies the default page size for 0 and the maximum of 1000.
+    pub fn new(size: u32, token: &str, default: u32) -> Self {
+        let size = if size == 0 { default } else { size.min(1000) };
+        Self {
+            size: u64::from(size),
+            after: (!token.is_empty()).then(|| token.to_owned()),
+        }
+    }
+}

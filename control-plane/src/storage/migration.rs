@@ -1,0 +1,135 @@
+//! Schema migrations, append-only and additive (a rolling restart runs old and new code on one
+//! schema). Plain SQL that SQLite and PostgreSQL both accept: times are BIGINT milliseconds since
+//! the Unix epoch, states the integer values of the proto enums.
+
+use sea_orm_migration::prelude::*;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(M0001Initial)]
+    }
+}
+
+#[derive(DeriveMigrationName)]
+struct M0001Initial;
+
+const M0001: &str = r#"
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE tenants (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE tokens (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT,
+    name TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE,
+    admin BOOLEAN NOT NULL,
+    bootstrap BOOLEAN NOT NULL,
+    created_at BIGINT NOT NULL,
+    last_used_at BIGINT,
+    revoked_at BIGINT
+);
+CREATE TABLE subscriptions (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    url TEXT NOT NULL,
+    event_types TEXT NOT NULL,
+    active BOOLEAN NOT NULL,
+    status INTEGER NOT NULL,
+    disabled_reason TEXT,
+    api_key TEXT,
+    api_key_hint TEXT,
+    api_key_header TEXT NOT NULL,
+    signing_secret TEXT NOT NULL,
+    previous_secret TEXT,
+    previous_secret_expires_at BIGINT,
+    region TEXT,
+    timeout_ms INTEGER NOT NULL,
+    max_attempts INTEGER NOT NULL,
+    max_concurrency INTEGER NOT NULL,
+    rate_limit_per_s INTEGER NOT NULL,
+    ordered BOOLEAN NOT NULL,
+    last_delivery_state INTEGER,
+    last_delivery_status INTEGER,
+    last_delivery_at BIGINT,
+    last_success_at BIGINT,
+    failing_since BIGINT,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE INDEX subscriptions_tenant ON subscriptions (tenant_id, id);
+CREATE TABLE events (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    entity_type TEXT,
+    entity_id TEXT,
+    action TEXT,
+    payload TEXT NOT NULL,
+    idempotency_key TEXT,
+    request_hash TEXT,
+    traceparent TEXT,
+    occurred_at BIGINT NOT NULL
+);
+CREATE UNIQUE INDEX events_idempotency ON events (tenant_id, idempotency_key);
+CREATE INDEX events_tenant ON events (tenant_id, id);
+CREATE INDEX events_tenant_type ON events (tenant_id, event_type, id);
+CREATE TABLE deliveries (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    subscription_id TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    attempt_count INTEGER NOT NULL,
+    next_attempt_at BIGINT NOT NULL,
+    lease_id TEXT,
+    lease_expires_at BIGINT,
+    agent_id TEXT,
+    ordering_key TEXT,
+    last_status_code INTEGER,
+    last_error INTEGER,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE INDEX deliveries_subscription ON deliveries (subscription_id, id);
+CREATE INDEX deliveries_event ON deliveries (event_id);
+CREATE INDEX deliveries_due ON deliveries (state, next_attempt_at);
+CREATE TABLE attempts (
+    id TEXT PRIMARY KEY,
+    delivery_id TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    region TEXT NOT NULL,
+    started_at BIGINT NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    status_code INTEGER NOT NULL,
+    response_headers TEXT NOT NULL,
+    response_excerpt TEXT NOT NULL,
+    error INTEGER NOT NULL,
+    error_message TEXT NOT NULL
+);
+CREATE INDEX attempts_delivery ON attempts (delivery_id, id);
+"#;
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0001Initial {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run_statements(manager, M0001).await
+    }
+}
+
+async fn run_statements(manager: &SchemaManager<'_>, sql: &str) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        db.execute_unprepared(statement).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,268 @@
+//! Persistence on sea-orm: SQLite (embedded default) or PostgreSQL. One file per aggregate; every
+//! function takes `&impl ConnectionTrait` so callers compose them in one transaction. Nothing
+//! outside this module sees sea-orm or an entity model.
+
+pub mod deliveries;
+mod entity;
+pub mod events;
+mod migration;
+pub mod seal;
+pub mod subscriptions;
+pub mod tenants;
+pub mod tokens;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, EntityTrait,
+    Statement, TransactionTrait,
+};
+use sea_orm_migration::MigratorTrait;
+
+pub use seal::Sealer;
+
+/// A storage failure, classified once for the layers above.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A unique constraint refused the write (a racing insert won).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The database is unreachable or overloaded; the call is safe to retry.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data Herald cannot read back: a bug or a tampered database.
+    #[error("storage: {0}")]
+    Internal(String),
+}
+
+impl From<DbErr> for Error {
+    fn from(err: DbErr) -> Self {
+        if let Some(sea_orm::SqlErr::UniqueConstraintViolation(what)) = err.sql_err() {
+            return Self::Conflict(what);
+        }
+        match &err {
+            DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => Self::Unavailable(err.to_string()),
+            _ => {
+                let text = err.to_string();
+                // SQLite reports a writer it waited too long for as "database is locked", and a
+                // broken PostgreSQL connection as an I/O error: both pass, so callers may retry.
+                if text.contains("database is locked")
+                    || text.contains("connection")
+                    || text.contains("I/O")
+                {
+                    Self::Unavailable(text)
+                } else {
+                    Self::Internal(text)
+                }
+            }
+        }
+    }
+}
+
+impl From<seal::WrongKey> for Error {
+    fn from(err: seal::WrongKey) -> Self {
+        Self::Internal(err.to_string())
+    }
+}
+
+/// Why the store could not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("HERALD_DATABASE_URL: cannot open {url}: {source}")]
+    Connect { url: String, source: DbErr },
+    #[error("migrations failed: {0}")]
+    Migrate(DbErr),
+    #[error(
+        "HERALD_MASTER_KEY: the stored secrets were written with a different master key (or with one, and none is set now); start with the key the data was written with"
+    )]
+    WrongMasterKey,
+    #[error(transparent)]
+    Storage(#[from] Error),
+}
+
+/// The database, with a single writer on SQLite.
+#[derive(Clone)]
+pub struct Store {
+    /// Reads everywhere; writes too on PostgreSQL.
+    pub(crate) db: DatabaseConnection,
+    /// On SQLite, a pool of one connection: every write goes through it, so writers queue in
+    /// the pool instead of failing with "database is locked". On PostgreSQL, the same pool as `db`.
+    pub(crate) writer: DatabaseConnection,
+    pub(crate) sealer: Sealer,
+}
+
+/// Options for [`Store::open`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub url: String,
+    pub max_connections: u32,
+    pub master_key: Option<[u8; 32]>,
+}
+
+impl Store {
+    /// Connects, runs the migrations, and checks the master key against the stored data.
+    pub async fn open(options: StoreOptions) -> Result<Self, OpenError> {
+        let connect_err = |source| OpenError::Connect {
+            url: redact(&options.url),
+            source,
+        };
+        let (db, writer) = if options.url.starts_with("sqlite:") {
+            let reader = Database::connect(sqlite_options(&options.url, options.max_connections))
+                .await
+                .map_err(connect_err)?;
+            let writer = Database::connect(sqlite_options(&options.url, 1))
+                .await
+                .map_err(connect_err)?;
+            (reader, writer)
+        } else {
+            let mut opts = ConnectOptions::new(options.url.clone());
+            opts.max_connections(options.max_connections)
+                .min_connections(1)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_timeout(Duration::from_secs(5))
+                .sqlx_logging(false);
+            let db = Database::connect(opts).await.map_err(connect_err)?;
+            (db.clone(), db)
+        };
+        migrate(&writer).await.map_err(OpenError::Migrate)?;
+        let store = Self {
+            db,
+            writer,
+            sealer: Sealer::new(options.master_key),
+        };
+        store.check_master_key().await?;
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+
+    /// Reads one setting of the live connections (`PRAGMA journal_mode`, `SHOW synchronous_commit`).
+    pub async fn read_setting(&self, name: &str) -> Result<String, Error> {
+        let sql = match self.backend() {
+            DbBackend::Sqlite => format!("PRAGMA {name}"),
+            _ => format!("SHOW {name}"),
+        };
+        let mut values = Vec::new();
+        for conn in [&self.db, &self.writer] {
+            let row = conn
+                .query_one_raw(Statement::from_string(self.backend(), sql.clone()))
+                .await?
+                .ok_or_else(|| Error::Internal(format!("{name}: no value")))?;
+            let value = row
+                .try_get_by_index::<String>(0)
+                .or_else(|_| row.try_get_by_index::<i64>(0).map(|v| v.to_string()))
+                .map_err(|err| Error::Internal(err.to_string()))?;
+            values.push(value);
+        }
+        values.dedup();
+        Ok(values.join(","))
+    }
+
+    async fn check_master_key(&self) -> Result<(), OpenError> {
+        const KEY: &str = "master_key_check";
+        let stored = entity::meta::Entity::find_by_id(KEY.to_owned())
+            .one(&self.writer)
+            .await
+            .map_err(Error::from)?;
+        match stored {
+            Some(row) if Sealer::is_sealed(&row.value) => {
+                match self.sealer.open(&row.value) {
+                    Ok(text) if text == seal::CHECK_PLAINTEXT => Ok(()),
+                    _ => Err(OpenError::WrongMasterKey),
+                }
+            }
+            // Data written without a key: with a key now, new secrets are sealed and old ones
+            // still read; record the key so a later start with another key is refused.
+            Some(_) | None => {
+                let value = if self.sealer.has_key() {
+                    self.sealer.seal(seal::CHECK_PLAINTEXT)
+                } else {
+                    "none".to_owned()
+                };
+                let txn = self.writer.begin().await.map_err(Error::from)?;
+                entity::meta::Entity::delete_by_id(KEY.to_owned())
+                    .exec(&txn)
+                    .await
+                    .map_err(Error::from)?;
+                entity::meta::Entity::insert(entity::meta::ActiveModel {
+                    key: sea_orm::Set(KEY.to_owned()),
+                    value: sea_orm::Set(value),
+                })
+                .exec(&txn)
+                .await
+                .map_err(Error::from)?;
+                txn.commit().await.map_err(Error::from)?;
+                Ok(())
+            }
+        }
+    }
+
+    pub async fn close(self) {
+        let _ = self.db.close().await;
+        let _ = self.writer.close().await;
+    }
+}
+
+fn sqlite_options(url: &str, max_connections: u32) -> ConnectOptions {
+    let mut opts = ConnectOptions::new(url.to_owned());
+    opts.max_connections(max_connections)
+        .min_connections(1)
+        .acquire_timeout(Duration::from_secs(30))
+        .sqlx_logging(false)
+        .map_sqlx_sqlite_opts(|opts: SqliteConnectOptions| {
+            opts.create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                // Durable before acknowledged: every commit is fsynced.
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(false)
+        });
+    opts
+}
+
+/// Returns `url` without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
+    if db.get_database_backend() == DbBackend::Postgres {
+        // Replicas starting together migrate once: the first takes the lock, the others wait
+        // and then find nothing pending. A transaction-scoped lock needs no unlock on failure.
+        let txn = db.begin().await?;
+        txn.execute_unprepared("SELECT pg_advisory_xact_lock(4242001)")
+            .await?;
+        migration::Migrator::up(&txn, None).await?;
+        txn.commit().await
+    } else {
+        migration::Migrator::up(db, None).await
+    }
+}
+
+/// Converts stored milliseconds to a time.
+pub(crate) fn time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// Converts a time to stored milliseconds.
+pub(crate) fn ms(at: DateTime<Utc>) -> i64 {
+    at.timestamp_millis()
+}
+
+/// Returns the file of a `sqlite:` URL.
+pub fn parse_sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    SqliteConnectOptions::from_str(url)
+        .ok()
+        .map(|opts| opts.get_filename().to_path_buf())
+}
