@@ -1,1 +1,139 @@
-fn main() {}
+//! The `herald-agent` binary: flags, configuration, tracing, the crypto provider and signals
+//! around `herald_agent::run`; nothing else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use herald_agent::config::{self, LogFormat, Overrides};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+/// The exit code of a bad configuration (`EX_USAGE` in sysexits.h).
+const EXIT_CONFIG: u8 = 64;
+
+/// Herald's delivery agent: receives signed jobs from a control plane and POSTs them to receivers.
+/// Every flag has a `HERALD_*` environment variable; flags win.
+#[derive(Debug, Parser)]
+#[command(name = "herald-agent", version, about)]
+struct Args {
+    /// TOML configuration file [env: HERALD_CONFIG]
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Control plane URL(s), comma-separated [env: HERALD_CONTROL_PLANE; default: http://127.0.0.1:50051]
+    #[arg(long, value_name = "URL")]
+    control_plane: Option<String>,
+    /// Region this agent serves [env: HERALD_REGION; default: default]
+    #[arg(long)]
+    region: Option<String>,
+    /// Jobs run at once, 1-65536 [env: HERALD_CAPACITY; default: 256]
+    #[arg(long, value_name = "N")]
+    capacity: Option<String>,
+    /// Agent id shown by `herald agents list` [env: HERALD_AGENT_ID; default: host name + suffix]
+    #[arg(long, value_name = "ID")]
+    agent_id: Option<String>,
+    /// CIDRs the SSRF guard allows, comma-separated, e.g. 127.0.0.0/8 [env: HERALD_ALLOW_DESTINATIONS]
+    #[arg(long, value_name = "CIDRS")]
+    allow_destinations: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let settings = match config::load_from_process(args.into_overrides()) {
+        Ok(settings) => settings,
+        Err(invalid) => {
+            eprintln!("{invalid}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_tracing(settings.log_format);
+    // One crypto provider for the process (ring); the library passes ring explicitly anyway, so
+    // an earlier installation by someone else is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match serve(settings.config) {
+        Ok(code) => code,
+        Err(err) => {
+            error!(error = %format!("{err:#}"), "agent failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl Args {
+    fn into_overrides(self) -> Overrides {
+        Overrides {
+            config: self.config,
+            control_plane: self.control_plane,
+            region: self.region,
+            capacity: self.capacity,
+            agent_id: self.agent_id,
+            allow_destinations: self.allow_destinations,
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs the agent until SIGTERM or Ctrl-C, then drains; a second signal exits at once.
+fn serve(config: herald_agent::Config) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let shutdown = CancellationToken::new();
+        info!(
+            agent_id = %config.agent_id,
+            region = %config.region,
+            capacity = config.capacity,
+            control_planes = ?config.control_planes,
+            "starting"
+        );
+        let mut agent = tokio::spawn(herald_agent::run(config, shutdown.clone()));
+        tokio::select! {
+            finished = &mut agent => return finished_with(finished),
+            _ = terminate.recv() => info!("SIGTERM; finishing in-flight jobs"),
+            _ = tokio::signal::ctrl_c() => info!("interrupted; finishing in-flight jobs"),
+        }
+        shutdown.cancel();
+        tokio::select! {
+            finished = &mut agent => finished_with(finished),
+            _ = terminate.recv() => {
+                warn!("second signal; exiting without waiting for in-flight jobs");
+                Ok(ExitCode::FAILURE)
+            }
+            _ = tokio::signal::ctrl_c() => {
+                warn!("second signal; exiting without waiting for in-flight jobs");
+                Ok(ExitCode::FAILURE)
+            }
+        }
+    })
+}
+
+fn finished_with(
+    finished: Result<Result<(), herald_agent::Error>, tokio::task::JoinError>,
+) -> anyhow::Result<ExitCode> {
+    match finished.context("agent task failed")? {
+        Ok(()) => {
+            info!("stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(err) => {
+            error!(error = %err, "invalid configuration");
+            Ok(ExitCode::from(EXIT_CONFIG))
+        }
+    }
+}

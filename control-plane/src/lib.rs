@@ -1,6 +1,226 @@
 //! Herald's control plane: owns tenants, tokens, subscriptions, events, deliveries and attempts;
 //! validates input; fans events out; leases delivery jobs to agents; records every result.
+//!
+//! [`start`] runs it on a bound listener; `main.rs` only parses flags and prints.
 
 pub mod config;
+pub mod dispatch;
 pub mod domain;
+pub mod grpc;
+pub mod service;
 pub mod storage;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::dispatch::scheduler::{Scheduler, Settings};
+use crate::domain::validate::Limits;
+use crate::service::Services;
+use crate::storage::{Store, StoreOptions};
+
+/// A running control plane.
+pub struct Running {
+    /// The address the gRPC API listens on.
+    pub addr: SocketAddr,
+    /// The admin token generated at this start (first start without `HERALD_ADMIN_TOKEN`).
+    pub generated_admin_token: Option<String>,
+    /// The agent credential, when it was generated at this start.
+    pub generated_agent_token: Option<String>,
+    pub services: Services,
+    shutdown: CancellationToken,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Starts a graceful shutdown.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits until the control plane has stopped.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.done.await.context("control plane task panicked")?
+    }
+}
+
+/// Runs a control plane until `shutdown` is cancelled.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let running = start(config, listener).await?;
+    shutdown.cancelled().await;
+    running.shutdown();
+    running.wait().await
+}
+
+/// Opens the store, starts the scheduler, the gRPC server and the built-in agent.
+pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
+    let addr = listener.local_addr().context("listener has no address")?;
+    let sqlite = config.database_url.starts_with("sqlite:");
+    let store = Store::open(StoreOptions {
+        url: config.database_url.clone(),
+        max_connections: if sqlite { 4 } else { 16 },
+        master_key: config.master_key,
+    })
+    .await?;
+    if !store.sealer.has_key() {
+        tracing::warn!("HERALD_MASTER_KEY is not set: receiver API keys and signing secrets are stored in clear");
+    }
+    if sqlite {
+        // One replica per SQLite file: leases of a previous process died with it.
+        let released = storage::deliveries::release_all(&store.writer, chrono::Utc::now()).await?;
+        if released > 0 {
+            tracing::info!(released, "re-queued deliveries in flight at the previous stop");
+        }
+    }
+    let replica_id = format!("cp-{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
+    let dispatcher = dispatch::Handle::new(commands);
+    let (records, _) = tokio::sync::broadcast::channel(4096);
+    let registry = dispatch::registry::Registry::default();
+    let scheduler = Scheduler::new(
+        store.clone(),
+        Settings {
+            replica_id: replica_id.clone(),
+            retry_schedule: config.retry_schedule.clone(),
+            lease_grace: config.lease_grace,
+            disable_after: config.disable_after,
+            region_fallback: config.region_fallback,
+        },
+        command_rx,
+        registry.clone(),
+        records.clone(),
+    );
+    let scheduler_stop = CancellationToken::new();
+    tasks.spawn(scheduler.run(scheduler_stop.clone()));
+    let publisher = service::publish::Publisher::start(store.clone(), dispatcher.clone(), if sqlite { 1 } else { 4 }, &mut tasks);
+    let auth = service::auth::Auth::new(store.clone(), config.admin_token.as_deref());
+    let generated_admin_token = auth.bootstrap_admin().await?;
+    let (agent_token, generated_agent_token) = match &config.agent_token {
+        Some(token) => (token.clone(), None),
+        None => {
+            let token = service::auth::new_token().replacen(service::auth::TOKEN_PREFIX, "hrla_", 1);
+            (token.clone(), Some(token))
+        }
+    };
+    let services = Services {
+        store: store.clone(),
+        limits: Arc::new(Limits {
+            max_payload_bytes: config.max_payload_bytes,
+            https_only: config.https_only,
+        }),
+        auth,
+        publisher,
+        agents: registry,
+        dispatcher: dispatcher.clone(),
+        records,
+    };
+
+    let api = grpc::Api::new(services.clone(), (config.max_payload_bytes * 500 + (1 << 20)).min(256 << 20));
+    let agent_api = grpc::AgentApi::new(&agent_token, dispatcher.clone(), replica_id);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<herald_proto::v1::event_service_server::EventServiceServer<grpc::EventApi>>().await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(herald_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("reflection v1")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(herald_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("reflection v1alpha")?;
+
+    let server_stop = CancellationToken::new();
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(api.admin)
+        .add_service(api.subscriptions)
+        .add_service(api.events)
+        .add_service(api.deliveries)
+        .add_service(herald_proto::v1::agent_service_server::AgentServiceServer::new(agent_api));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server_stopped = server_stop.clone();
+    let server = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(incoming, server_stopped.cancelled_owned())
+            .await
+    });
+
+    let agent_stop = CancellationToken::new();
+    let builtin_agent = if config.builtin_agent {
+        let agent_config = herald_agent::Config {
+            control_planes: vec![format!("http://{}", loopback_of(addr))],
+            token: agent_token.clone(),
+            agent_id: "builtin".into(),
+            region: "local".into(),
+            capacity: 256,
+            allow_destinations: vec![
+                "127.0.0.0/8".parse().context("loopback range")?,
+                "::1/128".parse().context("loopback range")?,
+            ],
+            ..herald_agent::Config::default()
+        };
+        let stop = agent_stop.clone();
+        Some(tokio::spawn(async move { herald_agent::run(agent_config, stop).await }))
+    } else {
+        None
+    };
+
+    let stop = shutdown.clone();
+    let grace = config.shutdown_grace;
+    let done = tokio::spawn(async move {
+        stop.cancelled().await;
+        tracing::info!("shutting down: draining agents");
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let deadline = tokio::time::Instant::now() + grace;
+        if dispatcher.send(dispatch::Command::Drain { deadline, done: done_tx }) {
+            let _ = tokio::time::timeout(grace + std::time::Duration::from_secs(1), done_rx).await;
+        }
+        agent_stop.cancel();
+        if let Some(agent) = builtin_agent {
+            let _ = tokio::time::timeout(grace, agent).await;
+        }
+        server_stop.cancel();
+        let served = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+        scheduler_stop.cancel();
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        store.close().await;
+        match served {
+            Ok(Ok(Ok(()))) | Err(_) => Ok(()),
+            Ok(Ok(Err(err))) => Err(err).context("gRPC server"),
+            Ok(Err(err)) => Err(err).context("gRPC server task"),
+        }
+    });
+
+    Ok(Running {
+        addr,
+        generated_admin_token,
+        generated_agent_token,
+        services,
+        shutdown,
+        done,
+    })
+}
+
+/// Returns the address to reach a listener on this machine (an unspecified bind becomes loopback).
+fn loopback_of(addr: SocketAddr) -> SocketAddr {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    SocketAddr::new(ip, addr.port())
+}

@@ -1,1 +1,151 @@
-fn main() {}
+//! `herald-control-plane`: flags -> configuration -> tracing -> [`herald_control_plane::start`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use herald_control_plane::config::{Config, ConfigError, LogFormat};
+use serde::Serialize;
+
+/// Herald's control plane: the gRPC API, the delivery scheduler and (by default) a built-in agent.
+#[derive(Debug, Parser)]
+#[command(name = "herald-control-plane", version, about)]
+struct Args {
+    /// TOML configuration file (HERALD_CONFIG)
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Address of the gRPC API (HERALD_LISTEN, default 127.0.0.1:50051)
+    #[arg(long)]
+    listen: Option<String>,
+    /// sqlite://FILE or postgres://… (HERALD_DATABASE_URL, default sqlite://herald.db)
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Run the in-process agent, region `local` (HERALD_BUILTIN_AGENT, default true)
+    #[arg(long)]
+    builtin_agent: Option<bool>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Revoke the generated admin token and print a new one
+    ResetAdminToken,
+}
+
+/// The flags that were passed, layered over the environment.
+#[derive(Debug, Serialize)]
+struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    database_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    builtin_agent: Option<bool>,
+}
+
+/// Exit code for a configuration error (EX_USAGE / EX_CONFIG family).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match Config::load(
+        args.config.clone(),
+        Overrides {
+            listen: args.listen.clone(),
+            database_url: args.database_url.clone(),
+            builtin_agent: args.builtin_agent,
+        },
+    ) {
+        Ok(config) => config,
+        Err(ConfigError { key, problem }) => {
+            eprintln!("herald-control-plane: {key}: {problem}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("herald-control-plane: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match args.command {
+            Some(Command::ResetAdminToken) => reset_admin_token(config).await,
+            None => serve(config).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("herald-control-plane: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("HERALD_LISTEN: cannot listen on {}", config.listen))?;
+    if !config.listen.ip().is_loopback() && config.tls_cert.is_none() {
+        tracing::warn!(listen = %config.listen, "serving plaintext gRPC on a non-loopback address; set HERALD_TLS_CERT and HERALD_TLS_KEY");
+    }
+    let running = herald_control_plane::start(config, listener).await?;
+    let addr = running.addr;
+    println!("herald control plane listening on http://{addr}");
+    if let Some(token) = &running.generated_admin_token {
+        println!("admin token (shown once, stored hashed): {token}");
+        println!("  export HERALD_ADDR=http://{addr} HERALD_TOKEN={token}");
+    }
+    if let Some(token) = &running.generated_agent_token {
+        println!("agent token for remote agents (HERALD_AGENT_TOKEN; generated for this run): {token}");
+    }
+    println!("next: herald tenants create --name acme   (see README.md)");
+    wait_for_signal().await;
+    running.shutdown();
+    running.wait().await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn reset_admin_token(config: Config) -> anyhow::Result<()> {
+    let store = herald_control_plane::storage::Store::open(herald_control_plane::storage::StoreOptions {
+        url: config.database_url.clone(),
+        max_connections: 1,
+        master_key: config.master_key,
+    })
+    .await?;
+    let auth = herald_control_plane::service::auth::Auth::new(store.clone(), None);
+    let token = auth.reset_admin().await?;
+    store.close().await;
+    println!("{token}");
+    Ok(())
+}

@@ -3,6 +3,8 @@
 //! time and randomness are arguments, so every rule is unit-tested without IO.
 
 pub mod filter;
+pub mod health;
 pub mod ids;
 pub mod model;
+pub mod retry;
 pub mod validate;

@@ -154,3 +154,250 @@ fn attempt_from_model(m: attempt::Model) -> Attempt {
         error_message: m.error_message,
     }
 }
+
+/// Returns deliveries that are due: pending or failed with their time come, or in flight with
+/// an expired lease (the agent or the replica that held it is gone). Oldest due first.
+pub async fn due(
+    db: &impl ConnectionTrait,
+    now: chrono::DateTime<chrono::Utc>,
+    limit: u64,
+) -> Result<Vec<Delivery>, Error> {
+    use sea_orm::Condition;
+    let now = ms(now);
+    let rows = delivery::Entity::find()
+        .filter(
+            Condition::any()
+                .add(
+                    Condition::all()
+                        .add(delivery::Column::State.is_in([DeliveryState::Pending as i32, DeliveryState::Failed as i32]))
+                        .add(delivery::Column::NextAttemptAt.lte(now)),
+                )
+                .add(
+                    Condition::all()
+                        .add(delivery::Column::State.eq(DeliveryState::InFlight as i32))
+                        .add(delivery::Column::LeaseExpiresAt.lte(now)),
+                ),
+        )
+        .order_by_asc(delivery::Column::NextAttemptAt)
+        .limit(limit)
+        .all(db)
+        .await?;
+    Ok(rows.into_iter().map(from_model).collect())
+}
+
+fn claimable(now: i64) -> sea_orm::Condition {
+    use sea_orm::Condition;
+    Condition::any()
+        .add(
+            Condition::all()
+                .add(delivery::Column::State.is_in([DeliveryState::Pending as i32, DeliveryState::Failed as i32]))
+                .add(delivery::Column::NextAttemptAt.lte(now)),
+        )
+        .add(
+            Condition::all()
+                .add(delivery::Column::State.eq(DeliveryState::InFlight as i32))
+                .add(delivery::Column::LeaseExpiresAt.lte(now)),
+        )
+}
+
+/// Leases the claimable deliveries among `ids` to `agent_id` under `lease_id`; returns the ids
+/// it leased. A delivery another replica or agent holds is left alone: the update is conditional.
+pub async fn claim(
+    db: &impl ConnectionTrait,
+    ids: &[String],
+    lease_id: &str,
+    agent_id: &str,
+    expires_at: chrono::DateTime<chrono::Utc>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<String>, Error> {
+    use sea_orm::sea_query::Expr;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    delivery::Entity::update_many()
+        .col_expr(delivery::Column::State, Expr::value(DeliveryState::InFlight as i32))
+        .col_expr(delivery::Column::LeaseId, Expr::value(lease_id))
+        .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(ms(expires_at)))
+        .col_expr(delivery::Column::AgentId, Expr::value(agent_id))
+        .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
+        .filter(delivery::Column::Id.is_in(ids.iter().cloned()))
+        .filter(claimable(ms(now)))
+        .exec(db)
+        .await?;
+    Ok(delivery::Entity::find()
+        .select_only()
+        .column(delivery::Column::Id)
+        .filter(delivery::Column::LeaseId.eq(lease_id))
+        .filter(delivery::Column::Id.is_in(ids.iter().cloned()))
+        .into_tuple()
+        .all(db)
+        .await?)
+}
+
+/// The new state of a delivery after a result.
+#[derive(Debug, Clone)]
+pub struct Completion<'a> {
+    pub id: &'a str,
+    pub lease_id: &'a str,
+    pub state: DeliveryState,
+    pub next_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub status_code: u32,
+    pub error: AttemptError,
+}
+
+/// Applies a result if its lease is still valid; returns false for a late result (the lease
+/// expired or the delivery was handed to someone else), which changes nothing.
+pub async fn complete(
+    db: &impl ConnectionTrait,
+    c: &Completion<'_>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<bool, Error> {
+    use sea_orm::sea_query::{Expr, ExprTrait as _};
+    let result = delivery::Entity::update_many()
+        .col_expr(delivery::Column::State, Expr::value(c.state as i32))
+        .col_expr(delivery::Column::AttemptCount, Expr::col(delivery::Column::AttemptCount).add(1))
+        .col_expr(delivery::Column::NextAttemptAt, Expr::value(ms(c.next_attempt_at.unwrap_or(now))))
+        .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
+        .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(Option::<i64>::None))
+        .col_expr(delivery::Column::LastStatusCode, Expr::value(c.status_code as i32))
+        .col_expr(delivery::Column::LastError, Expr::value(c.error as i32))
+        .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
+        .filter(delivery::Column::Id.eq(c.id))
+        .filter(delivery::Column::LeaseId.eq(c.lease_id))
+        .filter(delivery::Column::State.eq(DeliveryState::InFlight as i32))
+        .filter(delivery::Column::LeaseExpiresAt.gt(ms(now)))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected == 1)
+}
+
+/// Gives leased deliveries back (their agent went away): pending again at once.
+pub async fn release(
+    db: &impl ConnectionTrait,
+    leases: &[(String, String)],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, Error> {
+    use sea_orm::sea_query::Expr;
+    let mut released = 0;
+    for (id, lease_id) in leases {
+        released += delivery::Entity::update_many()
+            .col_expr(delivery::Column::State, Expr::value(DeliveryState::Pending as i32))
+            .col_expr(delivery::Column::NextAttemptAt, Expr::value(ms(now)))
+            .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
+            .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(Option::<i64>::None))
+            .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
+            .filter(delivery::Column::Id.eq(id.clone()))
+            .filter(delivery::Column::LeaseId.eq(lease_id.clone()))
+            .filter(delivery::Column::State.eq(DeliveryState::InFlight as i32))
+            .exec(db)
+            .await?
+            .rows_affected;
+    }
+    Ok(released)
+}
+
+/// Makes every in-flight delivery pending again: at the start of the only replica (SQLite),
+/// whose leases died with the previous process.
+pub async fn release_all(db: &impl ConnectionTrait, now: chrono::DateTime<chrono::Utc>) -> Result<u64, Error> {
+    use sea_orm::sea_query::Expr;
+    Ok(delivery::Entity::update_many()
+        .col_expr(delivery::Column::State, Expr::value(DeliveryState::Pending as i32))
+        .col_expr(delivery::Column::NextAttemptAt, Expr::value(ms(now)))
+        .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
+        .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(Option::<i64>::None))
+        .filter(delivery::Column::State.eq(DeliveryState::InFlight as i32))
+        .exec(db)
+        .await?
+        .rows_affected)
+}
+
+/// Schedules one more attempt now for a delivery that is not in flight; `None` when it does not
+/// exist, `Some(false)` when it is in flight.
+pub async fn retry_now(
+    db: &impl ConnectionTrait,
+    tenant_id: &str,
+    id: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<bool>, Error> {
+    use sea_orm::sea_query::Expr;
+    let result = delivery::Entity::update_many()
+        .col_expr(delivery::Column::State, Expr::value(DeliveryState::Pending as i32))
+        .col_expr(delivery::Column::NextAttemptAt, Expr::value(ms(now)))
+        .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
+        .filter(delivery::Column::Id.eq(id))
+        .filter(delivery::Column::TenantId.eq(tenant_id))
+        .filter(delivery::Column::State.ne(DeliveryState::InFlight as i32))
+        .exec(db)
+        .await?;
+    if result.rows_affected == 1 {
+        return Ok(Some(true));
+    }
+    Ok(get(db, tenant_id, id).await?.map(|_| false))
+}
+
+/// Puts every `DEAD` delivery of a subscription created since `since` back to `PENDING`.
+pub async fn replay(
+    db: &impl ConnectionTrait,
+    subscription_id: &str,
+    since: chrono::DateTime<chrono::Utc>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, Error> {
+    use sea_orm::sea_query::Expr;
+    Ok(delivery::Entity::update_many()
+        .col_expr(delivery::Column::State, Expr::value(DeliveryState::Pending as i32))
+        .col_expr(delivery::Column::NextAttemptAt, Expr::value(ms(now)))
+        .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
+        .filter(delivery::Column::SubscriptionId.eq(subscription_id))
+        .filter(delivery::Column::State.eq(DeliveryState::Dead as i32))
+        .filter(delivery::Column::CreatedAt.gte(ms(since)))
+        .exec(db)
+        .await?
+        .rows_affected)
+}
+
+/// Makes a disabled subscription's waiting deliveries `DEAD` (replayable).
+pub async fn kill_waiting(
+    db: &impl ConnectionTrait,
+    subscription_id: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, Error> {
+    use sea_orm::sea_query::Expr;
+    Ok(delivery::Entity::update_many()
+        .col_expr(delivery::Column::State, Expr::value(DeliveryState::Dead as i32))
+        .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
+        .filter(delivery::Column::SubscriptionId.eq(subscription_id))
+        .filter(delivery::Column::State.is_in([DeliveryState::Pending as i32, DeliveryState::Failed as i32]))
+        .exec(db)
+        .await?
+        .rows_affected)
+}
+
+/// Returns whether an ordered delivery must wait: an earlier delivery of the same entity to the
+/// same subscription is not finished yet (pending, in flight or failed).
+pub async fn ordered_blocked(
+    db: &impl ConnectionTrait,
+    subscription_id: &str,
+    ordering_key: &str,
+    id: &str,
+) -> Result<bool, Error> {
+    Ok(delivery::Entity::find()
+        .select_only()
+        .column(delivery::Column::Id)
+        .filter(delivery::Column::SubscriptionId.eq(subscription_id))
+        .filter(delivery::Column::OrderingKey.eq(ordering_key))
+        .filter(delivery::Column::Id.lt(id))
+        .filter(delivery::Column::State.is_in([
+            DeliveryState::Pending as i32,
+            DeliveryState::InFlight as i32,
+            DeliveryState::Failed as i32,
+        ]))
+        .into_tuple::<String>()
+        .one(db)
+        .await?
+        .is_some())
+}
+
+/// Returns a delivery by id, whatever its tenant (the scheduler's view).
+pub async fn get_any(db: &impl ConnectionTrait, id: &str) -> Result<Option<Delivery>, Error> {
+    Ok(delivery::Entity::find_by_id(id.to_owned()).one(db).await?.map(from_model))
+}

@@ -92,7 +92,12 @@ pub struct Store {
     /// the pool instead of failing with "database is locked". On PostgreSQL, the same pool as `db`.
     pub(crate) writer: DatabaseConnection,
     pub(crate) sealer: Sealer,
+    /// Transactions committed by the publish path (observable by tests and benchmarks).
+    commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// A write transaction; storage functions take it as `&impl ConnectionTrait`.
+pub type Transaction = sea_orm::DatabaseTransaction;
 
 /// Options for [`Store::open`].
 #[derive(Debug, Clone)]
@@ -132,9 +137,25 @@ impl Store {
             db,
             writer,
             sealer: Sealer::new(options.master_key),
+            commits: Default::default(),
         };
         store.check_master_key().await?;
         Ok(store)
+    }
+
+    /// Begins a transaction on the writer.
+    pub async fn begin_write(&self) -> Result<Transaction, Error> {
+        Ok(self.writer.begin().await?)
+    }
+
+    /// Counts one committed publish transaction.
+    pub fn count_commit(&self) {
+        self.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Returns how many publish transactions were committed since start.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn backend(&self) -> DbBackend {

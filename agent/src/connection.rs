@@ -1,0 +1,392 @@
+//! One `AgentService.Connect` stream to one control plane: hello, credits, jobs, results,
+//! heartbeats, drain and shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use herald_proto::v1 as pb;
+use pb::agent_message::Message as Outbound;
+use pb::control_message::Message as Inbound;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::{JoinError, JoinSet};
+use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout_at};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::transport::Endpoint;
+use tonic::{Code, Request, Status, Streaming};
+use tracing::{Instrument, debug, error, info, warn};
+
+use crate::deliver::Deliverer;
+
+/// How long the control plane may take to answer the hello.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long, after half-closing, the control plane may take to close its side.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most results sent in one `Results` message (each is at most about 8 KiB).
+const MAX_RESULTS_PER_MESSAGE: usize = 128;
+/// The largest control message accepted: a `Jobs` batch carries whole payloads.
+const MAX_INBOUND_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Outbound messages buffered before sending waits for the stream.
+const OUTBOUND_BUFFER: usize = 64;
+
+/// What one stream needs to know, checked once by `lib.rs`.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) agent_id: String,
+    pub(crate) region: String,
+    pub(crate) capacity: u32,
+    pub(crate) version: String,
+    /// `Bearer <token>`: never logged.
+    pub(crate) authorization: AsciiMetadataValue,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) shutdown_grace: Duration,
+}
+
+/// How a welcomed stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// The control plane asked to drain; in-flight jobs were reported and the stream closed.
+    Drained,
+    /// Shutdown was requested; in-flight jobs were reported (or abandoned after the grace period).
+    Shutdown,
+    /// The control plane ended the stream without a drain; in-flight results were dropped.
+    Closed,
+}
+
+/// Why a stream failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Error {
+    #[error("connect: {0}")]
+    Connect(#[source] tonic::transport::Error),
+    #[error("refused: {}: {}", .0.code(), .0.message())]
+    Refused(Status),
+    #[error("no welcome within {} s", WELCOME_TIMEOUT.as_secs())]
+    NoWelcome,
+    #[error("protocol: {0}")]
+    Protocol(&'static str),
+    #[error("stream broken: {}: {}", .0.code(), .0.message())]
+    Broken(Status),
+    #[error("stream broken: the request stream was closed")]
+    RequestStreamClosed,
+}
+
+/// The state of one welcomed stream: the only owner of its jobs and of the credit count.
+struct Stream<'a> {
+    settings: &'a Settings,
+    deliverer: Arc<Deliverer>,
+    outbound: mpsc::Sender<pb::AgentMessage>,
+    inbound: Streaming<pb::ControlMessage>,
+    jobs: JoinSet<pb::JobResult>,
+    /// Bounds concurrency to the capacity even if the control plane oversends.
+    permits: Arc<Semaphore>,
+    /// Jobs the control plane may still send: granted and not yet received.
+    credit: u64,
+    /// No credits are granted once draining; in-flight jobs still finish and are reported.
+    draining: bool,
+    /// When shutting down: the end of the grace period.
+    deadline: Option<Instant>,
+}
+
+impl Error {
+    /// Returns true when the control plane refused the agent's credential.
+    pub(crate) fn is_credential_refusal(&self) -> bool {
+        matches!(self, Error::Refused(status)
+            if matches!(status.code(), Code::Unauthenticated | Code::PermissionDenied))
+    }
+
+    /// Returns true when the stream had been welcomed before it failed, so the next connection
+    /// attempt starts from the shortest backoff.
+    pub(crate) fn after_welcome(&self) -> bool {
+        matches!(self, Error::Broken(_) | Error::RequestStreamClosed)
+    }
+}
+
+/// Connects to one control plane and serves its stream until it ends: the hello's capacity is
+/// the first credit grant, each finished job grants its credit back with its result, heartbeats
+/// go out every heartbeat interval, and a drain or `shutdown` finishes in-flight jobs, reports
+/// them and half-closes the stream. A stream that breaks drops the results of its in-flight jobs
+/// (the control plane hands their leases out again).
+pub(crate) async fn run(
+    endpoint: Endpoint,
+    settings: &Settings,
+    deliverer: Arc<Deliverer>,
+    shutdown: &CancellationToken,
+) -> Result<Ended, Error> {
+    let connected = tokio::select! {
+        () = shutdown.cancelled() => return Ok(Ended::Shutdown),
+        connected = open(endpoint, settings) => connected?,
+    };
+    let (outbound, inbound, heartbeat_interval) = connected;
+    let stream = Stream {
+        settings,
+        deliverer,
+        outbound,
+        inbound,
+        jobs: JoinSet::new(),
+        permits: Arc::new(Semaphore::new(settings.capacity as usize)),
+        credit: u64::from(settings.capacity),
+        draining: false,
+        deadline: None,
+    };
+    stream.serve(heartbeat_interval, shutdown).await
+}
+
+/// Opens the stream: sends the hello with the credential, waits for the welcome. Returns the
+/// outbound sender, the inbound stream and the heartbeat interval to use.
+async fn open(
+    endpoint: Endpoint,
+    settings: &Settings,
+) -> Result<
+    (
+        mpsc::Sender<pb::AgentMessage>,
+        Streaming<pb::ControlMessage>,
+        Duration,
+    ),
+    Error,
+> {
+    let channel = endpoint.connect().await.map_err(Error::Connect)?;
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel)
+        .max_decoding_message_size(MAX_INBOUND_MESSAGE_BYTES);
+    let (outbound, receiver) = mpsc::channel(OUTBOUND_BUFFER);
+    let hello = Outbound::Hello(pb::Hello {
+        agent_id: settings.agent_id.clone(),
+        region: settings.region.clone(),
+        capacity: settings.capacity,
+        version: settings.version.clone(),
+    });
+    outbound
+        .send(pb::AgentMessage {
+            message: Some(hello),
+        })
+        .await
+        .map_err(|_| Error::RequestStreamClosed)?;
+    let mut request = Request::new(ReceiverStream::new(receiver));
+    request
+        .metadata_mut()
+        .insert("authorization", settings.authorization.clone());
+    let deadline = Instant::now() + WELCOME_TIMEOUT;
+    let mut inbound = match timeout_at(deadline, client.connect(request)).await {
+        Err(_elapsed) => return Err(Error::NoWelcome),
+        Ok(response) => response.map_err(Error::Refused)?.into_inner(),
+    };
+    let welcome = match timeout_at(deadline, inbound.message()).await {
+        Err(_elapsed) => return Err(Error::NoWelcome),
+        Ok(Err(status)) => return Err(Error::Refused(status)),
+        Ok(Ok(None)) => return Err(Error::Protocol("stream closed before the welcome")),
+        Ok(Ok(Some(pb::ControlMessage {
+            message: Some(Inbound::Welcome(welcome)),
+        }))) => welcome,
+        Ok(Ok(Some(_))) => return Err(Error::Protocol("the first message was not a welcome")),
+    };
+    // The control plane's heartbeat interval wins over the configured default.
+    let heartbeat_interval = match welcome.heartbeat_interval_ms {
+        0 => settings.heartbeat_interval,
+        ms => Duration::from_millis(u64::from(ms)),
+    };
+    info!(
+        replica_id = %welcome.replica_id,
+        heartbeat_interval_ms = heartbeat_interval.as_millis(),
+        capacity = settings.capacity,
+        "connected"
+    );
+    Ok((outbound, inbound, heartbeat_interval))
+}
+
+impl Stream<'_> {
+    async fn serve(
+        mut self,
+        heartbeat_interval: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<Ended, Error> {
+        let heartbeat_interval = heartbeat_interval.max(Duration::from_millis(10));
+        let mut heartbeat = interval_at(Instant::now() + heartbeat_interval, heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            if self.draining && self.jobs.is_empty() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled(), if self.deadline.is_none() => {
+                    info!(in_flight = self.jobs.len(), "shutting down; finishing in-flight jobs");
+                    self.draining = true;
+                    self.deadline = Some(Instant::now() + self.settings.shutdown_grace);
+                }
+                () = sleep_until_deadline(self.deadline) => {
+                    warn!(
+                        abandoned = self.jobs.len(),
+                        "shutdown grace period over; results of in-flight jobs are dropped"
+                    );
+                    self.jobs.abort_all();
+                    break;
+                }
+                Some(done) = self.jobs.join_next(), if !self.jobs.is_empty() => {
+                    self.report(done).await?;
+                }
+                message = self.inbound.message() => match message {
+                    Ok(Some(message)) => {
+                        if let Some(message) = message.message {
+                            self.handle(message);
+                        }
+                    }
+                    Ok(None) => {
+                        if !self.jobs.is_empty() {
+                            warn!(dropped = self.jobs.len(), "stream closed with jobs in flight");
+                        }
+                        return Ok(Ended::Closed);
+                    }
+                    Err(status) => {
+                        if !self.jobs.is_empty() {
+                            warn!(dropped = self.jobs.len(), "stream broke with jobs in flight");
+                        }
+                        return Err(Error::Broken(status));
+                    }
+                },
+                _ = heartbeat.tick() => {
+                    let beat = Outbound::Heartbeat(pb::Heartbeat {
+                        sent_at: Some(herald_proto::timestamp(Utc::now())),
+                    });
+                    self.send(beat).await?;
+                }
+            }
+        }
+        // The loop ends only while draining: on shutdown (deadline set) or on a drain.
+        let ended = if self.deadline.is_some() {
+            Ended::Shutdown
+        } else {
+            Ended::Drained
+        };
+        self.close().await;
+        Ok(ended)
+    }
+
+    /// Handles one control message.
+    fn handle(&mut self, message: Inbound) {
+        match message {
+            Inbound::Jobs(pb::Jobs { jobs }) => {
+                let received = jobs.len() as u64;
+                if received > self.credit {
+                    warn!(
+                        received,
+                        credit = self.credit,
+                        "control plane sent more jobs than granted; they wait for a free slot"
+                    );
+                }
+                self.credit = self.credit.saturating_sub(received);
+                for job in jobs {
+                    let deliverer = self.deliverer.clone();
+                    let permits = self.permits.clone();
+                    self.jobs.spawn(
+                        async move {
+                            // The semaphore is never closed; a failure only lifts the bound.
+                            let _permit = permits.acquire_owned().await.ok();
+                            deliverer.deliver(job).await
+                        }
+                        .in_current_span(),
+                    );
+                }
+            }
+            Inbound::Drain(pb::Drain { reason }) => {
+                info!(%reason, in_flight = self.jobs.len(), "control plane asked to drain");
+                self.draining = true;
+            }
+            Inbound::Heartbeat(_) => debug!("heartbeat from control plane"),
+            Inbound::Welcome(_) => warn!("ignoring a second welcome"),
+        }
+    }
+
+    /// Reports `first` and every other job that has finished too, in one `Results` message,
+    /// granting their credits back unless draining.
+    async fn report(&mut self, first: Result<pb::JobResult, JoinError>) -> Result<(), Error> {
+        let mut results = Vec::new();
+        let mut finished: u32 = 0;
+        let mut next = Some(first);
+        while let Some(done) = next {
+            finished += 1;
+            match done {
+                Ok(result) => results.push(result),
+                // Its lease expires and the control plane hands the job out again; its slot is
+                // free, so its credit is granted back all the same.
+                Err(err) => error!(error = %err, "delivery task failed; its result is lost"),
+            }
+            next = if results.len() < MAX_RESULTS_PER_MESSAGE {
+                self.jobs.try_join_next()
+            } else {
+                None
+            };
+        }
+        let credits = if self.draining { 0 } else { finished };
+        self.credit += u64::from(credits);
+        debug!(results = results.len(), credits, "reporting results");
+        if results.is_empty() {
+            if credits > 0 {
+                self.send(Outbound::Credit(pb::Credit { credits })).await?;
+            }
+            return Ok(());
+        }
+        self.send(Outbound::Results(pb::Results { results, credits }))
+            .await
+    }
+
+    /// Sends one message; waits while the stream is full, but not past the shutdown deadline.
+    async fn send(&self, message: Outbound) -> Result<(), Error> {
+        let message = pb::AgentMessage {
+            message: Some(message),
+        };
+        tokio::select! {
+            sent = self.outbound.send(message) => sent.map_err(|_| Error::RequestStreamClosed),
+            () = sleep_until_deadline(self.deadline) => Err(Error::RequestStreamClosed),
+        }
+    }
+
+    /// Half-closes the request stream, then waits (briefly) for the control plane to end its
+    /// side, so the last results are read before the connection goes away.
+    async fn close(self) {
+        let Stream {
+            outbound,
+            mut inbound,
+            deadline,
+            ..
+        } = self;
+        drop(outbound);
+        let mut close_by = Instant::now() + CLOSE_TIMEOUT;
+        if let Some(deadline) = deadline {
+            close_by = close_by.min(deadline);
+        }
+        loop {
+            match timeout_at(close_by, inbound.message()).await {
+                Ok(Ok(Some(pb::ControlMessage {
+                    message: Some(Inbound::Jobs(jobs)),
+                }))) => {
+                    warn!(
+                        dropped = jobs.jobs.len(),
+                        "jobs received after draining are not run"
+                    );
+                }
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None)) => {
+                    info!("stream closed");
+                    return;
+                }
+                Ok(Err(status)) => {
+                    debug!(code = ?status.code(), "stream ended with a status");
+                    return;
+                }
+                Err(_elapsed) => {
+                    debug!("control plane did not close the stream in time");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Completes at `deadline`, or never without one.
+async fn sleep_until_deadline(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,826 @@
+//! The scheduler: one task that owns the in-memory view of due work and connected agents. It
+//! takes deliveries committed just now (and finds the rest by polling: retries coming due,
+//! expired leases, work left by a crash), leases them to agents of the right region within each
+//! subscription's limits and fairly between tenants, sends signed jobs, and records results.
+//!
+//! Leases live in the database (`deliveries.lease_id`, `lease_expires_at`): a claim is a
+//! conditional update, so no delivery is leased twice, and work held by a dead process is found
+//! again once its lease expires.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use herald_proto::v1 as pb;
+use herald_proto::webhook;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::registry::{AgentInfo, Registry};
+use crate::config::RegionFallback;
+use crate::domain::model::{Attempt, AttemptError, Delivery, DeliveryState, LastDelivery, Subscription, SubscriptionStatus};
+use crate::domain::{health, ids, retry};
+use crate::storage::{self, Store, deliveries, events, subscriptions};
+
+/// How often the database is polled for due work when nothing is expected sooner.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Most deliveries read per poll.
+const POLL_LIMIT: u64 = 2_000;
+/// Most jobs in one `Jobs` message.
+const MAX_JOBS_PER_MESSAGE: usize = 64;
+/// The version sent in `User-Agent`.
+const USER_AGENT: &str = concat!("Herald/", env!("CARGO_PKG_VERSION"));
+
+/// An attempt as recorded, for `WatchDeliveries`.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub tenant_id: String,
+    pub delivery_id: String,
+    pub subscription_id: String,
+    pub event_id: String,
+    pub attempt: Attempt,
+    pub state: DeliveryState,
+}
+
+/// What an agent's connection tells the scheduler.
+pub struct AgentHello {
+    pub agent_id: String,
+    pub region: String,
+    pub capacity: u32,
+    pub version: String,
+    pub identity: String,
+    pub outbox: mpsc::Sender<pb::ControlMessage>,
+}
+
+/// What the scheduler is told.
+pub enum Command {
+    Submit(Vec<Delivery>),
+    SubscriptionChanged(String),
+    Wake,
+    AgentConnected { key: u64, hello: AgentHello },
+    Credit { key: u64, credits: u32 },
+    Results { key: u64, results: Vec<pb::JobResult>, credits: u32 },
+    Heartbeat { key: u64 },
+    AgentGone { key: u64 },
+    /// Asks every agent to drain; answers once none holds a lease, or at the deadline.
+    Drain { deadline: Instant, done: oneshot::Sender<()> },
+}
+
+/// Settings the scheduler follows.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub replica_id: String,
+    pub retry_schedule: Vec<Duration>,
+    pub lease_grace: Duration,
+    pub disable_after: Duration,
+    pub region_fallback: RegionFallback,
+}
+
+struct Agent {
+    agent_id: String,
+    region: String,
+    credits: u32,
+    outbox: mpsc::Sender<pb::ControlMessage>,
+    draining: bool,
+}
+
+struct Lease {
+    agent_key: u64,
+    lease_id: String,
+    delivery: Delivery,
+    attempt: u32,
+}
+
+#[derive(Default)]
+struct SubscriptionLoad {
+    in_flight: u32,
+    /// Token bucket for `rate_limit_per_s`: tokens and when they were last refilled.
+    tokens: f64,
+    refilled_at: Option<Instant>,
+}
+
+pub struct Scheduler {
+    store: Store,
+    settings: Settings,
+    commands: mpsc::UnboundedReceiver<Command>,
+    registry: Registry,
+    records: broadcast::Sender<AttemptRecord>,
+    subscriptions: HashMap<String, Arc<Subscription>>,
+    agents: HashMap<u64, Agent>,
+    /// Deliveries known in memory: queued or leased.
+    known: HashSet<String>,
+    /// Queued deliveries per subscription, in due order.
+    queues: HashMap<String, VecDeque<Delivery>>,
+    /// Tenants with queued work, in round-robin order, each with its subscriptions in turn.
+    tenants: VecDeque<String>,
+    tenant_subscriptions: HashMap<String, VecDeque<String>>,
+    leases: HashMap<String, Lease>,
+    load: HashMap<String, SubscriptionLoad>,
+    /// Ordered subscriptions' entities with a delivery in flight: (subscription, ordering key).
+    busy_entities: HashSet<(String, String)>,
+    next_poll: Instant,
+    drains: Vec<(Instant, oneshot::Sender<()>)>,
+    rng: rand::rngs::StdRng,
+}
+
+impl Scheduler {
+    pub fn new(
+        store: Store,
+        settings: Settings,
+        commands: mpsc::UnboundedReceiver<Command>,
+        registry: Registry,
+        records: broadcast::Sender<AttemptRecord>,
+    ) -> Self {
+        use rand::SeedableRng;
+        Self {
+            store,
+            settings,
+            commands,
+            registry,
+            records,
+            subscriptions: HashMap::new(),
+            agents: HashMap::new(),
+            known: HashSet::new(),
+            queues: HashMap::new(),
+            tenants: VecDeque::new(),
+            tenant_subscriptions: HashMap::new(),
+            leases: HashMap::new(),
+            load: HashMap::new(),
+            busy_entities: HashSet::new(),
+            next_poll: Instant::now(),
+            drains: Vec::new(),
+            rng: rand::rngs::StdRng::from_os_rng(),
+        }
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut rate_tick = tokio::time::interval(Duration::from_millis(100));
+        rate_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                command = self.commands.recv() => {
+                    let Some(command) = command else { break };
+                    self.handle(command).await;
+                    // Take whatever else is queued before assigning, so work is batched.
+                    while let Ok(command) = self.commands.try_recv() {
+                        self.handle(command).await;
+                    }
+                }
+                _ = tokio::time::sleep_until(self.next_poll) => {
+                    self.poll().await;
+                }
+                _ = rate_tick.tick(), if !self.queues.is_empty() => {}
+            }
+            self.assign().await;
+            self.finish_drains();
+        }
+        for (_, done) in self.drains.drain(..) {
+            let _ = done.send(());
+        }
+    }
+
+    async fn handle(&mut self, command: Command) {
+        match command {
+            Command::Submit(deliveries) => {
+                for delivery in deliveries {
+                    self.enqueue(delivery);
+                }
+            }
+            Command::SubscriptionChanged(id) => {
+                self.subscriptions.remove(&id);
+            }
+            Command::Wake => self.next_poll = Instant::now(),
+            Command::AgentConnected { key, hello } => self.agent_connected(key, hello),
+            Command::Credit { key, credits } => self.grant(key, credits),
+            Command::Results { key, results, credits } => {
+                self.record_results(key, results).await;
+                self.grant(key, credits);
+            }
+            Command::Heartbeat { key } => self.registry.update(key, |a| a.last_seen_at = Utc::now()),
+            Command::AgentGone { key } => self.agent_gone(key).await,
+            Command::Drain { deadline, done } => {
+                for agent in self.agents.values_mut() {
+                    agent.draining = true;
+                    let _ = agent.outbox.try_send(pb::ControlMessage {
+                        message: Some(pb::control_message::Message::Drain(pb::Drain {
+                            reason: "control plane shutting down".into(),
+                        })),
+                    });
+                }
+                self.drains.push((deadline, done));
+            }
+        }
+    }
+
+    fn finish_drains(&mut self) {
+        if self.drains.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let idle = self.leases.is_empty();
+        let (done, waiting): (Vec<_>, Vec<_>) =
+            self.drains.drain(..).partition(|(deadline, _)| idle || *deadline <= now);
+        self.drains = waiting;
+        for (_, sender) in done {
+            let _ = sender.send(());
+        }
+        if !self.drains.is_empty() {
+            self.next_poll = self.next_poll.min(now + Duration::from_millis(100));
+        }
+    }
+
+    fn agent_connected(&mut self, key: u64, hello: AgentHello) {
+        let now = Utc::now();
+        tracing::info!(agent_id = %hello.agent_id, region = %hello.region, capacity = hello.capacity, "agent connected");
+        self.registry.upsert(
+            key,
+            AgentInfo {
+                agent_id: hello.agent_id.clone(),
+                region: hello.region.clone(),
+                capacity: hello.capacity,
+                in_flight: 0,
+                version: hello.version,
+                identity: hello.identity,
+                replica_id: self.settings.replica_id.clone(),
+                connected_at: now,
+                last_seen_at: now,
+            },
+        );
+        self.agents.insert(
+            key,
+            Agent {
+                agent_id: hello.agent_id,
+                region: hello.region,
+                credits: hello.capacity,
+                outbox: hello.outbox,
+                draining: false,
+            },
+        );
+        // Work that waited for an agent of this region may go now.
+        self.next_poll = Instant::now();
+    }
+
+    fn grant(&mut self, key: u64, credits: u32) {
+        if let Some(agent) = self.agents.get_mut(&key) {
+            agent.credits = agent.credits.saturating_add(credits);
+        }
+        self.registry.update(key, |a| a.last_seen_at = Utc::now());
+    }
+
+    async fn agent_gone(&mut self, key: u64) {
+        let Some(agent) = self.agents.remove(&key) else { return };
+        self.registry.remove(key);
+        let held: Vec<String> = self
+            .leases
+            .iter()
+            .filter(|(_, lease)| lease.agent_key == key)
+            .map(|(id, _)| id.clone())
+            .collect();
+        tracing::info!(agent_id = %agent.agent_id, in_flight = held.len(), "agent disconnected");
+        if held.is_empty() {
+            return;
+        }
+        let mut released = Vec::new();
+        for id in held {
+            if let Some(lease) = self.leases.remove(&id) {
+                self.unload(&lease.delivery);
+                released.push(lease);
+            }
+        }
+        let pairs: Vec<(String, String)> = released
+            .iter()
+            .map(|lease| (lease.delivery.id.clone(), lease.lease_id.clone()))
+            .collect();
+        // Re-queued at once: the agent's results can no longer arrive on its closed stream.
+        match deliveries::release(&self.store.writer, &pairs, Utc::now()).await {
+            Ok(_) => {
+                for lease in released {
+                    self.known.remove(&lease.delivery.id);
+                    let mut delivery = lease.delivery;
+                    delivery.state = DeliveryState::Pending;
+                    self.enqueue(delivery);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "could not re-queue a disconnected agent's leases; they expire instead");
+                for lease in released {
+                    self.known.remove(&lease.delivery.id);
+                }
+            }
+        }
+    }
+
+    fn enqueue(&mut self, delivery: Delivery) {
+        if !self.known.insert(delivery.id.clone()) {
+            return;
+        }
+        let tenant = delivery.tenant_id.clone();
+        let subscription = delivery.subscription_id.clone();
+        let queue = self.queues.entry(subscription.clone()).or_default();
+        let first_of_subscription = queue.is_empty();
+        queue.push_back(delivery);
+        if first_of_subscription {
+            let subs = self.tenant_subscriptions.entry(tenant.clone()).or_default();
+            if subs.is_empty() {
+                self.tenants.push_back(tenant);
+            }
+            subs.push_back(subscription);
+        }
+    }
+
+    async fn poll(&mut self) {
+        let now = Utc::now();
+        self.next_poll = Instant::now() + POLL_INTERVAL;
+        match deliveries::due(&self.store.db, now, POLL_LIMIT).await {
+            Ok(due) => {
+                for delivery in due {
+                    self.enqueue(delivery);
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "could not read due deliveries"),
+        }
+    }
+
+    /// Returns the subscription, from the cache or the database; `None` if it was deleted.
+    async fn subscription(&mut self, id: &str) -> Option<Arc<Subscription>> {
+        if let Some(s) = self.subscriptions.get(id) {
+            return Some(s.clone());
+        }
+        match subscriptions::get_many(&self.store.db, &self.store.sealer, &[id.to_owned()]).await {
+            Ok(mut found) => {
+                let s = Arc::new(found.pop()?);
+                self.subscriptions.insert(id.to_owned(), s.clone());
+                Some(s)
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, subscription_id = id, "could not read subscription");
+                None
+            }
+        }
+    }
+
+    /// Returns the agent that should take a job of `region` (None = any), if one has credit.
+    fn agent_for(&self, region: Option<&str>) -> Option<u64> {
+        let eligible = |agent: &Agent| !agent.draining && agent.credits > 0;
+        let in_region = |agent: &Agent| region.is_none_or(|r| agent.region == r);
+        let best = |filter: &dyn Fn(&Agent) -> bool| {
+            self.agents
+                .iter()
+                .filter(|(_, a)| eligible(a) && filter(a))
+                .max_by_key(|(_, a)| a.credits)
+                .map(|(key, _)| *key)
+        };
+        if let Some(key) = best(&in_region) {
+            return Some(key);
+        }
+        let region_has_agents = self.agents.values().any(|a| !a.draining && in_region(a));
+        if region.is_some() && !region_has_agents && self.settings.region_fallback == RegionFallback::Any {
+            return best(&|_| true);
+        }
+        None
+    }
+
+    fn take_rate_token(&mut self, subscription: &Subscription) -> bool {
+        if subscription.rate_limit_per_s == 0 {
+            return true;
+        }
+        let rate = f64::from(subscription.rate_limit_per_s);
+        let load = self.load.entry(subscription.id.clone()).or_default();
+        let now = Instant::now();
+        let elapsed = load.refilled_at.map_or(1.0, |at| now.duration_since(at).as_secs_f64());
+        load.tokens = (load.tokens + elapsed * rate).min(rate);
+        load.refilled_at = Some(now);
+        if load.tokens >= 1.0 {
+            load.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn unload(&mut self, delivery: &Delivery) {
+        if let Some(load) = self.load.get_mut(&delivery.subscription_id) {
+            load.in_flight = load.in_flight.saturating_sub(1);
+        }
+        if let Some(key) = &delivery.ordering_key {
+            self.busy_entities.remove(&(delivery.subscription_id.clone(), key.clone()));
+        }
+    }
+
+    /// Picks queued deliveries for agents with credit: round-robin over tenants, then over each
+    /// tenant's subscriptions, within each subscription's limits.
+    async fn assign(&mut self) {
+        let mut picks: HashMap<u64, Vec<(Delivery, Arc<Subscription>)>> = HashMap::new();
+        let mut idle_rounds = 0;
+        while idle_rounds < self.tenants.len().max(1) && !self.tenants.is_empty() {
+            let Some(tenant) = self.tenants.pop_front() else { break };
+            let Some(subscription_id) = self
+                .tenant_subscriptions
+                .get_mut(&tenant)
+                .and_then(VecDeque::pop_front)
+            else {
+                self.tenant_subscriptions.remove(&tenant);
+                continue;
+            };
+            let picked = self.pick_from(&subscription_id, &mut picks).await;
+            let queue_left = self.queues.get(&subscription_id).is_some_and(|q| !q.is_empty());
+            if !queue_left {
+                self.queues.remove(&subscription_id);
+            }
+            let subs = self.tenant_subscriptions.entry(tenant.clone()).or_default();
+            if queue_left {
+                subs.push_back(subscription_id);
+            }
+            if subs.is_empty() {
+                self.tenant_subscriptions.remove(&tenant);
+            } else {
+                self.tenants.push_back(tenant);
+            }
+            idle_rounds = if picked { 0 } else { idle_rounds + 1 };
+        }
+        for (key, batch) in picks {
+            self.dispatch(key, batch).await;
+        }
+    }
+
+    /// Takes the next eligible delivery of one subscription; returns whether it took one.
+    async fn pick_from(
+        &mut self,
+        subscription_id: &str,
+        picks: &mut HashMap<u64, Vec<(Delivery, Arc<Subscription>)>>,
+    ) -> bool {
+        let Some(subscription) = self.subscription(subscription_id).await else {
+            // Deleted: forget its queue; its rows stay as they are.
+            if let Some(queue) = self.queues.remove(subscription_id) {
+                for delivery in queue {
+                    self.known.remove(&delivery.id);
+                }
+            }
+            return false;
+        };
+        if subscription.status == SubscriptionStatus::Disabled {
+            if let Some(queue) = self.queues.remove(subscription_id) {
+                for delivery in queue {
+                    self.known.remove(&delivery.id);
+                }
+            }
+            return false;
+        }
+        let in_flight = self.load.get(subscription_id).map_or(0, |l| l.in_flight);
+        if in_flight >= subscription.max_concurrency {
+            return false;
+        }
+        let Some(agent_key) = self.agent_for(subscription.region.as_deref()) else {
+            return false;
+        };
+        let Some(queue) = self.queues.get_mut(subscription_id) else { return false };
+        // Ordered subscriptions: skip entities with a delivery in flight.
+        let position = queue.iter().take(256).position(|d| {
+            d.ordering_key
+                .as_ref()
+                .is_none_or(|key| !self.busy_entities.contains(&(subscription_id.to_owned(), key.clone())))
+        });
+        let Some(position) = position else { return false };
+        if !self.take_rate_token(&subscription) {
+            return false;
+        }
+        let Some(queue) = self.queues.get_mut(subscription_id) else { return false };
+        let Some(delivery) = queue.remove(position) else { return false };
+        if let Some(key) = &delivery.ordering_key {
+            self.busy_entities.insert((subscription_id.to_owned(), key.clone()));
+        }
+        self.load.entry(subscription_id.to_owned()).or_default().in_flight += 1;
+        if let Some(agent) = self.agents.get_mut(&agent_key) {
+            agent.credits -= 1;
+        }
+        picks.entry(agent_key).or_default().push((delivery, subscription));
+        true
+    }
+
+    /// Leases a batch to one agent and sends it the signed jobs.
+    async fn dispatch(&mut self, key: u64, batch: Vec<(Delivery, Arc<Subscription>)>) {
+        let now = Utc::now();
+        let Some(agent_id) = self.agents.get(&key).map(|a| a.agent_id.clone()) else {
+            for (delivery, _) in batch {
+                self.give_back(delivery, false);
+            }
+            return;
+        };
+        // Ordered deliveries wait while an earlier one of their entity is unfinished.
+        let mut ready = Vec::with_capacity(batch.len());
+        for (delivery, subscription) in batch {
+            if let Some(ordering_key) = &delivery.ordering_key {
+                match deliveries::ordered_blocked(&self.store.db, &delivery.subscription_id, ordering_key, &delivery.id).await {
+                    Ok(false) => {}
+                    Ok(true) | Err(_) => {
+                        self.give_back_credit(key);
+                        self.give_back(delivery, true);
+                        continue;
+                    }
+                }
+            }
+            ready.push((delivery, subscription));
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let longest = ready.iter().map(|(_, s)| s.timeout).max().unwrap_or_default();
+        let expires_at = now + chrono::Duration::from_std(longest + self.settings.lease_grace).unwrap_or_default();
+        let lease_id = ids::new(ids::LEASE);
+        let ids: Vec<String> = ready.iter().map(|(d, _)| d.id.clone()).collect();
+        let claimed = match deliveries::claim(&self.store.writer, &ids, &lease_id, &agent_id, expires_at, now).await {
+            Ok(claimed) => claimed.into_iter().collect::<HashSet<_>>(),
+            Err(err) => {
+                tracing::warn!(error = %err, "could not lease deliveries");
+                HashSet::new()
+            }
+        };
+        let event_ids: Vec<String> = ready
+            .iter()
+            .filter(|(d, _)| claimed.contains(&d.id))
+            .map(|(d, _)| d.event_id.clone())
+            .collect();
+        let payloads: HashMap<String, (Bytes, Option<String>)> = match events::get_many(&self.store.db, &event_ids).await {
+            Ok(events) => events
+                .into_iter()
+                .map(|e| (e.id, (Bytes::from(e.payload), e.traceparent)))
+                .collect(),
+            Err(err) => {
+                tracing::warn!(error = %err, "could not read event payloads; leases will expire");
+                HashMap::new()
+            }
+        };
+        let mut jobs = Vec::with_capacity(ready.len());
+        for (delivery, subscription) in ready {
+            if !claimed.contains(&delivery.id) {
+                // Someone else holds it, or it is no longer due: not ours to send.
+                self.give_back_credit(key);
+                self.unload(&delivery);
+                self.known.remove(&delivery.id);
+                continue;
+            }
+            let Some((body, traceparent)) = payloads.get(&delivery.event_id) else {
+                self.give_back_credit(key);
+                self.unload(&delivery);
+                self.known.remove(&delivery.id);
+                continue;
+            };
+            let attempt = delivery.attempt_count + 1;
+            jobs.push(build_job(&delivery, &subscription, body.clone(), traceparent.as_deref(), &lease_id, attempt, now));
+            self.leases.insert(
+                delivery.id.clone(),
+                Lease {
+                    agent_key: key,
+                    lease_id: lease_id.clone(),
+                    delivery,
+                    attempt,
+                },
+            );
+        }
+        let in_flight = self.leases.values().filter(|l| l.agent_key == key).count() as u32;
+        self.registry.update(key, |a| a.in_flight = in_flight);
+        let Some(agent) = self.agents.get(&key) else { return };
+        for chunk in jobs.chunks(MAX_JOBS_PER_MESSAGE) {
+            let message = pb::ControlMessage {
+                message: Some(pb::control_message::Message::Jobs(pb::Jobs { jobs: chunk.to_vec() })),
+            };
+            // The outbox holds at least `capacity` jobs; a full one means the stream is dying,
+            // and its leases are re-queued when it closes.
+            if agent.outbox.try_send(message).is_err() {
+                tracing::warn!(agent_id = %agent.agent_id, "agent outbox full or closed");
+                break;
+            }
+        }
+    }
+
+    fn give_back_credit(&mut self, key: u64) {
+        if let Some(agent) = self.agents.get_mut(&key) {
+            agent.credits += 1;
+        }
+    }
+
+    /// Returns a picked delivery to memory: re-queued, or forgotten for the poller to find.
+    fn give_back(&mut self, delivery: Delivery, forget: bool) {
+        self.unload(&delivery);
+        self.known.remove(&delivery.id);
+        if !forget {
+            self.enqueue(delivery);
+        }
+    }
+
+    async fn record_results(&mut self, key: u64, results: Vec<pb::JobResult>) {
+        let now = Utc::now();
+        let region = self.agents.get(&key).map(|a| a.region.clone()).unwrap_or_default();
+        let agent_id = self.agents.get(&key).map(|a| a.agent_id.clone()).unwrap_or_default();
+        let mut records = Vec::with_capacity(results.len());
+        for result in results {
+            let lease = match self.leases.get(&result.delivery_id) {
+                Some(lease) if lease.lease_id == result.lease_id && lease.agent_key == key => {
+                    self.leases.remove(&result.delivery_id)
+                }
+                _ => None,
+            };
+            let outcome = self.record_one(&result, lease.as_ref(), &agent_id, &region, now).await;
+            if let Some(lease) = lease {
+                self.unload(&lease.delivery);
+                self.known.remove(&lease.delivery.id);
+                if lease.delivery.ordering_key.is_some() {
+                    // The entity's next event may go now.
+                    self.next_poll = Instant::now();
+                }
+            }
+            match outcome {
+                Ok(Some(record)) => records.push(record),
+                Ok(None) => {}
+                Err(err) => tracing::warn!(error = %err, delivery_id = %result.delivery_id, "could not record a result; the lease will expire and the delivery retry"),
+            }
+        }
+        let in_flight = self.leases.values().filter(|l| l.agent_key == key).count() as u32;
+        self.registry.update(key, |a| {
+            a.in_flight = in_flight;
+            a.last_seen_at = now;
+        });
+        for record in records {
+            // No watcher is not an error.
+            let _ = self.records.send(record);
+        }
+    }
+
+    /// Records one result: the attempt always; the delivery's new state only under a valid lease.
+    async fn record_one(
+        &mut self,
+        result: &pb::JobResult,
+        lease: Option<&Lease>,
+        agent_id: &str,
+        region: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<AttemptRecord>, storage::Error> {
+        let error = AttemptError::from_i32(result.error);
+        let retry_after = result
+            .response_headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("retry-after"))
+            .and_then(|h| retry::parse_retry_after(&h.value, now));
+        let outcome = retry::classify(result.status_code, error, retry_after);
+        let started_at = result
+            .started_at
+            .as_ref()
+            .and_then(herald_proto::from_timestamp)
+            .unwrap_or(now);
+        let mut attempt = Attempt {
+            id: ids::new(ids::ATTEMPT),
+            delivery_id: result.delivery_id.clone(),
+            agent_id: agent_id.to_owned(),
+            region: region.to_owned(),
+            started_at,
+            duration_ms: result.duration_ms,
+            status_code: result.status_code,
+            response_headers: result.response_headers.iter().take(16).map(|h| (h.name.clone(), h.value.clone())).collect(),
+            response_excerpt: result.response_excerpt.chars().take(4096).collect(),
+            error,
+            error_message: result.error_message.chars().take(1024).collect(),
+        };
+        let Some(lease) = lease else {
+            // A result this replica did not lease (or no longer holds): recorded, changes nothing.
+            attempt.error = AttemptError::LeaseExpired;
+            let txn = self.store.begin_write().await?;
+            let known = deliveries::get_any(&txn, &result.delivery_id).await?;
+            let Some(delivery) = known else { return Ok(None) };
+            deliveries::insert_attempts(&txn, std::slice::from_ref(&attempt)).await?;
+            txn.commit().await?;
+            return Ok(Some(AttemptRecord {
+                tenant_id: delivery.tenant_id,
+                delivery_id: delivery.id,
+                subscription_id: delivery.subscription_id,
+                event_id: delivery.event_id,
+                attempt,
+                state: delivery.state,
+            }));
+        };
+        let delivery = &lease.delivery;
+        let subscription = self.subscription(&delivery.subscription_id).await;
+        let max_attempts = subscription.as_ref().map_or(1, |s| s.max_attempts);
+        let (mut state, next_attempt_at) = retry::next_step(
+            &self.settings.retry_schedule,
+            max_attempts,
+            lease.attempt,
+            &outcome,
+            now,
+            &mut self.rng,
+        );
+        let disabled = subscription.as_ref().is_some_and(|s| s.status == SubscriptionStatus::Disabled);
+        if disabled && state == DeliveryState::Failed {
+            state = DeliveryState::Dead;
+        }
+        let txn = self.store.begin_write().await?;
+        let applied = deliveries::complete(
+            &txn,
+            &deliveries::Completion {
+                id: &delivery.id,
+                lease_id: &lease.lease_id,
+                state,
+                next_attempt_at,
+                status_code: result.status_code,
+                error,
+            },
+            now,
+        )
+        .await?;
+        if !applied {
+            attempt.error = AttemptError::LeaseExpired;
+        }
+        deliveries::insert_attempts(&txn, std::slice::from_ref(&attempt)).await?;
+        let mut disabled_now = false;
+        if applied {
+            let last = LastDelivery {
+                state,
+                status_code: result.status_code,
+                at: now,
+            };
+            subscriptions::record_last_delivery(&txn, &delivery.subscription_id, &last).await?;
+            if !disabled {
+                let failing_since = subscriptions::failing_since(&txn, &delivery.subscription_id).await?;
+                if let Some(reason) = health::disable_reason(&outcome, result.status_code, failing_since, self.settings.disable_after, now) {
+                    subscriptions::set_status(&txn, &delivery.subscription_id, SubscriptionStatus::Disabled, Some(&reason), now).await?;
+                    deliveries::kill_waiting(&txn, &delivery.subscription_id, now).await?;
+                    if state == DeliveryState::Failed {
+                        // This delivery was just made FAILED (not waiting when the others were
+                        // killed above): it goes DEAD with them.
+                        state = DeliveryState::Dead;
+                        deliveries::kill_waiting(&txn, &delivery.subscription_id, now).await?;
+                    }
+                    disabled_now = true;
+                    tracing::warn!(subscription_id = %delivery.subscription_id, reason = %reason, "subscription disabled");
+                }
+            }
+        }
+        txn.commit().await?;
+        if disabled_now {
+            self.subscriptions.remove(&delivery.subscription_id);
+        }
+        if let Some(at) = next_attempt_at.filter(|_| applied && state == DeliveryState::Failed) {
+            let wait = (at - now).to_std().unwrap_or_default();
+            self.next_poll = self.next_poll.min(Instant::now() + wait);
+        }
+        tracing::debug!(delivery_id = %delivery.id, attempt = lease.attempt, status_code = result.status_code, state = ?state, "attempt recorded");
+        Ok(Some(AttemptRecord {
+            tenant_id: delivery.tenant_id.clone(),
+            delivery_id: delivery.id.clone(),
+            subscription_id: delivery.subscription_id.clone(),
+            event_id: delivery.event_id.clone(),
+            attempt,
+            state: if applied { state } else { DeliveryState::InFlight },
+        }))
+    }
+}
+
+/// Builds the ready-to-send request of one attempt, signed now with every valid secret.
+fn build_job(
+    delivery: &Delivery,
+    subscription: &Subscription,
+    body: Bytes,
+    traceparent: Option<&str>,
+    lease_id: &str,
+    attempt: u32,
+    now: DateTime<Utc>,
+) -> pb::Job {
+    let timestamp = now.timestamp();
+    let secrets: Vec<webhook::Secret> = subscription
+        .signing_secrets(now)
+        .into_iter()
+        .filter_map(|s| webhook::Secret::parse(s).ok())
+        .collect();
+    let signature = webhook::signature_header(&secrets, &delivery.event_id, timestamp, &body);
+    let header = |name: &str, value: &str| pb::Header {
+        name: name.to_owned(),
+        value: value.to_owned(),
+    };
+    let mut headers = vec![
+        header("content-type", "application/json"),
+        header("user-agent", USER_AGENT),
+        header(webhook::HEADER_ID, &delivery.event_id),
+        header(webhook::HEADER_TIMESTAMP, &timestamp.to_string()),
+        header(webhook::HEADER_SIGNATURE, &signature),
+    ];
+    if let Some(key) = &subscription.api_key {
+        headers.push(header(&subscription.api_key_header, key));
+    }
+    if let Some(traceparent) = traceparent {
+        headers.push(header("traceparent", traceparent));
+    }
+    pb::Job {
+        delivery_id: delivery.id.clone(),
+        lease_id: lease_id.to_owned(),
+        url: subscription.url.clone(),
+        headers,
+        body: body.to_vec(),
+        timeout_ms: u32::try_from(subscription.timeout.as_millis()).unwrap_or(60_000),
+        attempt,
+        subscription_id: delivery.subscription_id.clone(),
+        event_id: delivery.event_id.clone(),
+    }
+}

@@ -1,0 +1,158 @@
+//! `AgentService.Connect`: one bidirectional stream per agent. The edge checks the agent
+//! credential and the hello, then relays messages between the stream and the scheduler.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::Stream;
+use herald_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::auth::bearer;
+use crate::dispatch::{self, Command, scheduler::AgentHello};
+
+/// How long an agent has to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the control plane tells agents it is alive.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+
+pub struct AgentApi {
+    agent_token: Arc<str>,
+    dispatcher: dispatch::Handle,
+    replica_id: String,
+    next_key: AtomicU64,
+}
+
+impl AgentApi {
+    pub fn new(agent_token: &str, dispatcher: dispatch::Handle, replica_id: String) -> Self {
+        Self {
+            agent_token: agent_token.into(),
+            dispatcher,
+            replica_id,
+            next_key: AtomicU64::new(1),
+        }
+    }
+
+    fn check_credential<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let token = bearer(request)?;
+        let expected = self.agent_token.as_bytes();
+        let same = token.len() == expected.len()
+            && token.bytes().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if !same {
+            return Err(Status::unauthenticated(
+                "authorization: not a valid agent credential (API tokens are not agent credentials)",
+            ));
+        }
+        Ok("shared agent token".to_owned())
+    }
+}
+
+type ControlStream = Pin<Box<dyn Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;
+
+fn validate_hello(hello: &pb::Hello) -> Result<(), Status> {
+    if hello.agent_id.is_empty() || hello.agent_id.len() > 200 {
+        return Err(Status::invalid_argument("hello.agent_id: must be 1 to 200 characters"));
+    }
+    if hello.region.is_empty() || hello.region.len() > 64 {
+        return Err(Status::invalid_argument("hello.region: must be 1 to 64 characters"));
+    }
+    if hello.capacity == 0 || hello.capacity > 65_536 {
+        return Err(Status::invalid_argument("hello.capacity: must be between 1 and 65536"));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentApi {
+    type ConnectStream = ControlStream;
+
+    async fn connect(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<Self::ConnectStream>, Status> {
+        let identity = self.check_credential(&request)?;
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("hello: not received in time"))??;
+        let Some(pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Hello(hello)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument("hello: the first message must be a hello"));
+        };
+        validate_hello(&hello)?;
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        // Room for a full credit's worth of jobs (in messages of up to 64) plus control messages.
+        let (outbox, jobs) = mpsc::channel::<pb::ControlMessage>((hello.capacity as usize).max(64) + 16);
+        let welcome = pb::ControlMessage {
+            message: Some(pb::control_message::Message::Welcome(pb::Welcome {
+                replica_id: self.replica_id.clone(),
+                heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u32,
+            })),
+        };
+        outbox
+            .try_send(welcome)
+            .map_err(|_| Status::internal("could not queue the welcome"))?;
+        let agent_id = hello.agent_id.clone();
+        self.dispatcher.send(Command::AgentConnected {
+            key,
+            hello: AgentHello {
+                agent_id: hello.agent_id,
+                region: hello.region,
+                capacity: hello.capacity,
+                version: hello.version,
+                identity,
+                outbox: outbox.clone(),
+            },
+        });
+        let dispatcher = self.dispatcher.clone();
+        tokio::spawn(async move {
+            let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+            loop {
+                tokio::select! {
+                    message = inbound.message() => match message {
+                        Ok(Some(message)) => relay(&dispatcher, key, message),
+                        Ok(None) => break,
+                        Err(status) => {
+                            tracing::debug!(%agent_id, code = ?status.code(), "agent stream ended");
+                            break;
+                        }
+                    },
+                    _ = heartbeat.tick() => {
+                        let beat = pb::ControlMessage {
+                            message: Some(pb::control_message::Message::Heartbeat(pb::Heartbeat {
+                                sent_at: Some(herald_proto::timestamp(chrono::Utc::now())),
+                            })),
+                        };
+                        if outbox.send(beat).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            dispatcher.send(Command::AgentGone { key });
+        });
+        let stream = ReceiverStream::new(jobs);
+        Ok(Response::new(Box::pin(futures::StreamExt::map(stream, Ok))))
+    }
+}
+
+fn relay(dispatcher: &dispatch::Handle, key: u64, message: pb::AgentMessage) {
+    use pb::agent_message::Message;
+    let command = match message.message {
+        Some(Message::Results(results)) => Command::Results {
+            key,
+            results: results.results,
+            credits: results.credits,
+        },
+        Some(Message::Credit(credit)) => Command::Credit {
+            key,
+            credits: credit.credits,
+        },
+        Some(Message::Heartbeat(_)) => Command::Heartbeat { key },
+        Some(Message::Hello(_)) | None => return,
+    };
+    dispatcher.send(command);
+}

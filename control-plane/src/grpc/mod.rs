@@ -1,0 +1,75 @@
+//! The tonic edge: authenticates, converts proto to domain and back, calls one service function,
+//! maps its error. Only this module builds a `tonic::Status`.
+
+mod admin;
+pub mod agent;
+mod auth;
+mod convert;
+mod deliveries;
+mod events;
+mod subscriptions;
+
+use herald_proto::v1 as pb;
+use tonic::Status;
+
+use crate::service::{self, Services};
+
+pub use admin::AdminApi;
+pub use agent::AgentApi;
+pub use deliveries::DeliveryApi;
+pub use events::EventApi;
+pub use subscriptions::SubscriptionApi;
+
+impl From<service::Error> for Status {
+    fn from(err: service::Error) -> Self {
+        use service::Error as E;
+        match err {
+            E::Invalid(_) => Status::invalid_argument(err.to_string()),
+            E::NotFound { .. } => Status::not_found(err.to_string()),
+            E::Unauthenticated(_) => Status::unauthenticated(err.to_string()),
+            E::PermissionDenied(_) => Status::permission_denied(err.to_string()),
+            E::AlreadyExists(_) => Status::already_exists(err.to_string()),
+            E::TooLarge(_) => Status::resource_exhausted(err.to_string()),
+            E::FailedPrecondition(_) => Status::failed_precondition(err.to_string()),
+            E::Unavailable(_) => Status::unavailable(err.to_string()),
+            E::Storage(crate::storage::Error::Conflict(_)) => {
+                Status::already_exists("conflict: a concurrent request changed the same record; retry")
+            }
+            E::Storage(crate::storage::Error::Unavailable(detail)) => {
+                tracing::warn!(error = %detail, "storage unavailable");
+                Status::unavailable("storage unavailable; retry later")
+            }
+            E::Storage(crate::storage::Error::Internal(detail)) => internal(&detail),
+        }
+    }
+}
+
+/// Returns an `INTERNAL` status whose message carries an id that is also logged.
+pub fn internal(detail: &str) -> Status {
+    let id = ulid::Ulid::new().to_string().to_ascii_lowercase();
+    tracing::error!(error_id = %id, error = %detail, "internal error");
+    Status::internal(format!("internal error (id {id})"))
+}
+
+/// The API services built on `services`, ready to add to a tonic router.
+pub struct Api {
+    pub admin: pb::admin_service_server::AdminServiceServer<AdminApi>,
+    pub subscriptions: pb::subscription_service_server::SubscriptionServiceServer<SubscriptionApi>,
+    pub events: pb::event_service_server::EventServiceServer<EventApi>,
+    pub deliveries: pb::delivery_service_server::DeliveryServiceServer<DeliveryApi>,
+}
+
+impl Api {
+    pub fn new(services: Services, max_message_bytes: usize) -> Self {
+        Self {
+            admin: pb::admin_service_server::AdminServiceServer::new(AdminApi(services.clone())),
+            subscriptions: pb::subscription_service_server::SubscriptionServiceServer::new(SubscriptionApi(
+                services.clone(),
+            )),
+            events: pb::event_service_server::EventServiceServer::new(EventApi(services.clone()))
+                .max_decoding_message_size(max_message_bytes),
+            deliveries: pb::delivery_service_server::DeliveryServiceServer::new(DeliveryApi(services))
+                .max_decoding_message_size(max_message_bytes),
+        }
+    }
+}

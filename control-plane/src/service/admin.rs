@@ -1,0 +1,59 @@
+//! Tenants and tokens (admin only).
+
+use chrono::Utc;
+
+use super::{Error, Services};
+use crate::domain::model::{Page, PageRequest, Scope, Tenant, Token};
+use crate::domain::{ids, validate};
+use crate::storage::{tenants, tokens};
+
+impl Services {
+    pub async fn create_tenant(&self, name: &str) -> Result<Tenant, Error> {
+        let tenant = Tenant {
+            id: ids::new(ids::TENANT),
+            name: validate::name("name", name)?,
+            created_at: Utc::now(),
+        };
+        tenants::insert(&self.store.writer, &tenant).await?;
+        Ok(tenant)
+    }
+
+    pub async fn list_tenants(&self, page: PageRequest) -> Result<Page<Tenant>, Error> {
+        Ok(tenants::list(&self.store.db, &page).await?)
+    }
+
+    /// Returns `NOT_FOUND` unless the tenant exists (an admin may name any id).
+    pub async fn ensure_tenant(&self, tenant_id: &str) -> Result<(), Error> {
+        if !ids::has_prefix(tenant_id, ids::TENANT)
+            || tenants::get(&self.store.db, tenant_id).await?.is_none()
+        {
+            return Err(Error::not_found("tenant", tenant_id));
+        }
+        Ok(())
+    }
+
+    /// Creates a token for a tenant, or an admin token when `tenant_id` is empty.
+    pub async fn create_token(&self, tenant_id: &str, name: &str) -> Result<(Token, String), Error> {
+        let name = validate::name("name", name)?;
+        let scope = if tenant_id.is_empty() {
+            Scope::Admin
+        } else {
+            self.ensure_tenant(tenant_id).await?;
+            Scope::Tenant(tenant_id.to_owned())
+        };
+        self.auth.create_token(scope, name, false).await
+    }
+
+    pub async fn list_tokens(&self, tenant_id: &str, page: PageRequest) -> Result<Page<Token>, Error> {
+        let tenant = (!tenant_id.is_empty()).then_some(tenant_id);
+        Ok(tokens::list(&self.store.db, tenant, &page).await?)
+    }
+
+    pub async fn revoke_token(&self, token_id: &str) -> Result<(), Error> {
+        if !tokens::revoke(&self.store.writer, token_id, Utc::now()).await? {
+            return Err(Error::not_found("token", token_id));
+        }
+        self.auth.forget_all();
+        Ok(())
+    }
+}

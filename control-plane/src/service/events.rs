@@ -1,0 +1,55 @@
+//! Reading events, and the publish calls on top of the group-commit [`super::publish::Publisher`].
+
+use super::publish::{NewEvent, Published, Target};
+use super::{Error, Services};
+use crate::domain::ids;
+use crate::domain::model::{Event, Page, PageRequest};
+use crate::storage::events;
+
+/// The most events one `PublishEvents` call takes.
+pub const MAX_EVENTS_PER_CALL: usize = 500;
+
+impl Services {
+    pub async fn publish_event(&self, tenant_id: &str, event: NewEvent) -> Result<Published, Error> {
+        self.ensure_tenant(tenant_id).await?;
+        let mut replies = self
+            .publisher
+            .publish(tenant_id.to_owned(), vec![event], Target::FanOut)
+            .await?;
+        replies
+            .pop()
+            .ok_or_else(|| Error::Unavailable("publish: no reply from the writer".into()))
+    }
+
+    /// Publishes up to 500 events, all or nothing.
+    pub async fn publish_events(&self, tenant_id: &str, events: Vec<NewEvent>) -> Result<Vec<Published>, Error> {
+        if events.is_empty() {
+            return Err(crate::domain::validate::Invalid::new("events", "must not be empty").into());
+        }
+        if events.len() > MAX_EVENTS_PER_CALL {
+            return Err(crate::domain::validate::Invalid::new(
+                "events",
+                format!("at most {MAX_EVENTS_PER_CALL} events per call; split the batch"),
+            )
+            .into());
+        }
+        self.ensure_tenant(tenant_id).await?;
+        self.publisher
+            .publish(tenant_id.to_owned(), events, Target::FanOut)
+            .await
+    }
+
+    pub async fn get_event(&self, tenant_id: &str, id: &str) -> Result<Event, Error> {
+        if !ids::has_prefix(id, ids::EVENT) {
+            return Err(Error::not_found("event", id));
+        }
+        events::get(&self.store.db, tenant_id, id)
+            .await?
+            .ok_or_else(|| Error::not_found("event", id))
+    }
+
+    pub async fn list_events(&self, tenant_id: &str, event_type: &str, page: PageRequest) -> Result<Page<Event>, Error> {
+        let event_type = (!event_type.is_empty()).then_some(event_type);
+        Ok(events::list(&self.store.db, tenant_id, event_type, &page).await?)
+    }
+}

@@ -1,0 +1,368 @@
+//! Publishing with group commit: concurrent publishes queue to a writer task that commits many of
+//! them in one transaction (one fsync for all), then answers each caller. The event, its
+//! idempotency record and its deliveries are durable before any caller hears OK.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use super::Error;
+use crate::dispatch;
+use crate::domain::model::{Delivery, DeliveryState, Event, Subscription};
+use crate::domain::{filter, ids, validate};
+use crate::storage::{self, Store, deliveries, events, subscriptions};
+
+/// Most publish calls committed in one transaction.
+const MAX_BATCH_CALLS: usize = 128;
+/// Most events committed in one transaction (a `PublishEvents` call is never split).
+const MAX_BATCH_EVENTS: usize = 2_000;
+
+/// One event to publish, validated.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event_type: String,
+    pub payload: String,
+    pub idempotency_key: Option<String>,
+    pub entity_type: Option<String>,
+    pub entity_id: Option<String>,
+    pub action: Option<String>,
+    pub traceparent: Option<String>,
+}
+
+/// Who receives an event.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Every active, enabled subscription of the tenant whose filters match (SPEC 5).
+    FanOut,
+    /// One subscription, whatever its filters and `active` (test events).
+    Only(Box<Subscription>),
+}
+
+/// The reply to one published event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub event_id: String,
+    pub delivery_ids: Vec<String>,
+}
+
+struct Call {
+    tenant_id: String,
+    events: Vec<NewEvent>,
+    target: Target,
+    reply: oneshot::Sender<Result<Vec<Published>, Error>>,
+}
+
+/// A handle to the group-commit writers; cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    writers: Vec<mpsc::Sender<Call>>,
+    next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Publisher {
+    /// Starts `writers` writer tasks (one on SQLite: it has one writer anyway).
+    pub fn start(
+        store: Store,
+        dispatcher: dispatch::Handle,
+        writers: usize,
+        tasks: &mut tokio::task::JoinSet<()>,
+    ) -> Self {
+        let senders = (0..writers.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(4096);
+                tasks.spawn(write_loop(store.clone(), dispatcher.clone(), rx));
+                tx
+            })
+            .collect();
+        Self {
+            writers: senders,
+            next: Default::default(),
+        }
+    }
+
+    /// Publishes events of one tenant, all or nothing; returns one reply per event.
+    pub async fn publish(
+        &self,
+        tenant_id: String,
+        events: Vec<NewEvent>,
+        target: Target,
+    ) -> Result<Vec<Published>, Error> {
+        let (reply, answer) = oneshot::channel();
+        let index = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.writers.len();
+        let unavailable = || Error::Unavailable("publish: the control plane is shutting down".into());
+        self.writers[index]
+            .send(Call { tenant_id, events, target, reply })
+            .await
+            .map_err(|_| unavailable())?;
+        answer.await.map_err(|_| unavailable())?
+    }
+}
+
+/// Returns the hash that tells a repeated request from a different one with the same key.
+pub fn request_hash(event: &NewEvent) -> String {
+    let mut hasher = Sha256::new();
+    for part in [
+        event.event_type.as_str(),
+        event.payload.as_str(),
+        event.entity_type.as_deref().unwrap_or(""),
+        event.entity_id.as_deref().unwrap_or(""),
+        event.action.as_deref().unwrap_or(""),
+    ] {
+        // Length-prefixed, so no two different requests hash the same input.
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Validates the fields of one event to publish.
+pub fn validate_event(
+    limits: &validate::Limits,
+    event_type: &str,
+    payload: &str,
+    idempotency_key: &str,
+    entity_type: &str,
+    entity_id: &str,
+    action: &str,
+) -> Result<NewEvent, Error> {
+    filter::check_event_type(event_type).map_err(|problem| validate::Invalid::new("event_type", problem))?;
+    validate::payload(payload, limits)?;
+    let idempotency_key = validate::short_text("idempotency_key", idempotency_key, validate::MAX_IDEMPOTENCY_KEY_CHARS)?;
+    let entity_type = validate::short_text("entity_type", entity_type, validate::MAX_ENTITY_TYPE_CHARS)?;
+    let entity_id = validate::short_text("entity_id", entity_id, validate::MAX_ENTITY_ID_CHARS)?;
+    if entity_type.is_some() != entity_id.is_some() {
+        let field = if entity_type.is_some() { "entity_id" } else { "entity_type" };
+        return Err(validate::Invalid::new(field, "entity_type and entity_id go together").into());
+    }
+    let action = validate::short_text("action", action, validate::MAX_ACTION_CHARS)?;
+    if action.as_deref() == Some(validate::TEST_ACTION) {
+        return Err(validate::Invalid::new("action", "test is reserved for test events (SendTestEvent)").into());
+    }
+    Ok(NewEvent {
+        event_type: event_type.to_owned(),
+        payload: payload.to_owned(),
+        idempotency_key,
+        entity_type,
+        entity_id,
+        action,
+        traceparent: None,
+    })
+}
+
+async fn write_loop(store: Store, dispatcher: dispatch::Handle, mut calls: mpsc::Receiver<Call>) {
+    while let Some(first) = calls.recv().await {
+        let mut batch = vec![first];
+        let mut events = batch[0].events.len();
+        while batch.len() < MAX_BATCH_CALLS && events < MAX_BATCH_EVENTS {
+            match calls.try_recv() {
+                Ok(call) => {
+                    events += call.events.len();
+                    batch.push(call);
+                }
+                Err(_) => break,
+            }
+        }
+        commit(&store, &dispatcher, batch).await;
+    }
+}
+
+/// Commits a batch; if the transaction fails, commits each call alone so that one caller's
+/// failure never becomes another's.
+async fn commit(store: &Store, dispatcher: &dispatch::Handle, batch: Vec<Call>) {
+    let now = Utc::now();
+    match commit_together(store, &batch, now).await {
+        Ok((replies, new)) => {
+            store.count_commit();
+            dispatcher.submit(new);
+            for (call, reply) in batch.into_iter().zip(replies) {
+                let _ = call.reply.send(reply);
+            }
+        }
+        Err(err) if batch.len() == 1 => {
+            // A racing insert of the same idempotency key (another writer or replica) is a
+            // conflict: read again, and answer as for a repeat.
+            let reply = if matches!(err, storage::Error::Conflict(_)) {
+                match commit_together(store, &batch, Utc::now()).await {
+                    Ok((mut replies, new)) => {
+                        store.count_commit();
+                        dispatcher.submit(new);
+                        replies.pop().unwrap_or_else(|| Err(Error::Storage(err)))
+                    }
+                    Err(err) => Err(err.into()),
+                }
+            } else {
+                Err(err.into())
+            };
+            if let Some(call) = batch.into_iter().next() {
+                let _ = call.reply.send(reply);
+            }
+        }
+        Err(err) => {
+            tracing::debug!(error = %err, calls = batch.len(), "group commit failed; committing calls one by one");
+            for call in batch {
+                Box::pin(commit(store, dispatcher, vec![call])).await;
+            }
+        }
+    }
+}
+
+type CallReplies = Vec<Result<Vec<Published>, Error>>;
+
+/// Writes every call of the batch in one transaction. Refusals (a reused idempotency key) are
+/// decided before anything of that call is written; a storage error fails the whole batch.
+async fn commit_together(
+    store: &Store,
+    batch: &[Call],
+    now: DateTime<Utc>,
+) -> Result<(CallReplies, Vec<Delivery>), storage::Error> {
+    let txn = store.begin_write().await?;
+    let mut subscriptions_of: HashMap<&str, Vec<Subscription>> = HashMap::new();
+    // Keys written earlier in this batch: (tenant, key) -> (request hash, reply).
+    let mut batch_keys: HashMap<(String, String), (String, Published)> = HashMap::new();
+    let mut new_events: Vec<(Event, Option<String>)> = Vec::new();
+    let mut new_deliveries: Vec<Delivery> = Vec::new();
+    let mut replies = Vec::with_capacity(batch.len());
+    for call in batch {
+        let keys: Vec<String> = call.events.iter().filter_map(|e| e.idempotency_key.clone()).collect();
+        let stored_keys = events::find_keys(&txn, &call.tenant_id, &keys).await?;
+        let mut call_events = Vec::new();
+        let mut call_deliveries = Vec::new();
+        let mut call_keys = Vec::new();
+        let mut reply = Vec::with_capacity(call.events.len());
+        let mut refusal = None;
+        for event in &call.events {
+            let hash = event.idempotency_key.as_ref().map(|_| request_hash(event));
+            if let (Some(key), Some(hash)) = (&event.idempotency_key, &hash) {
+                let earlier = match stored_keys.get(key) {
+                    Some(record) => Some((
+                        record.request_hash.clone(),
+                        Published {
+                            event_id: record.event_id.clone(),
+                            delivery_ids: deliveries::ids_for_event(&txn, &record.event_id).await?,
+                        },
+                    )),
+                    None => batch_keys
+                        .get(&(call.tenant_id.clone(), key.clone()))
+                        .cloned()
+                        .or_else(|| call_keys.iter().find(|(k, _, _): &&(String, String, Published)| k == key).map(|(_, h, p)| (h.clone(), p.clone()))),
+                };
+                if let Some((earlier_hash, earlier_reply)) = earlier {
+                    if &earlier_hash == hash {
+                        reply.push(earlier_reply);
+                        continue;
+                    }
+                    refusal = Some(Error::AlreadyExists(format!(
+                        "idempotency_key: {key:?} was already used with a different request; use a new key"
+                    )));
+                    break;
+                }
+            }
+            let subscriptions = match &call.target {
+                Target::Only(subscription) => std::slice::from_ref(subscription.as_ref()),
+                Target::FanOut => {
+                    if !subscriptions_of.contains_key(call.tenant_id.as_str()) {
+                        let list = subscriptions::receiving(&txn, &store.sealer, &call.tenant_id).await?;
+                        subscriptions_of.insert(call.tenant_id.as_str(), list);
+                    }
+                    subscriptions_of.get(call.tenant_id.as_str()).map(Vec::as_slice).unwrap_or_default()
+                }
+            };
+            let stored = Event {
+                id: ids::new(ids::EVENT),
+                tenant_id: call.tenant_id.clone(),
+                event_type: event.event_type.clone(),
+                entity_type: event.entity_type.clone(),
+                entity_id: event.entity_id.clone(),
+                action: event.action.clone(),
+                payload: event.payload.clone(),
+                idempotency_key: event.idempotency_key.clone(),
+                traceparent: event.traceparent.clone(),
+                occurred_at: now,
+            };
+            let fanned_out = fan_out(&stored, subscriptions, matches!(call.target, Target::FanOut), now);
+            let published = Published {
+                event_id: stored.id.clone(),
+                delivery_ids: fanned_out.iter().map(|d| d.id.clone()).collect(),
+            };
+            if let (Some(key), Some(hash)) = (&event.idempotency_key, &hash) {
+                call_keys.push((key.clone(), hash.clone(), published.clone()));
+            }
+            reply.push(published);
+            call_events.push((stored, hash));
+            call_deliveries.extend(fanned_out);
+        }
+        match refusal {
+            Some(err) => replies.push(Err(err)),
+            None => {
+                for (key, hash, published) in call_keys {
+                    batch_keys.insert((call.tenant_id.clone(), key), (hash, published));
+                }
+                new_events.extend(call_events);
+                new_deliveries.extend(call_deliveries);
+                replies.push(Ok(reply));
+            }
+        }
+    }
+    events::insert_many(&txn, &new_events).await?;
+    deliveries::insert_many(&txn, &new_deliveries).await?;
+    txn.commit().await?;
+    Ok((replies, new_deliveries))
+}
+
+/// Returns the deliveries of one event: one per receiving subscription (filters applied when
+/// `apply_filters`), in subscription order.
+fn fan_out(event: &Event, subscriptions: &[Subscription], apply_filters: bool, now: DateTime<Utc>) -> Vec<Delivery> {
+    subscriptions
+        .iter()
+        .filter(|s| !apply_filters || s.receives(&event.event_type))
+        .map(|s| Delivery {
+            id: ids::new(ids::DELIVERY),
+            tenant_id: event.tenant_id.clone(),
+            event_id: event.id.clone(),
+            subscription_id: s.id.clone(),
+            state: DeliveryState::Pending,
+            attempt_count: 0,
+            next_attempt_at: now,
+            ordering_key: ordering_key(s, event),
+            last_status_code: None,
+            last_error: None,
+            created_at: now,
+        })
+        .collect()
+}
+
+/// Returns the key that orders an `ordered` subscription's deliveries: the event's entity.
+fn ordering_key(subscription: &Subscription, event: &Event) -> Option<String> {
+    match (&event.entity_type, &event.entity_id) {
+        (Some(entity_type), Some(entity_id)) if subscription.ordered => Some(format!("{entity_type}:{entity_id}")),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(payload: &str) -> NewEvent {
+        NewEvent {
+            event_type: "user.new".into(),
+            payload: payload.into(),
+            idempotency_key: Some("k".into()),
+            entity_type: None,
+            entity_id: None,
+            action: None,
+            traceparent: None,
+        }
+    }
+
+    #[test]
+    fn request_hash_tells_requests_apart() {
+        assert_eq!(request_hash(&event("{}")), request_hash(&event("{}")));
+        assert_ne!(request_hash(&event("{}")), request_hash(&event("{ }")));
+        let mut with_action = event("{}");
+        with_action.action = Some("new".into());
+        assert_ne!(request_hash(&event("{}")), request_hash(&with_action));
+    }
+}

@@ -1,0 +1,195 @@
+//! Subscriptions: create, read, update, delete, secrets, and Herald's enable switch.
+
+use chrono::Utc;
+use rand::RngCore;
+
+use super::{Error, Services};
+use crate::domain::model::{Page, PageRequest, PreviousSecret, Subscription, SubscriptionStatus};
+use crate::domain::{ids, validate};
+use crate::storage::{events, subscriptions};
+
+/// The fields of a new subscription, as sent (validated by [`Services::create_subscription`]).
+#[derive(Debug, Clone, Default)]
+pub struct NewSubscription {
+    pub name: String,
+    pub url: String,
+    pub event_types: Vec<String>,
+    pub api_key: String,
+    pub api_key_header: String,
+    pub region: String,
+    pub active: Option<bool>,
+    pub timeout_ms: u32,
+    pub max_attempts: u32,
+    pub max_concurrency: u32,
+    pub rate_limit_per_s: u32,
+    pub ordered: bool,
+}
+
+/// Changes to a subscription: `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct SubscriptionPatch {
+    pub name: Option<String>,
+    pub url: Option<String>,
+    pub event_types: Option<Vec<String>>,
+    pub active: Option<bool>,
+    pub api_key: Option<String>,
+    pub api_key_header: Option<String>,
+    pub region: Option<String>,
+    pub timeout_ms: Option<u32>,
+    pub max_attempts: Option<u32>,
+    pub max_concurrency: Option<u32>,
+    pub rate_limit_per_s: Option<u32>,
+    pub ordered: Option<bool>,
+}
+
+/// The default grace period of a secret rotation.
+pub const DEFAULT_ROTATION_GRACE_S: u32 = 86_400;
+
+/// Returns a new signing secret: `whsec_` + base64 of 32 random bytes.
+pub fn new_signing_secret() -> String {
+    let mut key = vec![0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    herald_proto::webhook::Secret::from_bytes(key).to_text()
+}
+
+impl Services {
+    pub async fn create_subscription(&self, tenant_id: &str, new: NewSubscription) -> Result<Subscription, Error> {
+        let now = Utc::now();
+        let subscription = Subscription {
+            id: ids::new(ids::SUBSCRIPTION),
+            tenant_id: tenant_id.to_owned(),
+            name: validate::name("name", &new.name)?,
+            url: validate::url(&new.url, &self.limits)?,
+            event_types: validate::filters(&new.event_types)?,
+            active: new.active.unwrap_or(true),
+            status: SubscriptionStatus::Enabled,
+            disabled_reason: None,
+            api_key: validate::api_key(&new.api_key)?,
+            api_key_header: validate::api_key_header(&new.api_key_header)?,
+            signing_secret: new_signing_secret(),
+            previous_secret: None,
+            region: validate::region(&new.region)?,
+            timeout: validate::timeout(new.timeout_ms)?,
+            max_attempts: validate::max_attempts(new.max_attempts)?,
+            max_concurrency: validate::max_concurrency(new.max_concurrency)?,
+            rate_limit_per_s: validate::rate_limit(new.rate_limit_per_s)?,
+            ordered: new.ordered,
+            last_delivery: None,
+            created_at: now,
+            updated_at: now,
+        };
+        self.ensure_tenant(tenant_id).await?;
+        subscriptions::insert(&self.store.writer, &self.store.sealer, &subscription).await?;
+        Ok(subscription)
+    }
+
+    pub async fn get_subscription(&self, tenant_id: &str, id: &str) -> Result<Subscription, Error> {
+        if !ids::has_prefix(id, ids::SUBSCRIPTION) {
+            return Err(Error::not_found("subscription", id));
+        }
+        subscriptions::get(&self.store.db, &self.store.sealer, tenant_id, id)
+            .await?
+            .ok_or_else(|| Error::not_found("subscription", id))
+    }
+
+    pub async fn list_subscriptions(&self, tenant_id: &str, page: PageRequest) -> Result<Page<Subscription>, Error> {
+        Ok(subscriptions::list(&self.store.db, &self.store.sealer, tenant_id, &page).await?)
+    }
+
+    pub async fn update_subscription(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        patch: SubscriptionPatch,
+    ) -> Result<Subscription, Error> {
+        let mut s = self.get_subscription(tenant_id, id).await?;
+        if let Some(name) = patch.name {
+            s.name = validate::name("name", &name)?;
+        }
+        if let Some(url) = patch.url {
+            s.url = validate::url(&url, &self.limits)?;
+        }
+        if let Some(event_types) = patch.event_types {
+            s.event_types = validate::filters(&event_types)?;
+        }
+        if let Some(active) = patch.active {
+            s.active = active;
+        }
+        if let Some(api_key) = patch.api_key {
+            s.api_key = validate::api_key(&api_key)?;
+        }
+        if let Some(header) = patch.api_key_header {
+            s.api_key_header = validate::api_key_header(&header)?;
+        }
+        if let Some(region) = patch.region {
+            s.region = validate::region(&region)?;
+        }
+        if let Some(timeout_ms) = patch.timeout_ms {
+            s.timeout = validate::timeout(timeout_ms)?;
+        }
+        if let Some(max_attempts) = patch.max_attempts {
+            s.max_attempts = validate::max_attempts(max_attempts)?;
+        }
+        if let Some(max_concurrency) = patch.max_concurrency {
+            s.max_concurrency = validate::max_concurrency(max_concurrency)?;
+        }
+        if let Some(rate) = patch.rate_limit_per_s {
+            s.rate_limit_per_s = validate::rate_limit(rate)?;
+        }
+        if let Some(ordered) = patch.ordered {
+            s.ordered = ordered;
+        }
+        s.updated_at = Utc::now();
+        subscriptions::update(&self.store.writer, &self.store.sealer, &s).await?;
+        self.dispatcher.subscription_changed(&s.id);
+        Ok(s)
+    }
+
+    pub async fn delete_subscription(&self, tenant_id: &str, id: &str) -> Result<(), Error> {
+        if !ids::has_prefix(id, ids::SUBSCRIPTION)
+            || !subscriptions::delete(&self.store.writer, tenant_id, id).await?
+        {
+            return Err(Error::not_found("subscription", id));
+        }
+        self.dispatcher.subscription_changed(id);
+        Ok(())
+    }
+
+    /// Issues a new signing secret; the current one keeps signing for `grace_period_s`.
+    pub async fn rotate_secret(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        grace_period_s: Option<u32>,
+    ) -> Result<Subscription, Error> {
+        let mut s = self.get_subscription(tenant_id, id).await?;
+        let grace = grace_period_s.unwrap_or(DEFAULT_ROTATION_GRACE_S);
+        if grace > 30 * 86_400 {
+            return Err(validate::Invalid::new("grace_period_s", "must be at most 2592000 (30 days)").into());
+        }
+        let now = Utc::now();
+        s.previous_secret = (grace > 0).then(|| PreviousSecret {
+            secret: s.signing_secret.clone(),
+            expires_at: now + chrono::Duration::seconds(i64::from(grace)),
+        });
+        s.signing_secret = new_signing_secret();
+        s.updated_at = now;
+        subscriptions::update(&self.store.writer, &self.store.sealer, &s).await?;
+        self.dispatcher.subscription_changed(&s.id);
+        Ok(s)
+    }
+
+    /// Clears a Herald-set `DISABLED` status; `active` stays as the tenant set it.
+    pub async fn enable_subscription(&self, tenant_id: &str, id: &str) -> Result<Subscription, Error> {
+        self.get_subscription(tenant_id, id).await?;
+        subscriptions::set_status(&self.store.writer, id, SubscriptionStatus::Enabled, None, Utc::now())
+            .await?;
+        self.dispatcher.subscription_changed(id);
+        self.get_subscription(tenant_id, id).await
+    }
+
+    /// Returns the event types the tenant has published, with counts (test events excluded).
+    pub async fn list_event_types(&self, tenant_id: &str) -> Result<Vec<(String, u64)>, Error> {
+        Ok(events::type_counts(&self.store.db, tenant_id, validate::TEST_EVENT_TYPE).await?)
+    }
+}
