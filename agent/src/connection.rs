@@ -300,23 +300,7 @@ impl Stream<'_> {
     /// Reports `first` and every other job that has finished too, in one `Results` message,
     /// granting their credits back unless draining.
     async fn report(&mut self, first: Result<pb::JobResult, JoinError>) -> Result<(), Error> {
-        let mut results = Vec::new();
-        let mut finished: u32 = 0;
-        let mut next = Some(first);
-        while let Some(done) = next {
-            finished += 1;
-            match done {
-                Ok(result) => results.push(result),
-                // Its lease expires and the control plane hands the job out again; its slot is
-                // free, so its credit is granted back all the same.
-                Err(err) => error!(error = %err, "delivery task failed; its result is lost"),
-            }
-            next = if results.len() < MAX_RESULTS_PER_MESSAGE {
-                self.jobs.try_join_next()
-            } else {
-                None
-            };
-        }
+        let (results, finished) = collect_finished(&mut self.jobs, first);
         let credits = if self.draining { 0 } else { finished };
         self.credit += u64::from(credits);
         debug!(results = results.len(), credits, "reporting results");
@@ -381,6 +365,32 @@ impl Stream<'_> {
             }
         }
     }
+}
+
+/// Returns the result of `first` and of every other job that has finished too (up to one
+/// message's worth), and how many jobs finished: a task that failed finished without a result.
+fn collect_finished(
+    jobs: &mut JoinSet<pb::JobResult>,
+    first: Result<pb::JobResult, JoinError>,
+) -> (Vec<pb::JobResult>, u32) {
+    let mut results = Vec::new();
+    let mut finished: u32 = 0;
+    let mut next = Some(first);
+    while let Some(done) = next {
+        finished += 1;
+        match done {
+            Ok(result) => results.push(result),
+            // Its lease expires and the control plane hands the job out again; its slot is free,
+            // so its credit is granted back all the same.
+            Err(err) => error!(error = %err, "delivery task failed; its result is lost"),
+        }
+        next = if results.len() < MAX_RESULTS_PER_MESSAGE {
+            jobs.try_join_next()
+        } else {
+            None
+        };
+    }
+    (results, finished)
 }
 
 /// Completes at `deadline`, or never without one.

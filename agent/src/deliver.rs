@@ -221,27 +221,35 @@ impl Resolve for GuardedResolver {
                 Ok(resolved) => resolved,
                 Err(source) => return Err(ResolveError::Lookup { host, source }.into()),
             };
-            if resolved.is_empty() {
-                return Err(ResolveError::NoAddresses { host }.into());
-            }
-            let mut refusal = None;
-            let allowed: Vec<SocketAddr> = resolved
-                .into_iter()
-                .filter(|addr| match guard.check(addr.ip()) {
-                    Ok(()) => true,
-                    Err(refused) => {
-                        refusal.get_or_insert(refused);
-                        false
-                    }
-                })
-                .collect();
-            match refusal {
-                Some(refusal) if allowed.is_empty() => {
-                    Err(ResolveError::Refused { host, refusal }.into())
-                }
-                _ => Ok(Box::new(allowed.into_iter()) as Addrs),
+            let allowed = keep_allowed(&guard, host, resolved)?;
+            Ok(Box::new(allowed.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// Keeps the resolved addresses the guard allows; fails when there were none, or none allowed.
+fn keep_allowed(
+    guard: &Guard,
+    host: String,
+    resolved: Vec<SocketAddr>,
+) -> Result<Vec<SocketAddr>, ResolveError> {
+    if resolved.is_empty() {
+        return Err(ResolveError::NoAddresses { host });
+    }
+    let mut refusal = None;
+    let allowed: Vec<SocketAddr> = resolved
+        .into_iter()
+        .filter(|addr| match guard.check(addr.ip()) {
+            Ok(()) => true,
+            Err(refused) => {
+                refusal.get_or_insert(refused);
+                false
             }
         })
+        .collect();
+    match refusal {
+        Some(refusal) if allowed.is_empty() => Err(ResolveError::Refused { host, refusal }),
+        _ => Ok(allowed),
     }
 }
 
@@ -395,14 +403,15 @@ fn truncate_at_char_boundary(text: &mut String, max: usize) {
 }
 
 /// Tells DNS, TLS, connect and response failures apart by walking the error's source chain.
-fn classify(err: &reqwest::Error) -> Failure {
+fn classify(err: &(dyn StdError + 'static)) -> Failure {
     let chain: Vec<&(dyn StdError + 'static)> =
-        std::iter::successors(Some(err as &(dyn StdError + 'static)), |e| (*e).source())
-            .collect();
+        std::iter::successors(Some(err), |e| (*e).source()).collect();
     let root = chain.last().map(|e| e.to_string()).unwrap_or_default();
     if let Some(resolve) = chain.iter().find_map(|e| find::<ResolveError>(*e)) {
         return match resolve {
-            ResolveError::Refused { .. } => Failure::refused(format!("destination refused: {resolve}")),
+            ResolveError::Refused { .. } => {
+                Failure::refused(format!("destination refused: {resolve}"))
+            }
             ResolveError::Lookup { .. } | ResolveError::NoAddresses { .. } => {
                 Failure::new(pb::AttemptError::Dns, format!("dns: {resolve}"))
             }
@@ -411,7 +420,12 @@ fn classify(err: &reqwest::Error) -> Failure {
     if chain.iter().any(|e| find::<rustls::Error>(*e).is_some()) {
         return Failure::new(pb::AttemptError::Tls, format!("tls: {root}"));
     }
-    if err.is_timeout() {
+    let timed_out = chain.iter().any(|e| {
+        e.downcast_ref::<reqwest::Error>()
+            .is_some_and(reqwest::Error::is_timeout)
+            || find::<io::Error>(*e).is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
+    });
+    if timed_out {
         return Failure::new(pb::AttemptError::Timeout, format!("timeout: {root}"));
     }
     if let Some(hyper) = chain.iter().find_map(|e| e.downcast_ref::<hyper::Error>())

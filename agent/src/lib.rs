@@ -9,6 +9,8 @@ pub mod config;
 mod connection;
 mod deliver;
 mod guard;
+#[cfg(test)]
+mod testing;
 
 use std::path::PathBuf;
 use std::sync::Arc;

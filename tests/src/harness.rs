@@ -1,0 +1,343 @@
+//! Control planes and agents for tests: in-process through the library's `start`, or as child
+//! processes of the workspace's binaries (for SIGKILL), on a fresh SQLite file or a fresh
+//! PostgreSQL database that is dropped afterwards.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use herald_client::HeraldClient;
+use herald_control_plane::config::Config;
+use sea_orm::{ConnectionTrait, Database};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// The PostgreSQL server of this machine.
+pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const PG_PREFIX: &str = "herald_test_";
+
+/// Where a control plane keeps its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A database made for one test.
+pub struct TestDatabase {
+    pub url: String,
+    pg_name: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDatabase {
+    pub async fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let url = format!("sqlite://{}", dir.path().join("herald.db").display());
+                Self { url, pg_name: None, _dir: Some(dir) }
+            }
+            Backend::Postgres => {
+                let admin = Database::connect(PG_ADMIN_URL).await.unwrap_or_else(|err| {
+                    panic!(
+                        "PostgreSQL at 127.0.0.1:5432 is unreachable ({err}); start it with \
+                         `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
+                    )
+                });
+                drop_stale_databases(&admin).await;
+                let now = chrono::Utc::now().timestamp();
+                let name = format!("{PG_PREFIX}{now}_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
+                admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await.unwrap();
+                let _ = admin.close().await;
+                Self {
+                    url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
+                    pg_name: Some(name),
+                    _dir: None,
+                }
+            }
+        }
+    }
+
+    /// The SQLite file, when on SQLite.
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        herald_control_plane::storage::parse_sqlite_path(&self.url).filter(|_| self.pg_name.is_none())
+    }
+
+    /// Drops the PostgreSQL database (SQLite files go with their temp dir).
+    pub async fn drop_database(&mut self) {
+        if let Some(name) = self.pg_name.take()
+            && let Ok(admin) = Database::connect(PG_ADMIN_URL).await
+        {
+            let _ = admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+            let _ = admin.close().await;
+        }
+    }
+}
+
+/// Drops test databases left by runs that died more than three hours ago.
+async fn drop_stale_databases(admin: &sea_orm::DatabaseConnection) {
+    let rows = admin
+        .query_all_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            format!("SELECT datname FROM pg_database WHERE datname LIKE '{PG_PREFIX}%'"),
+        ))
+        .await
+        .unwrap_or_default();
+    let cutoff = chrono::Utc::now().timestamp() - 3 * 3600;
+    for row in rows {
+        let Ok(name) = row.try_get_by_index::<String>(0) else { continue };
+        let created = name
+            .strip_prefix(PG_PREFIX)
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|secs| secs.parse::<i64>().ok());
+        if created.is_some_and(|secs| secs < cutoff) {
+            let _ = admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+        }
+    }
+}
+
+/// Builds a control plane for a test.
+#[derive(Clone)]
+pub struct HeraldBuilder {
+    backend: Backend,
+    builtin_agent: bool,
+    pub config: Config,
+}
+
+/// A control plane under test.
+pub struct Herald {
+    pub addr: SocketAddr,
+    pub admin_token: String,
+    pub agent_token: String,
+    pub database: TestDatabase,
+    pub running: Option<herald_control_plane::Running>,
+    pub config: Config,
+}
+
+pub const ADMIN_TOKEN: &str = "hrld_test_admin_token_0123456789";
+pub const AGENT_TOKEN: &str = "hrla_test_agent_token_0123456789";
+
+impl HeraldBuilder {
+    pub fn new(backend: Backend) -> Self {
+        let config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_token: Some(ADMIN_TOKEN.into()),
+            agent_token: Some(AGENT_TOKEN.into()),
+            builtin_agent: true,
+            retry_schedule: vec![Duration::from_millis(100), Duration::from_millis(200)],
+            lease_grace: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(5),
+            ..Config::default()
+        };
+        Self { backend, builtin_agent: true, config }
+    }
+
+    /// Without the built-in agent (the test runs its own).
+    pub fn no_builtin_agent(mut self) -> Self {
+        self.builtin_agent = false;
+        self
+    }
+
+    pub fn configure(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        f(&mut self.config);
+        self
+    }
+
+    /// Starts the control plane in this process.
+    pub async fn start(self) -> Herald {
+        let database = TestDatabase::new(self.backend).await;
+        self.start_on(database).await
+    }
+
+    /// Starts the control plane in this process on an existing database.
+    pub async fn start_on(self, database: TestDatabase) -> Herald {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut config = self.config;
+        config.database_url = database.url.clone();
+        config.builtin_agent = self.builtin_agent;
+        let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+        let running = herald_control_plane::start(config.clone(), listener).await.unwrap();
+        Herald {
+            addr: running.addr,
+            admin_token: ADMIN_TOKEN.into(),
+            agent_token: AGENT_TOKEN.into(),
+            database,
+            running: Some(running),
+            config,
+        }
+    }
+}
+
+impl Herald {
+    pub fn builder(backend: Backend) -> HeraldBuilder {
+        HeraldBuilder::new(backend)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A client with the admin token.
+    pub fn admin(&self) -> HeraldClient {
+        HeraldClient::connect(&self.url(), &self.admin_token).unwrap()
+    }
+
+    /// A client with any token.
+    pub fn client(&self, token: &str) -> HeraldClient {
+        HeraldClient::connect(&self.url(), token).unwrap()
+    }
+
+    /// Creates a tenant and a token for it; returns (tenant id, tenant client).
+    pub async fn tenant(&self, name: &str) -> (String, HeraldClient) {
+        use herald_client::v1 as pb;
+        let admin = self.admin();
+        let tenant = admin
+            .admin()
+            .create_tenant(pb::CreateTenantRequest { name: name.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let token = admin
+            .admin()
+            .create_token(pb::CreateTokenRequest { tenant_id: tenant.id.clone(), name: "test".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        (tenant.id, self.client(&token.token))
+    }
+
+    /// Stops the control plane gracefully and drops its database.
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown();
+            running.wait().await.unwrap();
+        }
+        self.database.drop_database().await;
+    }
+}
+
+/// Returns the directory holding the workspace's binaries (built by `cargo build --workspace --bins`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/debug/deps/e2e-… -> target/debug
+    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+/// Returns the path of a workspace binary, or panics saying how to build it.
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// A child process of a workspace binary.
+pub struct Child {
+    pub child: tokio::process::Child,
+    pub addr: Option<SocketAddr>,
+    pub stderr_log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Child {
+    /// Kills the process with SIGKILL and reaps it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+        }
+        self.child.wait().await.unwrap()
+    }
+
+    pub fn logs(&self) -> String {
+        self.stderr_log.lock().unwrap().clone()
+    }
+}
+
+/// Starts `herald-control-plane` with `env` (and no other HERALD_* variable), and waits for its
+/// listening line.
+pub async fn spawn_control_plane(env: &[(&str, String)]) -> Child {
+    let mut command = tokio::process::Command::new(binary("herald-control-plane"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("HERALD_") {
+            command.env_remove(key);
+        }
+    }
+    command.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    command.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    let mut child = command.spawn().unwrap();
+    let stderr_log = capture(child.stderr.take().unwrap());
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(rest) = line.strip_prefix("herald control plane listening on http://") {
+                return rest.trim().parse::<SocketAddr>().ok();
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten();
+    let Some(addr) = addr else {
+        let _ = child.start_kill();
+        panic!("control plane did not start: {}", stderr_log.lock().unwrap());
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Child { child, addr: Some(addr), stderr_log }
+}
+
+/// Starts `herald-agent` with `env`.
+pub fn spawn_agent(env: &[(&str, String)]) -> Child {
+    let mut command = tokio::process::Command::new(binary("herald-agent"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("HERALD_") {
+            command.env_remove(key);
+        }
+    }
+    command.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    command.stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+    let mut child = command.spawn().unwrap();
+    let stderr_log = capture(child.stderr.take().unwrap());
+    Child { child, addr: None, stderr_log }
+}
+
+fn capture(stderr: tokio::process::ChildStderr) -> std::sync::Arc<std::sync::Mutex<String>> {
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    log
+}
+
+/// Runs an async test body once per backend.
+#[macro_export]
+macro_rules! both_backends {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::Backend::Sqlite).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name($crate::Backend::Postgres).await;
+            }
+        }
+    };
+}

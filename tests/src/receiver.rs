@@ -1,0 +1,151 @@
+//! A recording HTTP receiver on 127.0.0.1: answers with scripted statuses and keeps every request.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::Notify;
+
+/// One request as received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub at: std::time::Instant,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// What the receiver answers.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// Held open this long before answering.
+    pub delay: Duration,
+}
+
+impl From<u16> for Reply {
+    fn from(status: u16) -> Self {
+        Self { status, headers: Vec::new(), delay: Duration::ZERO }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    received: Mutex<Vec<Received>>,
+    script: Mutex<VecDeque<Reply>>,
+    default: Mutex<Option<Reply>>,
+    in_flight: Mutex<(u32, u32)>,
+    notify: Notify,
+}
+
+/// A running receiver; dropped, it stops.
+#[derive(Clone)]
+pub struct Receiver {
+    pub addr: SocketAddr,
+    inner: Arc<Inner>,
+    _stop: Arc<tokio_util::sync::DropGuard>,
+}
+
+async fn handle(State(inner): State<Arc<Inner>>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let reply = {
+        let scripted = inner.script.lock().unwrap().pop_front();
+        scripted.or_else(|| inner.default.lock().unwrap().clone()).unwrap_or_else(|| 200.into())
+    };
+    {
+        let mut flight = inner.in_flight.lock().unwrap();
+        flight.0 += 1;
+        flight.1 = flight.1.max(flight.0);
+    }
+    inner.received.lock().unwrap().push(Received {
+        path: uri.path().to_owned(),
+        headers,
+        body,
+        at: std::time::Instant::now(),
+    });
+    inner.notify.notify_waiters();
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    inner.in_flight.lock().unwrap().0 -= 1;
+    let mut response = (StatusCode::from_u16(reply.status).unwrap(), "ok").into_response();
+    for (name, value) in reply.headers {
+        response.headers_mut().insert(
+            axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    response
+}
+
+impl Receiver {
+    /// Starts a receiver answering 200 to everything.
+    pub async fn start() -> Self {
+        let inner = Arc::new(Inner::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().fallback(handle).with_state(inner.clone());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).with_graceful_shutdown(stopped.cancelled_owned()).await;
+        });
+        Self { addr, inner, _stop: Arc::new(stop.drop_guard()) }
+    }
+
+    /// Answers the next requests with these replies, then with the default.
+    pub fn script(&self, replies: impl IntoIterator<Item = impl Into<Reply>>) -> &Self {
+        self.inner.script.lock().unwrap().extend(replies.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets the reply once the script is spent.
+    pub fn default_reply(&self, reply: impl Into<Reply>) -> &Self {
+        *self.inner.default.lock().unwrap() = Some(reply.into());
+        self
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.inner.received.lock().unwrap().clone()
+    }
+
+    /// Returns the most requests that were open at once.
+    pub fn max_concurrent(&self) -> u32 {
+        self.inner.in_flight.lock().unwrap().1
+    }
+
+    /// Returns requests open right now.
+    pub fn open_now(&self) -> u32 {
+        self.inner.in_flight.lock().unwrap().0
+    }
+
+    /// Waits until `n` requests arrived (on `path` if given), or panics after `timeout`.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.inner.notify.notified();
+            let got = self.received();
+            if got.len() >= n {
+                return got;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("timed out after {timeout:?}: {} of {n} requests arrived", self.received().len());
+            }
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! End-to-end tests: real gRPC over real sockets, real receivers on 127.0.0.1, SQLite files and
+//! PostgreSQL databases made per test.
+
+mod api;
+mod delivery;
