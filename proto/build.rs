@@ -17,7 +17,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for file in &files {
         println!("cargo:rerun-if-changed={file}");
     }
-    let descriptors = protox::compile(files, ["."])?;
+    // Imports (google/protobuf/timestamp.proto) are included, so reflection clients can
+    // resolve every type from what the server sends.
+    let descriptors = protox::Compiler::new(["."])?
+        .include_imports(true)
+        .include_source_info(true)
+        .open_files(files)?
+        .file_descriptor_set();
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(
         out_dir.join("herald_descriptor.bin"),

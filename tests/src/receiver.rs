@@ -18,6 +18,8 @@ pub struct Received {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub at: std::time::Instant,
+    /// The status this request was answered with.
+    pub status: u16,
 }
 
 impl Received {
@@ -58,27 +60,43 @@ pub struct Receiver {
     _stop: Arc<tokio_util::sync::DropGuard>,
 }
 
+/// Counts a request as open until dropped, also when the client goes away mid-request and the
+/// handler is dropped with it.
+struct Open<'a>(&'a Inner);
+
+impl<'a> Open<'a> {
+    fn new(inner: &'a Inner) -> Self {
+        let mut flight = inner.in_flight.lock().unwrap();
+        flight.0 += 1;
+        flight.1 = flight.1.max(flight.0);
+        Self(inner)
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.lock().unwrap().0 -= 1;
+    }
+}
+
 async fn handle(State(inner): State<Arc<Inner>>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
     let reply = {
         let scripted = inner.script.lock().unwrap().pop_front();
         scripted.or_else(|| inner.default.lock().unwrap().clone()).unwrap_or_else(|| 200.into())
     };
-    {
-        let mut flight = inner.in_flight.lock().unwrap();
-        flight.0 += 1;
-        flight.1 = flight.1.max(flight.0);
-    }
+    let open = Open::new(&inner);
     inner.received.lock().unwrap().push(Received {
         path: uri.path().to_owned(),
         headers,
         body,
         at: std::time::Instant::now(),
+        status: reply.status,
     });
     inner.notify.notify_waiters();
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
-    inner.in_flight.lock().unwrap().0 -= 1;
+    drop(open);
     let mut response = (StatusCode::from_u16(reply.status).unwrap(), "ok").into_response();
     for (name, value) in reply.headers {
         response.headers_mut().insert(

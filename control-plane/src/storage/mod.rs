@@ -158,6 +158,11 @@ impl Store {
         self.commits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Returns how many events and deliveries are stored (tests and benchmarks).
+    pub async fn row_counts(&self) -> Result<(u64, u64), Error> {
+        Ok((events::count(&self.db).await?, deliveries::count(&self.db).await?))
+    }
+
     pub fn backend(&self) -> DbBackend {
         self.db.get_database_backend()
     }
