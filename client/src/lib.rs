@@ -30,7 +30,9 @@ pub struct Bearer(Option<MetadataValue<Ascii>>);
 impl Interceptor for Bearer {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(value) = &self.0 {
-            request.metadata_mut().insert("authorization", value.clone());
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
         }
         Ok(request)
     }
@@ -81,7 +83,11 @@ impl HeraldClient {
         let bearer = if token.is_empty() {
             Bearer(None)
         } else {
-            Bearer(Some(format!("Bearer {token}").parse().map_err(|_| Error::Token)?))
+            Bearer(Some(
+                format!("Bearer {token}")
+                    .parse()
+                    .map_err(|_| Error::Token)?,
+            ))
         };
         Ok(Self {
             channel: endpoint.connect_lazy(),
@@ -95,21 +101,35 @@ impl HeraldClient {
     }
 
     pub fn admin(&self) -> pb::admin_service_client::AdminServiceClient<Authed> {
-        pb::admin_service_client::AdminServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+        pb::admin_service_client::AdminServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.bearer.clone(),
+        )
     }
 
-    pub fn subscriptions(&self) -> pb::subscription_service_client::SubscriptionServiceClient<Authed> {
-        pb::subscription_service_client::SubscriptionServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+    pub fn subscriptions(
+        &self,
+    ) -> pb::subscription_service_client::SubscriptionServiceClient<Authed> {
+        pb::subscription_service_client::SubscriptionServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.bearer.clone(),
+        )
     }
 
     pub fn events(&self) -> pb::event_service_client::EventServiceClient<Authed> {
-        pb::event_service_client::EventServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(256 << 20)
+        pb::event_service_client::EventServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.bearer.clone(),
+        )
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(256 << 20)
     }
 
     pub fn deliveries(&self) -> pb::delivery_service_client::DeliveryServiceClient<Authed> {
-        pb::delivery_service_client::DeliveryServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+        pb::delivery_service_client::DeliveryServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.bearer.clone(),
+        )
     }
 
     /// Runs an idempotent call, retrying with backoff while it fails with `UNAVAILABLE`.
@@ -126,7 +146,10 @@ impl HeraldClient {
                 .unwrap_or_else(|_| Err(Status::deadline_exceeded("the call timed out")));
             match result {
                 Ok(response) => return Ok(response.into_inner()),
-                Err(status) if status.code() == Code::Unavailable && attempt < self.options.max_attempts => {
+                Err(status)
+                    if status.code() == Code::Unavailable
+                        && attempt < self.options.max_attempts =>
+                {
                     let jitter = rand::random_range(0.8..1.2);
                     tokio::time::sleep(delay.mul_f64(jitter)).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
@@ -138,7 +161,10 @@ impl HeraldClient {
     }
 
     /// Publishes one event; with no idempotency key it makes one, so its retries are safe.
-    pub async fn publish(&self, mut request: pb::PublishEventRequest) -> Result<pb::PublishEventResponse, Status> {
+    pub async fn publish(
+        &self,
+        mut request: pb::PublishEventRequest,
+    ) -> Result<pb::PublishEventResponse, Status> {
         if request.idempotency_key.is_empty() {
             request.idempotency_key = new_idempotency_key();
         }
@@ -150,7 +176,10 @@ impl HeraldClient {
     }
 
     /// Publishes up to 500 events, all or nothing, with a key on each.
-    pub async fn publish_many(&self, mut request: pb::PublishEventsRequest) -> Result<pb::PublishEventsResponse, Status> {
+    pub async fn publish_many(
+        &self,
+        mut request: pb::PublishEventsRequest,
+    ) -> Result<pb::PublishEventsResponse, Status> {
         for event in &mut request.events {
             if event.idempotency_key.is_empty() {
                 event.idempotency_key = new_idempotency_key();
@@ -166,7 +195,10 @@ impl HeraldClient {
 
 /// Returns a fresh idempotency key.
 pub fn new_idempotency_key() -> String {
-    format!("idem_{}", ulid::Ulid::new().to_string().to_ascii_lowercase())
+    format!(
+        "idem_{}",
+        ulid::Ulid::new().to_string().to_ascii_lowercase()
+    )
 }
 
 fn endpoint(addr: &str, options: &Options) -> Result<Endpoint, Error> {

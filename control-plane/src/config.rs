@@ -121,10 +121,21 @@ pub struct Config {
 
 /// The default retry schedule of SPEC 5: 5 s, 30 s, 2 min, 10 min, 30 min, 1 h, 3 h, 6 h, 12 h, 24 h.
 pub fn default_retry_schedule() -> Vec<Duration> {
-    [5, 30, 120, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600]
-        .into_iter()
-        .map(Duration::from_secs)
-        .collect()
+    [
+        5,
+        30,
+        120,
+        600,
+        1800,
+        3600,
+        3 * 3600,
+        6 * 3600,
+        12 * 3600,
+        24 * 3600,
+    ]
+    .into_iter()
+    .map(Duration::from_secs)
+    .collect()
 }
 
 impl Config {
@@ -166,10 +177,12 @@ impl Config {
 
     /// Validates raw settings into typed values.
     pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
-        let listen = raw
-            .listen
-            .parse()
-            .map_err(|_| ConfigError::new("HERALD_LISTEN", "not a socket address such as 127.0.0.1:50051"))?;
+        let listen = raw.listen.parse().map_err(|_| {
+            ConfigError::new(
+                "HERALD_LISTEN",
+                "not a socket address such as 127.0.0.1:50051",
+            )
+        })?;
         let database_url = raw.database_url.trim().to_owned();
         if !(database_url.starts_with("sqlite:")
             || database_url.starts_with("postgres://")
@@ -252,7 +265,10 @@ pub fn parse_log_format(value: &str) -> Result<LogFormat, ConfigError> {
     match value {
         "text" | "" => Ok(LogFormat::Text),
         "json" => Ok(LogFormat::Json),
-        _ => Err(ConfigError::new("HERALD_LOG_FORMAT", "must be text or json")),
+        _ => Err(ConfigError::new(
+            "HERALD_LOG_FORMAT",
+            "must be text or json",
+        )),
     }
 }
 
@@ -268,8 +284,12 @@ fn optional_addr(key: &str, value: Option<String>) -> Result<Option<SocketAddr>,
 
 /// Parses a duration such as `100ms`, `30s`, `5d`.
 pub fn parse_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(value.trim())
-        .map_err(|_| ConfigError::new(key, format!("{value:?} is not a duration such as 30s, 5m or 2d")))
+    humantime::parse_duration(value.trim()).map_err(|_| {
+        ConfigError::new(
+            key,
+            format!("{value:?} is not a duration such as 30s, 5m or 2d"),
+        )
+    })
 }
 
 /// Parses a size such as `256KiB`, `1MiB`, `4096`.
@@ -283,7 +303,12 @@ pub fn parse_size(key: &str, value: &str) -> Result<usize, ConfigError> {
         "" | "b" => 1,
         "kib" | "k" | "kb" => 1024,
         "mib" | "m" | "mb" => 1024 * 1024,
-        _ => return Err(ConfigError::new(key, format!("{value:?} is not a size such as 256KiB"))),
+        _ => {
+            return Err(ConfigError::new(
+                key,
+                format!("{value:?} is not a size such as 256KiB"),
+            ));
+        }
     };
     digits
         .parse::<usize>()
@@ -320,20 +345,44 @@ mod tests {
     #[test]
     fn bad_values_name_their_setting() {
         let bad = |raw: RawConfig| Config::from_raw(raw).unwrap_err().key;
-        assert_eq!(bad(RawConfig { listen: "nope".into(), ..Default::default() }), "HERALD_LISTEN");
         assert_eq!(
-            bad(RawConfig { retry_schedule: Some("100ms,x".into()), ..Default::default() }),
+            bad(RawConfig {
+                listen: "nope".into(),
+                ..Default::default()
+            }),
+            "HERALD_LISTEN"
+        );
+        assert_eq!(
+            bad(RawConfig {
+                retry_schedule: Some("100ms,x".into()),
+                ..Default::default()
+            }),
             "HERALD_RETRY_SCHEDULE"
         );
-        assert_eq!(bad(RawConfig { max_payload: "lots".into(), ..Default::default() }), "HERALD_MAX_PAYLOAD");
-        assert_eq!(bad(RawConfig { master_key: Some("c2hvcnQ=".into()), ..Default::default() }), "HERALD_MASTER_KEY");
+        assert_eq!(
+            bad(RawConfig {
+                max_payload: "lots".into(),
+                ..Default::default()
+            }),
+            "HERALD_MAX_PAYLOAD"
+        );
+        assert_eq!(
+            bad(RawConfig {
+                master_key: Some("c2hvcnQ=".into()),
+                ..Default::default()
+            }),
+            "HERALD_MASTER_KEY"
+        );
     }
 
     #[test]
     fn sizes_and_schedules_parse() {
         assert_eq!(parse_size("k", "256KiB").unwrap(), 262_144);
         assert_eq!(parse_size("k", "4096").unwrap(), 4096);
-        let raw = RawConfig { retry_schedule: Some("100ms,200ms".into()), ..Default::default() };
+        let raw = RawConfig {
+            retry_schedule: Some("100ms,200ms".into()),
+            ..Default::default()
+        };
         assert_eq!(
             Config::from_raw(raw).unwrap().retry_schedule,
             vec![Duration::from_millis(100), Duration::from_millis(200)]

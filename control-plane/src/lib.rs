@@ -50,7 +50,11 @@ impl Running {
 }
 
 /// Runs a control plane until `shutdown` is cancelled.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let running = start(config, listener).await?;
     shutdown.cancelled().await;
     running.shutdown();
@@ -68,13 +72,18 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     })
     .await?;
     if !store.sealer.has_key() {
-        tracing::warn!("HERALD_MASTER_KEY is not set: receiver API keys and signing secrets are stored in clear");
+        tracing::warn!(
+            "HERALD_MASTER_KEY is not set: receiver API keys and signing secrets are stored in clear"
+        );
     }
     if sqlite {
         // One replica per SQLite file: leases of a previous process died with it.
         let released = storage::deliveries::release_all(&store.writer, chrono::Utc::now()).await?;
         if released > 0 {
-            tracing::info!(released, "re-queued deliveries in flight at the previous stop");
+            tracing::info!(
+                released,
+                "re-queued deliveries in flight at the previous stop"
+            );
         }
     }
     let replica_id = format!("cp-{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
@@ -99,13 +108,19 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     );
     let scheduler_stop = CancellationToken::new();
     tasks.spawn(scheduler.run(scheduler_stop.clone()));
-    let publisher = service::publish::Publisher::start(store.clone(), dispatcher.clone(), if sqlite { 1 } else { 4 }, &mut tasks);
+    let publisher = service::publish::Publisher::start(
+        store.clone(),
+        dispatcher.clone(),
+        if sqlite { 1 } else { 4 },
+        &mut tasks,
+    );
     let auth = service::auth::Auth::new(store.clone(), config.admin_token.as_deref());
     let generated_admin_token = auth.bootstrap_admin().await?;
     let (agent_token, generated_agent_token) = match &config.agent_token {
         Some(token) => (token.clone(), None),
         None => {
-            let token = service::auth::new_token().replacen(service::auth::TOKEN_PREFIX, "hrla_", 1);
+            let token =
+                service::auth::new_token().replacen(service::auth::TOKEN_PREFIX, "hrla_", 1);
             (token.clone(), Some(token))
         }
     };
@@ -122,10 +137,15 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         records,
     };
 
-    let api = grpc::Api::new(services.clone(), (config.max_payload_bytes * 500 + (1 << 20)).min(256 << 20));
+    let api = grpc::Api::new(
+        services.clone(),
+        (config.max_payload_bytes * 500 + (1 << 20)).min(256 << 20),
+    );
     let agent_api = grpc::AgentApi::new(&agent_token, dispatcher.clone(), replica_id);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<herald_proto::v1::event_service_server::EventServiceServer<grpc::EventApi>>().await;
+    health_reporter
+        .set_serving::<herald_proto::v1::event_service_server::EventServiceServer<grpc::EventApi>>()
+        .await;
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
@@ -173,7 +193,9 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             ..herald_agent::Config::default()
         };
         let stop = agent_stop.clone();
-        Some(tokio::spawn(async move { herald_agent::run(agent_config, stop).await }))
+        Some(tokio::spawn(async move {
+            herald_agent::run(agent_config, stop).await
+        }))
     } else {
         None
     };
@@ -185,7 +207,10 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         tracing::info!("shutting down: draining agents");
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let deadline = tokio::time::Instant::now() + grace;
-        if dispatcher.send(dispatch::Command::Drain { deadline, done: done_tx }) {
+        if dispatcher.send(dispatch::Command::Drain {
+            deadline,
+            done: done_tx,
+        }) {
             let _ = tokio::time::timeout(grace + std::time::Duration::from_secs(1), done_rx).await;
         }
         agent_stop.cancel();

@@ -90,7 +90,9 @@ fn init_tracing(format: LogFormat) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -113,7 +115,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         println!("  export HERALD_ADDR=http://{addr} HERALD_TOKEN={token}");
     }
     if let Some(token) = &running.generated_agent_token {
-        println!("agent token for remote agents (HERALD_AGENT_TOKEN; generated for this run): {token}");
+        println!(
+            "agent token for remote agents (HERALD_AGENT_TOKEN; generated for this run): {token}"
+        );
     }
     println!("next: herald tenants create --name acme   (see README.md)");
     wait_for_signal().await;
@@ -137,12 +141,13 @@ async fn wait_for_signal() {
 }
 
 async fn reset_admin_token(config: Config) -> anyhow::Result<()> {
-    let store = herald_control_plane::storage::Store::open(herald_control_plane::storage::StoreOptions {
-        url: config.database_url.clone(),
-        max_connections: 1,
-        master_key: config.master_key,
-    })
-    .await?;
+    let store =
+        herald_control_plane::storage::Store::open(herald_control_plane::storage::StoreOptions {
+            url: config.database_url.clone(),
+            max_connections: 1,
+            master_key: config.master_key,
+        })
+        .await?;
     let auth = herald_control_plane::service::auth::Auth::new(store.clone(), None);
     let token = auth.reset_admin().await?;
     store.close().await;

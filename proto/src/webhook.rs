@@ -40,9 +40,7 @@ impl Secret {
     /// Parses `whsec_<base64>` (a bare base64 string is accepted too, as other libraries do).
     pub fn parse(text: &str) -> Result<Self, Error> {
         let encoded = text.strip_prefix(SECRET_PREFIX).unwrap_or(text);
-        let key = BASE64
-            .decode(encoded)
-            .map_err(|_| Error::MalformedSecret)?;
+        let key = BASE64.decode(encoded).map_err(|_| Error::MalformedSecret)?;
         if key.is_empty() {
             return Err(Error::MalformedSecret);
         }
@@ -144,7 +142,10 @@ mod tests {
     #[test]
     fn matches_the_standard_webhooks_test_vector() {
         let secret = Secret::parse(SPEC_SECRET).unwrap();
-        assert_eq!(secret.sign(SPEC_ID, SPEC_TIMESTAMP, SPEC_BODY), SPEC_SIGNATURE);
+        assert_eq!(
+            secret.sign(SPEC_ID, SPEC_TIMESTAMP, SPEC_BODY),
+            SPEC_SIGNATURE
+        );
     }
 
     #[test]
@@ -171,7 +172,15 @@ mod tests {
         let stranger = Secret::from_bytes(b"stranger".to_vec());
         let header = signature_header([&new, &old], "evt_1", 1000, b"{}");
         let check = |secret: &Secret| {
-            verify(secret, Some("evt_1"), Some("1000"), Some(&header), b"{}", 1010, 300)
+            verify(
+                secret,
+                Some("evt_1"),
+                Some("1000"),
+                Some(&header),
+                b"{}",
+                1010,
+                300,
+            )
         };
         assert_eq!(check(&old), Ok(()));
         assert_eq!(check(&new), Ok(()));
@@ -183,7 +192,15 @@ mod tests {
         let key = Secret::from_bytes(b"k".to_vec());
         let sig = key.sign("evt_1", 1000, b"{}");
         assert_eq!(
-            verify(&key, Some("evt_1"), Some("1000"), Some(&sig), b"{}", 2000, 300),
+            verify(
+                &key,
+                Some("evt_1"),
+                Some("1000"),
+                Some(&sig),
+                b"{}",
+                2000,
+                300
+            ),
             Err(Error::TimestampOutOfTolerance)
         );
         assert_eq!(

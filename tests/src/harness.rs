@@ -36,7 +36,11 @@ impl TestDatabase {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().unwrap();
                 let url = format!("sqlite://{}", dir.path().join("herald.db").display());
-                Self { url, pg_name: None, _dir: Some(dir) }
+                Self {
+                    url,
+                    pg_name: None,
+                    _dir: Some(dir),
+                }
             }
             Backend::Postgres => {
                 let admin = Database::connect(PG_ADMIN_URL).await.unwrap_or_else(|err| {
@@ -47,8 +51,14 @@ impl TestDatabase {
                 });
                 drop_stale_databases(&admin).await;
                 let now = chrono::Utc::now().timestamp();
-                let name = format!("{PG_PREFIX}{now}_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
-                admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await.unwrap();
+                let name = format!(
+                    "{PG_PREFIX}{now}_{}",
+                    ulid::Ulid::new().to_string().to_ascii_lowercase()
+                );
+                admin
+                    .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .unwrap();
                 let _ = admin.close().await;
                 Self {
                     url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
@@ -61,7 +71,8 @@ impl TestDatabase {
 
     /// The SQLite file, when on SQLite.
     pub fn sqlite_path(&self) -> Option<PathBuf> {
-        herald_control_plane::storage::parse_sqlite_path(&self.url).filter(|_| self.pg_name.is_none())
+        herald_control_plane::storage::parse_sqlite_path(&self.url)
+            .filter(|_| self.pg_name.is_none())
     }
 
     /// Drops the PostgreSQL database (SQLite files go with their temp dir).
@@ -69,7 +80,9 @@ impl TestDatabase {
         if let Some(name) = self.pg_name.take()
             && let Ok(admin) = Database::connect(PG_ADMIN_URL).await
         {
-            let _ = admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+            let _ = admin
+                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
             let _ = admin.close().await;
         }
     }
@@ -86,13 +99,17 @@ async fn drop_stale_databases(admin: &sea_orm::DatabaseConnection) {
         .unwrap_or_default();
     let cutoff = chrono::Utc::now().timestamp() - 3 * 3600;
     for row in rows {
-        let Ok(name) = row.try_get_by_index::<String>(0) else { continue };
+        let Ok(name) = row.try_get_by_index::<String>(0) else {
+            continue;
+        };
         let created = name
             .strip_prefix(PG_PREFIX)
             .and_then(|rest| rest.split('_').next())
             .and_then(|secs| secs.parse::<i64>().ok());
         if created.is_some_and(|secs| secs < cutoff) {
-            let _ = admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+            let _ = admin
+                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
         }
     }
 }
@@ -130,7 +147,11 @@ impl HeraldBuilder {
             shutdown_grace: Duration::from_secs(5),
             ..Config::default()
         };
-        Self { backend, builtin_agent: true, config }
+        Self {
+            backend,
+            builtin_agent: true,
+            config,
+        }
     }
 
     /// Without the built-in agent (the test runs its own).
@@ -157,7 +178,9 @@ impl HeraldBuilder {
         config.database_url = database.url.clone();
         config.builtin_agent = self.builtin_agent;
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
-        let running = herald_control_plane::start(config.clone(), listener).await.unwrap();
+        let running = herald_control_plane::start(config.clone(), listener)
+            .await
+            .unwrap();
         Herald {
             addr: running.addr,
             admin_token: ADMIN_TOKEN.into(),
@@ -200,7 +223,10 @@ impl Herald {
             .into_inner();
         let token = admin
             .admin()
-            .create_token(pb::CreateTokenRequest { tenant_id: tenant.id.clone(), name: "test".into() })
+            .create_token(pb::CreateTokenRequest {
+                tenant_id: tenant.id.clone(),
+                name: "test".into(),
+            })
             .await
             .unwrap()
             .into_inner();
@@ -252,7 +278,10 @@ impl Child {
     /// Sends SIGTERM and waits for the exit.
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
         if let Some(pid) = self.child.id() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
         self.child.wait().await.unwrap()
     }
@@ -272,7 +301,10 @@ pub async fn spawn_control_plane(env: &[(&str, String)]) -> Child {
         }
     }
     command.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
-    command.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
     let mut child = command.spawn().unwrap();
     let stderr_log = capture(child.stderr.take().unwrap());
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -289,11 +321,18 @@ pub async fn spawn_control_plane(env: &[(&str, String)]) -> Child {
     .flatten();
     let Some(addr) = addr else {
         let _ = child.start_kill();
-        panic!("control plane did not start: {}", stderr_log.lock().unwrap());
+        panic!(
+            "control plane did not start: {}",
+            stderr_log.lock().unwrap()
+        );
     };
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Child { child, addr: Some(addr), stderr_log }
+    Child {
+        child,
+        addr: Some(addr),
+        stderr_log,
+    }
 }
 
 /// Starts `herald-agent` with `env`.
@@ -305,10 +344,17 @@ pub fn spawn_agent(env: &[(&str, String)]) -> Child {
         }
     }
     command.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
-    command.stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+    command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
     let mut child = command.spawn().unwrap();
     let stderr_log = capture(child.stderr.take().unwrap());
-    Child { child, addr: None, stderr_log }
+    Child {
+        child,
+        addr: None,
+        stderr_log,
+    }
 }
 
 fn capture(stderr: tokio::process::ChildStderr) -> std::sync::Arc<std::sync::Mutex<String>> {

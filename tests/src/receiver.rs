@@ -39,7 +39,11 @@ pub struct Reply {
 
 impl From<u16> for Reply {
     fn from(status: u16) -> Self {
-        Self { status, headers: Vec::new(), delay: Duration::ZERO }
+        Self {
+            status,
+            headers: Vec::new(),
+            delay: Duration::ZERO,
+        }
     }
 }
 
@@ -79,10 +83,17 @@ impl Drop for Open<'_> {
     }
 }
 
-async fn handle(State(inner): State<Arc<Inner>>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(inner): State<Arc<Inner>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let reply = {
         let scripted = inner.script.lock().unwrap().pop_front();
-        scripted.or_else(|| inner.default.lock().unwrap().clone()).unwrap_or_else(|| 200.into())
+        scripted
+            .or_else(|| inner.default.lock().unwrap().clone())
+            .unwrap_or_else(|| 200.into())
     };
     let open = Open::new(&inner);
     inner.received.lock().unwrap().push(Received {
@@ -113,18 +124,30 @@ impl Receiver {
         let inner = Arc::new(Inner::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = axum::Router::new().fallback(handle).with_state(inner.clone());
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(inner.clone());
         let stop = tokio_util::sync::CancellationToken::new();
         let stopped = stop.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app).with_graceful_shutdown(stopped.cancelled_owned()).await;
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stopped.cancelled_owned())
+                .await;
         });
-        Self { addr, inner, _stop: Arc::new(stop.drop_guard()) }
+        Self {
+            addr,
+            inner,
+            _stop: Arc::new(stop.drop_guard()),
+        }
     }
 
     /// Answers the next requests with these replies, then with the default.
     pub fn script(&self, replies: impl IntoIterator<Item = impl Into<Reply>>) -> &Self {
-        self.inner.script.lock().unwrap().extend(replies.into_iter().map(Into::into));
+        self.inner
+            .script
+            .lock()
+            .unwrap()
+            .extend(replies.into_iter().map(Into::into));
         self
     }
 
@@ -162,7 +185,10 @@ impl Receiver {
                 return got;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                panic!("timed out after {timeout:?}: {} of {n} requests arrived", self.received().len());
+                panic!(
+                    "timed out after {timeout:?}: {} of {n} requests arrived",
+                    self.received().len()
+                );
             }
         }
     }

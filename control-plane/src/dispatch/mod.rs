@@ -30,7 +30,9 @@ impl Handle {
 
     /// Tells the scheduler a subscription changed (its cached copy is stale).
     pub fn subscription_changed(&self, id: &str) {
-        let _ = self.commands.send(Command::SubscriptionChanged(id.to_owned()));
+        let _ = self
+            .commands
+            .send(Command::SubscriptionChanged(id.to_owned()));
     }
 
     /// Asks the scheduler to look for due work now.

@@ -28,17 +28,28 @@ pub struct Registry {
 
 impl Registry {
     pub fn upsert(&self, key: u64, info: AgentInfo) {
-        self.agents.write().unwrap_or_else(|e| e.into_inner()).insert(key, info);
+        self.agents
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, info);
     }
 
     pub fn update(&self, key: u64, f: impl FnOnce(&mut AgentInfo)) {
-        if let Some(info) = self.agents.write().unwrap_or_else(|e| e.into_inner()).get_mut(&key) {
+        if let Some(info) = self
+            .agents
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&key)
+        {
             f(info);
         }
     }
 
     pub fn remove(&self, key: u64) {
-        self.agents.write().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        self.agents
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
     }
 
     /// Returns every connected agent, by agent id.

@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::registry::{AgentInfo, Registry};
 use crate::config::RegionFallback;
-use crate::domain::model::{Attempt, AttemptError, Delivery, DeliveryState, LastDelivery, Subscription, SubscriptionStatus};
+use crate::domain::model::{
+    Attempt, AttemptError, Delivery, DeliveryState, LastDelivery, Subscription, SubscriptionStatus,
+};
 use crate::domain::{health, ids, retry};
 use crate::storage::{self, Store, deliveries, events, subscriptions};
 
@@ -60,13 +62,30 @@ pub enum Command {
     Submit(Vec<Delivery>),
     SubscriptionChanged(String),
     Wake,
-    AgentConnected { key: u64, hello: AgentHello },
-    Credit { key: u64, credits: u32 },
-    Results { key: u64, results: Vec<pb::JobResult>, credits: u32 },
-    Heartbeat { key: u64 },
-    AgentGone { key: u64 },
+    AgentConnected {
+        key: u64,
+        hello: AgentHello,
+    },
+    Credit {
+        key: u64,
+        credits: u32,
+    },
+    Results {
+        key: u64,
+        results: Vec<pb::JobResult>,
+        credits: u32,
+    },
+    Heartbeat {
+        key: u64,
+    },
+    AgentGone {
+        key: u64,
+    },
     /// Asks every agent to drain; answers once none holds a lease, or at the deadline.
-    Drain { deadline: Instant, done: oneshot::Sender<()> },
+    Drain {
+        deadline: Instant,
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// Settings the scheduler follows.
@@ -196,11 +215,17 @@ impl Scheduler {
             Command::Wake => self.next_poll = Instant::now(),
             Command::AgentConnected { key, hello } => self.agent_connected(key, hello),
             Command::Credit { key, credits } => self.grant(key, credits),
-            Command::Results { key, results, credits } => {
+            Command::Results {
+                key,
+                results,
+                credits,
+            } => {
                 self.record_results(key, results).await;
                 self.grant(key, credits);
             }
-            Command::Heartbeat { key } => self.registry.update(key, |a| a.last_seen_at = Utc::now()),
+            Command::Heartbeat { key } => {
+                self.registry.update(key, |a| a.last_seen_at = Utc::now())
+            }
             Command::AgentGone { key } => self.agent_gone(key).await,
             Command::Drain { deadline, done } => {
                 for agent in self.agents.values_mut() {
@@ -222,8 +247,10 @@ impl Scheduler {
         }
         let now = Instant::now();
         let idle = self.leases.is_empty();
-        let (done, waiting): (Vec<_>, Vec<_>) =
-            self.drains.drain(..).partition(|(deadline, _)| idle || *deadline <= now);
+        let (done, waiting): (Vec<_>, Vec<_>) = self
+            .drains
+            .drain(..)
+            .partition(|(deadline, _)| idle || *deadline <= now);
         self.drains = waiting;
         for (_, sender) in done {
             let _ = sender.send(());
@@ -272,7 +299,9 @@ impl Scheduler {
     }
 
     async fn agent_gone(&mut self, key: u64) {
-        let Some(agent) = self.agents.remove(&key) else { return };
+        let Some(agent) = self.agents.remove(&key) else {
+            return;
+        };
         self.registry.remove(key);
         let held: Vec<String> = self
             .leases
@@ -378,7 +407,10 @@ impl Scheduler {
             return Some(key);
         }
         let region_has_agents = self.agents.values().any(|a| !a.draining && in_region(a));
-        if region.is_some() && !region_has_agents && self.settings.region_fallback == RegionFallback::Any {
+        if region.is_some()
+            && !region_has_agents
+            && self.settings.region_fallback == RegionFallback::Any
+        {
             return best(&|_| true);
         }
         None
@@ -391,7 +423,9 @@ impl Scheduler {
         let rate = f64::from(subscription.rate_limit_per_s);
         let load = self.load.entry(subscription.id.clone()).or_default();
         let now = Instant::now();
-        let elapsed = load.refilled_at.map_or(1.0, |at| now.duration_since(at).as_secs_f64());
+        let elapsed = load
+            .refilled_at
+            .map_or(1.0, |at| now.duration_since(at).as_secs_f64());
         load.tokens = (load.tokens + elapsed * rate).min(rate);
         load.refilled_at = Some(now);
         if load.tokens >= 1.0 {
@@ -407,7 +441,8 @@ impl Scheduler {
             load.in_flight = load.in_flight.saturating_sub(1);
         }
         if let Some(key) = &delivery.ordering_key {
-            self.busy_entities.remove(&(delivery.subscription_id.clone(), key.clone()));
+            self.busy_entities
+                .remove(&(delivery.subscription_id.clone(), key.clone()));
         }
     }
 
@@ -417,7 +452,9 @@ impl Scheduler {
         let mut picks: HashMap<u64, Vec<(Delivery, Arc<Subscription>)>> = HashMap::new();
         let mut idle_rounds = 0;
         while idle_rounds < self.tenants.len().max(1) && !self.tenants.is_empty() {
-            let Some(tenant) = self.tenants.pop_front() else { break };
+            let Some(tenant) = self.tenants.pop_front() else {
+                break;
+            };
             let Some(subscription_id) = self
                 .tenant_subscriptions
                 .get_mut(&tenant)
@@ -427,7 +464,10 @@ impl Scheduler {
                 continue;
             };
             let picked = self.pick_from(&subscription_id, &mut picks).await;
-            let queue_left = self.queues.get(&subscription_id).is_some_and(|q| !q.is_empty());
+            let queue_left = self
+                .queues
+                .get(&subscription_id)
+                .is_some_and(|q| !q.is_empty());
             if !queue_left {
                 self.queues.remove(&subscription_id);
             }
@@ -477,27 +517,44 @@ impl Scheduler {
         let Some(agent_key) = self.agent_for(subscription.region.as_deref()) else {
             return false;
         };
-        let Some(queue) = self.queues.get_mut(subscription_id) else { return false };
+        let Some(queue) = self.queues.get_mut(subscription_id) else {
+            return false;
+        };
         // Ordered subscriptions: skip entities with a delivery in flight.
         let position = queue.iter().take(256).position(|d| {
-            d.ordering_key
-                .as_ref()
-                .is_none_or(|key| !self.busy_entities.contains(&(subscription_id.to_owned(), key.clone())))
+            d.ordering_key.as_ref().is_none_or(|key| {
+                !self
+                    .busy_entities
+                    .contains(&(subscription_id.to_owned(), key.clone()))
+            })
         });
-        let Some(position) = position else { return false };
+        let Some(position) = position else {
+            return false;
+        };
         if !self.take_rate_token(&subscription) {
             return false;
         }
-        let Some(queue) = self.queues.get_mut(subscription_id) else { return false };
-        let Some(delivery) = queue.remove(position) else { return false };
+        let Some(queue) = self.queues.get_mut(subscription_id) else {
+            return false;
+        };
+        let Some(delivery) = queue.remove(position) else {
+            return false;
+        };
         if let Some(key) = &delivery.ordering_key {
-            self.busy_entities.insert((subscription_id.to_owned(), key.clone()));
+            self.busy_entities
+                .insert((subscription_id.to_owned(), key.clone()));
         }
-        self.load.entry(subscription_id.to_owned()).or_default().in_flight += 1;
+        self.load
+            .entry(subscription_id.to_owned())
+            .or_default()
+            .in_flight += 1;
         if let Some(agent) = self.agents.get_mut(&agent_key) {
             agent.credits -= 1;
         }
-        picks.entry(agent_key).or_default().push((delivery, subscription));
+        picks
+            .entry(agent_key)
+            .or_default()
+            .push((delivery, subscription));
         true
     }
 
@@ -514,7 +571,14 @@ impl Scheduler {
         let mut ready = Vec::with_capacity(batch.len());
         for (delivery, subscription) in batch {
             if let Some(ordering_key) = &delivery.ordering_key {
-                match deliveries::ordered_blocked(&self.store.db, &delivery.subscription_id, ordering_key, &delivery.id).await {
+                match deliveries::ordered_blocked(
+                    &self.store.db,
+                    &delivery.subscription_id,
+                    ordering_key,
+                    &delivery.id,
+                )
+                .await
+                {
                     Ok(false) => {}
                     Ok(true) | Err(_) => {
                         self.give_back_credit(key);
@@ -528,11 +592,25 @@ impl Scheduler {
         if ready.is_empty() {
             return;
         }
-        let longest = ready.iter().map(|(_, s)| s.timeout).max().unwrap_or_default();
-        let expires_at = now + chrono::Duration::from_std(longest + self.settings.lease_grace).unwrap_or_default();
+        let longest = ready
+            .iter()
+            .map(|(_, s)| s.timeout)
+            .max()
+            .unwrap_or_default();
+        let expires_at = now
+            + chrono::Duration::from_std(longest + self.settings.lease_grace).unwrap_or_default();
         let lease_id = ids::new(ids::LEASE);
         let ids: Vec<String> = ready.iter().map(|(d, _)| d.id.clone()).collect();
-        let claimed = match deliveries::claim(&self.store.writer, &ids, &lease_id, &agent_id, expires_at, now).await {
+        let claimed = match deliveries::claim(
+            &self.store.writer,
+            &ids,
+            &lease_id,
+            &agent_id,
+            expires_at,
+            now,
+        )
+        .await
+        {
             Ok(claimed) => claimed.into_iter().collect::<HashSet<_>>(),
             Err(err) => {
                 tracing::warn!(error = %err, "could not lease deliveries");
@@ -544,7 +622,12 @@ impl Scheduler {
             .filter(|(d, _)| claimed.contains(&d.id))
             .map(|(d, _)| d.event_id.clone())
             .collect();
-        let payloads: HashMap<String, (Bytes, Option<String>)> = match events::get_many(&self.store.db, &event_ids).await {
+        let payloads: HashMap<String, (Bytes, Option<String>)> = match events::get_many(
+            &self.store.db,
+            &event_ids,
+        )
+        .await
+        {
             Ok(events) => events
                 .into_iter()
                 .map(|e| (e.id, (Bytes::from(e.payload), e.traceparent)))
@@ -570,7 +653,15 @@ impl Scheduler {
                 continue;
             };
             let attempt = delivery.attempt_count + 1;
-            jobs.push(build_job(&delivery, &subscription, body.clone(), traceparent.as_deref(), &lease_id, attempt, now));
+            jobs.push(build_job(
+                &delivery,
+                &subscription,
+                body.clone(),
+                traceparent.as_deref(),
+                &lease_id,
+                attempt,
+                now,
+            ));
             self.leases.insert(
                 delivery.id.clone(),
                 Lease {
@@ -583,10 +674,14 @@ impl Scheduler {
         }
         let in_flight = self.leases.values().filter(|l| l.agent_key == key).count() as u32;
         self.registry.update(key, |a| a.in_flight = in_flight);
-        let Some(agent) = self.agents.get(&key) else { return };
+        let Some(agent) = self.agents.get(&key) else {
+            return;
+        };
         for chunk in jobs.chunks(MAX_JOBS_PER_MESSAGE) {
             let message = pb::ControlMessage {
-                message: Some(pb::control_message::Message::Jobs(pb::Jobs { jobs: chunk.to_vec() })),
+                message: Some(pb::control_message::Message::Jobs(pb::Jobs {
+                    jobs: chunk.to_vec(),
+                })),
             };
             // The outbox holds at least `capacity` jobs; a full one means the stream is dying,
             // and its leases are re-queued when it closes.
@@ -614,8 +709,16 @@ impl Scheduler {
 
     async fn record_results(&mut self, key: u64, results: Vec<pb::JobResult>) {
         let now = Utc::now();
-        let region = self.agents.get(&key).map(|a| a.region.clone()).unwrap_or_default();
-        let agent_id = self.agents.get(&key).map(|a| a.agent_id.clone()).unwrap_or_default();
+        let region = self
+            .agents
+            .get(&key)
+            .map(|a| a.region.clone())
+            .unwrap_or_default();
+        let agent_id = self
+            .agents
+            .get(&key)
+            .map(|a| a.agent_id.clone())
+            .unwrap_or_default();
         let mut records = Vec::with_capacity(results.len());
         for result in results {
             let lease = match self.leases.get(&result.delivery_id) {
@@ -624,7 +727,9 @@ impl Scheduler {
                 }
                 _ => None,
             };
-            let outcome = self.record_one(&result, lease.as_ref(), &agent_id, &region, now).await;
+            let outcome = self
+                .record_one(&result, lease.as_ref(), &agent_id, &region, now)
+                .await;
             if let Some(lease) = lease {
                 self.unload(&lease.delivery);
                 self.known.remove(&lease.delivery.id);
@@ -636,7 +741,9 @@ impl Scheduler {
             match outcome {
                 Ok(Some(record)) => records.push(record),
                 Ok(None) => {}
-                Err(err) => tracing::warn!(error = %err, delivery_id = %result.delivery_id, "could not record a result; the lease will expire and the delivery retry"),
+                Err(err) => {
+                    tracing::warn!(error = %err, delivery_id = %result.delivery_id, "could not record a result; the lease will expire and the delivery retry")
+                }
             }
         }
         let in_flight = self.leases.values().filter(|l| l.agent_key == key).count() as u32;
@@ -679,7 +786,12 @@ impl Scheduler {
             started_at,
             duration_ms: result.duration_ms,
             status_code: result.status_code,
-            response_headers: result.response_headers.iter().take(16).map(|h| (h.name.clone(), h.value.clone())).collect(),
+            response_headers: result
+                .response_headers
+                .iter()
+                .take(16)
+                .map(|h| (h.name.clone(), h.value.clone()))
+                .collect(),
             response_excerpt: result.response_excerpt.chars().take(4096).collect(),
             error,
             error_message: result.error_message.chars().take(1024).collect(),
@@ -689,7 +801,9 @@ impl Scheduler {
             attempt.error = AttemptError::LeaseExpired;
             let txn = self.store.begin_write().await?;
             let known = deliveries::get_any(&txn, &result.delivery_id).await?;
-            let Some(delivery) = known else { return Ok(None) };
+            let Some(delivery) = known else {
+                return Ok(None);
+            };
             deliveries::insert_attempts(&txn, std::slice::from_ref(&attempt)).await?;
             txn.commit().await?;
             return Ok(Some(AttemptRecord {
@@ -712,7 +826,9 @@ impl Scheduler {
             now,
             &mut self.rng,
         );
-        let disabled = subscription.as_ref().is_some_and(|s| s.status == SubscriptionStatus::Disabled);
+        let disabled = subscription
+            .as_ref()
+            .is_some_and(|s| s.status == SubscriptionStatus::Disabled);
         if disabled && state == DeliveryState::Failed {
             state = DeliveryState::Dead;
         }
@@ -743,9 +859,23 @@ impl Scheduler {
             };
             subscriptions::record_last_delivery(&txn, &delivery.subscription_id, &last).await?;
             if !disabled {
-                let failing_since = subscriptions::failing_since(&txn, &delivery.subscription_id).await?;
-                if let Some(reason) = health::disable_reason(&outcome, result.status_code, failing_since, self.settings.disable_after, now) {
-                    subscriptions::set_status(&txn, &delivery.subscription_id, SubscriptionStatus::Disabled, Some(&reason), now).await?;
+                let failing_since =
+                    subscriptions::failing_since(&txn, &delivery.subscription_id).await?;
+                if let Some(reason) = health::disable_reason(
+                    &outcome,
+                    result.status_code,
+                    failing_since,
+                    self.settings.disable_after,
+                    now,
+                ) {
+                    subscriptions::set_status(
+                        &txn,
+                        &delivery.subscription_id,
+                        SubscriptionStatus::Disabled,
+                        Some(&reason),
+                        now,
+                    )
+                    .await?;
                     deliveries::kill_waiting(&txn, &delivery.subscription_id, now).await?;
                     if state == DeliveryState::Failed {
                         // This delivery was just made FAILED (not waiting when the others were
@@ -773,7 +903,11 @@ impl Scheduler {
             subscription_id: delivery.subscription_id.clone(),
             event_id: delivery.event_id.clone(),
             attempt,
-            state: if applied { state } else { DeliveryState::InFlight },
+            state: if applied {
+                state
+            } else {
+                DeliveryState::InFlight
+            },
         }))
     }
 }

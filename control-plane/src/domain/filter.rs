@@ -26,7 +26,9 @@ fn check(text: &str, wildcards: bool) -> Result<(), String> {
     }
     let segments: Vec<&str> = text.split('.').collect();
     if segments.len() > MAX_SEGMENTS {
-        return Err(format!("must have at most {MAX_SEGMENTS} dot-separated segments"));
+        return Err(format!(
+            "must have at most {MAX_SEGMENTS} dot-separated segments"
+        ));
     }
     for segment in segments {
         let valid = (wildcards && segment == "*")
@@ -35,7 +37,11 @@ fn check(text: &str, wildcards: bool) -> Result<(), String> {
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
         if !valid {
-            let allowed = if wildcards { ", _ or a lone *" } else { " or _" };
+            let allowed = if wildcards {
+                ", _ or a lone *"
+            } else {
+                " or _"
+            };
             return Err(format!(
                 "{text:?} is not valid: segments are separated by dots and made of a-z, 0-9{allowed}"
             ));
@@ -70,7 +76,11 @@ mod tests {
     use super::*;
 
     fn check_match(filter: &str, event_type: &str, expected: bool) {
-        assert_eq!(matches(filter, event_type), expected, "{filter} ~ {event_type}");
+        assert_eq!(
+            matches(filter, event_type),
+            expected,
+            "{filter} ~ {event_type}"
+        );
     }
 
     #[test]
@@ -89,15 +99,34 @@ mod tests {
     fn empty_filter_list_matches_everything() {
         assert!(matches_any(&[], "attendee_accepted"));
         assert!(!matches_any(&["user.*".into()], "company.new"));
-        assert!(matches_any(&["user.*".into(), "company.*".into()], "company.new"));
+        assert!(matches_any(
+            &["user.*".into(), "company.*".into()],
+            "company.new"
+        ));
     }
 
     #[test]
     fn event_type_grammar() {
-        for good in ["user.new", "attendee_accepted", "billing.invoice.paid", "a.b.c.d.e", "x1"] {
+        for good in [
+            "user.new",
+            "attendee_accepted",
+            "billing.invoice.paid",
+            "a.b.c.d.e",
+            "x1",
+        ] {
             assert_eq!(check_event_type(good), Ok(()), "{good}");
         }
-        for bad in ["", "User.new", "user..new", ".user", "user.", "a.b.c.d.e.f", "user.*", "user-new", "ü"] {
+        for bad in [
+            "",
+            "User.new",
+            "user..new",
+            ".user",
+            "user.",
+            "a.b.c.d.e.f",
+            "user.*",
+            "user-new",
+            "ü",
+        ] {
             assert!(check_event_type(bad).is_err(), "{bad}");
         }
         assert!(check_event_type(&"a".repeat(129)).is_err());

@@ -51,6 +51,9 @@ mod tests {
         assert_eq!(disable_reason(&retry, 500, Some(t(0)), window, t(59)), None);
         assert!(disable_reason(&retry, 500, Some(t(0)), window, t(60)).is_some());
         assert_eq!(disable_reason(&retry, 500, None, window, t(600)), None);
-        assert_eq!(disable_reason(&Outcome::Delivered, 200, Some(t(0)), window, t(600)), None);
+        assert_eq!(
+            disable_reason(&Outcome::Delivered, 200, Some(t(0)), window, t(600)),
+            None
+        );
     }
 }

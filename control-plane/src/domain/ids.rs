@@ -16,11 +16,15 @@ static GENERATOR: Mutex<ulid::Generator> = Mutex::new(ulid::Generator::new());
 pub fn new(prefix: &str) -> String {
     // A monotonic generator keeps ids made in the same millisecond in creation order, so
     // "newest first" by id is exact within one process.
-    let ulid = GENERATOR
+    let generated = GENERATOR
         .lock()
         .ok()
-        .and_then(|mut generator| generator.generate().ok())
-        .unwrap_or_else(ulid::Ulid::new);
+        .and_then(|mut generator| generator.generate().ok());
+    // The generator fails only when the random part overflows within one millisecond.
+    let ulid = match generated {
+        Some(ulid) => ulid,
+        None => ulid::Ulid::new(),
+    };
     format!("{prefix}_{}", ulid.to_string().to_ascii_lowercase())
 }
 

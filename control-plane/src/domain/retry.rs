@@ -46,7 +46,10 @@ pub fn classify(status_code: u32, error: AttemptError, retry_after: Option<Durat
 /// last entry repeated past its end.
 pub fn backoff(schedule: &[Duration], attempt: u32) -> Duration {
     let index = (attempt.max(1) as usize - 1).min(schedule.len().saturating_sub(1));
-    schedule.get(index).copied().unwrap_or(Duration::from_secs(5))
+    schedule
+        .get(index)
+        .copied()
+        .unwrap_or(Duration::from_secs(5))
 }
 
 /// Returns `delay` scaled by a random factor in [1 - JITTER, 1 + JITTER].
@@ -84,7 +87,9 @@ pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER));
     }
-    let at = DateTime::parse_from_rfc2822(value).ok()?.with_timezone(&Utc);
+    let at = DateTime::parse_from_rfc2822(value)
+        .ok()?
+        .with_timezone(&Utc);
     Some((at - now).to_std().unwrap_or_default().min(MAX_RETRY_AFTER))
 }
 
@@ -114,11 +119,28 @@ mod tests {
         assert_eq!(classify(200, AttemptError::None, None), Outcome::Delivered);
         assert_eq!(classify(204, AttemptError::None, None), Outcome::Delivered);
         assert_eq!(classify(410, AttemptError::None, None), Outcome::Gone);
-        assert_eq!(classify(302, AttemptError::None, None), Outcome::Retry { retry_after: None });
-        assert_eq!(classify(500, AttemptError::None, Some(secs(9))), Outcome::Retry { retry_after: None });
-        assert_eq!(classify(429, AttemptError::None, Some(secs(9))), Outcome::Retry { retry_after: Some(secs(9)) });
-        assert_eq!(classify(0, AttemptError::Timeout, None), Outcome::Retry { retry_after: None });
-        assert_eq!(classify(0, AttemptError::DestinationRefused, None), Outcome::Refused);
+        assert_eq!(
+            classify(302, AttemptError::None, None),
+            Outcome::Retry { retry_after: None }
+        );
+        assert_eq!(
+            classify(500, AttemptError::None, Some(secs(9))),
+            Outcome::Retry { retry_after: None }
+        );
+        assert_eq!(
+            classify(429, AttemptError::None, Some(secs(9))),
+            Outcome::Retry {
+                retry_after: Some(secs(9))
+            }
+        );
+        assert_eq!(
+            classify(0, AttemptError::Timeout, None),
+            Outcome::Retry { retry_after: None }
+        );
+        assert_eq!(
+            classify(0, AttemptError::DestinationRefused, None),
+            Outcome::Refused
+        );
     }
 
     #[test]
@@ -148,10 +170,22 @@ mod tests {
     #[test]
     fn the_policy_is_spent_after_max_attempts() {
         let outcome = Outcome::Retry { retry_after: None };
-        assert_eq!(next_step(&schedule(), 3, 3, &outcome, t0(), &mut rng()), (DeliveryState::Dead, None));
-        assert_eq!(next_step(&schedule(), 3, 2, &outcome, t0(), &mut rng()).0, DeliveryState::Failed);
-        assert_eq!(next_step(&schedule(), 3, 1, &Outcome::Gone, t0(), &mut rng()).0, DeliveryState::Dead);
-        assert_eq!(next_step(&schedule(), 3, 1, &Outcome::Delivered, t0(), &mut rng()).0, DeliveryState::Succeeded);
+        assert_eq!(
+            next_step(&schedule(), 3, 3, &outcome, t0(), &mut rng()),
+            (DeliveryState::Dead, None)
+        );
+        assert_eq!(
+            next_step(&schedule(), 3, 2, &outcome, t0(), &mut rng()).0,
+            DeliveryState::Failed
+        );
+        assert_eq!(
+            next_step(&schedule(), 3, 1, &Outcome::Gone, t0(), &mut rng()).0,
+            DeliveryState::Dead
+        );
+        assert_eq!(
+            next_step(&schedule(), 3, 1, &Outcome::Delivered, t0(), &mut rng()).0,
+            DeliveryState::Succeeded
+        );
     }
 
     #[test]

@@ -287,7 +287,10 @@ pub fn short_text(field: &'static str, value: &str, max: usize) -> Result<Option
         return Ok(None);
     }
     if value.chars().count() > max {
-        return Err(Invalid::new(field, format!("must be at most {max} characters")));
+        return Err(Invalid::new(
+            field,
+            format!("must be at most {max} characters"),
+        ));
     }
     if value.chars().any(char::is_control) {
         return Err(Invalid::new(field, "must not contain control characters"));
@@ -340,7 +343,10 @@ mod tests {
         assert_eq!(api_key("").unwrap(), None);
         assert!(api_key("key\r\nInjected: yes").is_err());
         assert!(api_key(" padded").is_err());
-        assert_eq!(api_key("sk_live_123").unwrap().as_deref(), Some("sk_live_123"));
+        assert_eq!(
+            api_key("sk_live_123").unwrap().as_deref(),
+            Some("sk_live_123")
+        );
     }
 
     #[test]
@@ -358,10 +364,19 @@ mod tests {
     #[test]
     fn payloads() {
         assert!(payload(r#"{"a":1}"#, &limits()).is_ok());
-        assert!(matches!(payload("[1]", &limits()), Err(PayloadError::Invalid(_))));
-        assert!(matches!(payload("{", &limits()), Err(PayloadError::Invalid(_))));
+        assert!(matches!(
+            payload("[1]", &limits()),
+            Err(PayloadError::Invalid(_))
+        ));
+        assert!(matches!(
+            payload("{", &limits()),
+            Err(PayloadError::Invalid(_))
+        ));
         let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(2000));
-        assert!(matches!(payload(&big, &limits()), Err(PayloadError::TooLarge { .. })));
+        assert!(matches!(
+            payload(&big, &limits()),
+            Err(PayloadError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -369,7 +384,10 @@ mod tests {
         assert!(name("name", "  ").is_err());
         assert_eq!(name("name", " Acme ").unwrap(), "Acme");
         assert!(name("name", &"x".repeat(201)).is_err());
-        assert_eq!(filters(&["user.*".into(), "user.*".into()]).unwrap(), vec!["user.*"]);
+        assert_eq!(
+            filters(&["user.*".into(), "user.*".into()]).unwrap(),
+            vec!["user.*"]
+        );
         assert!(filters(&["User".into()]).is_err());
         assert!(filters(&vec!["a".to_string(); 51]).is_err());
         assert_eq!(region("").unwrap(), None);

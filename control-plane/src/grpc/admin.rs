@@ -13,7 +13,10 @@ const DEFAULT_PAGE: u32 = 50;
 
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for AdminApi {
-    async fn create_tenant(&self, request: Request<pb::CreateTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
+    async fn create_tenant(
+        &self,
+        request: Request<pb::CreateTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
         auth::caller(&self.0, &request).await?.require_admin()?;
         let tenant = self.0.create_tenant(&request.get_ref().name).await?;
         Ok(Response::new(convert::tenant(tenant)))
@@ -25,9 +28,15 @@ impl pb::admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
         auth::caller(&self.0, &request).await?.require_admin()?;
         let r = request.into_inner();
-        let page = self.0.list_tenants(PageRequest::new(r.page_size, &r.page_token, DEFAULT_PAGE)).await?;
+        let page = self
+            .0
+            .list_tenants(PageRequest::new(r.page_size, &r.page_token, DEFAULT_PAGE))
+            .await?;
         let (tenants, next_page_token) = convert::page(page, convert::tenant);
-        Ok(Response::new(pb::ListTenantsResponse { tenants, next_page_token }))
+        Ok(Response::new(pb::ListTenantsResponse {
+            tenants,
+            next_page_token,
+        }))
     }
 
     async fn create_token(
@@ -43,15 +52,24 @@ impl pb::admin_service_server::AdminService for AdminApi {
         }))
     }
 
-    async fn list_tokens(&self, request: Request<pb::ListTokensRequest>) -> Result<Response<pb::ListTokensResponse>, Status> {
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
         auth::caller(&self.0, &request).await?.require_admin()?;
         let r = request.into_inner();
         let page = self
             .0
-            .list_tokens(&r.tenant_id, PageRequest::new(r.page_size, &r.page_token, DEFAULT_PAGE))
+            .list_tokens(
+                &r.tenant_id,
+                PageRequest::new(r.page_size, &r.page_token, DEFAULT_PAGE),
+            )
             .await?;
         let (tokens, next_page_token) = convert::page(page, convert::token);
-        Ok(Response::new(pb::ListTokensResponse { tokens, next_page_token }))
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens,
+            next_page_token,
+        }))
     }
 
     async fn revoke_token(
@@ -63,9 +81,18 @@ impl pb::admin_service_server::AdminService for AdminApi {
         Ok(Response::new(pb::RevokeTokenResponse {}))
     }
 
-    async fn list_agents(&self, request: Request<pb::ListAgentsRequest>) -> Result<Response<pb::ListAgentsResponse>, Status> {
+    async fn list_agents(
+        &self,
+        request: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
         auth::caller(&self.0, &request).await?.require_admin()?;
-        let agents = self.0.agents.list().into_iter().map(convert::agent).collect();
+        let agents = self
+            .0
+            .agents
+            .list()
+            .into_iter()
+            .map(convert::agent)
+            .collect();
         Ok(Response::new(pb::ListAgentsResponse {
             agents,
             next_page_token: String::new(),

@@ -41,7 +41,11 @@ impl AgentApi {
         let token = bearer(request)?;
         let expected = self.agent_token.as_bytes();
         let same = token.len() == expected.len()
-            && token.bytes().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+            && token
+                .bytes()
+                .zip(expected)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
         if !same {
             return Err(Status::unauthenticated(
                 "authorization: not a valid agent credential (API tokens are not agent credentials)",
@@ -55,13 +59,19 @@ type ControlStream = Pin<Box<dyn Stream<Item = Result<pb::ControlMessage, Status
 
 fn validate_hello(hello: &pb::Hello) -> Result<(), Status> {
     if hello.agent_id.is_empty() || hello.agent_id.len() > 200 {
-        return Err(Status::invalid_argument("hello.agent_id: must be 1 to 200 characters"));
+        return Err(Status::invalid_argument(
+            "hello.agent_id: must be 1 to 200 characters",
+        ));
     }
     if hello.region.is_empty() || hello.region.len() > 64 {
-        return Err(Status::invalid_argument("hello.region: must be 1 to 64 characters"));
+        return Err(Status::invalid_argument(
+            "hello.region: must be 1 to 64 characters",
+        ));
     }
     if hello.capacity == 0 || hello.capacity > 65_536 {
-        return Err(Status::invalid_argument("hello.capacity: must be between 1 and 65536"));
+        return Err(Status::invalid_argument(
+            "hello.capacity: must be between 1 and 65536",
+        ));
     }
     Ok(())
 }
@@ -70,7 +80,10 @@ fn validate_hello(hello: &pb::Hello) -> Result<(), Status> {
 impl pb::agent_service_server::AgentService for AgentApi {
     type ConnectStream = ControlStream;
 
-    async fn connect(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<Self::ConnectStream>, Status> {
+    async fn connect(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
         let identity = self.check_credential(&request)?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
@@ -80,12 +93,15 @@ impl pb::agent_service_server::AgentService for AgentApi {
             message: Some(pb::agent_message::Message::Hello(hello)),
         }) = first
         else {
-            return Err(Status::invalid_argument("hello: the first message must be a hello"));
+            return Err(Status::invalid_argument(
+                "hello: the first message must be a hello",
+            ));
         };
         validate_hello(&hello)?;
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         // Room for a full credit's worth of jobs (in messages of up to 64) plus control messages.
-        let (outbox, jobs) = mpsc::channel::<pb::ControlMessage>((hello.capacity as usize).max(64) + 16);
+        let (outbox, jobs) =
+            mpsc::channel::<pb::ControlMessage>((hello.capacity as usize).max(64) + 16);
         let welcome = pb::ControlMessage {
             message: Some(pb::control_message::Message::Welcome(pb::Welcome {
                 replica_id: self.replica_id.clone(),

@@ -5,7 +5,8 @@ use herald_proto::v1 as pb;
 
 use crate::dispatch::registry::AgentInfo;
 use crate::domain::model::{
-    Attempt, Delivery, DeliveryState, Event, Page, Scope, Subscription, SubscriptionStatus, Tenant, Token,
+    Attempt, Delivery, DeliveryState, Event, Page, Scope, Subscription, SubscriptionStatus, Tenant,
+    Token,
 };
 use crate::service::subscriptions::{NewSubscription, SubscriptionPatch};
 
@@ -61,7 +62,11 @@ pub fn subscription(s: Subscription, with_secret: bool) -> pb::Subscription {
         }),
         created_at: Some(timestamp(s.created_at)),
         updated_at: Some(timestamp(s.updated_at)),
-        signing_secret: if with_secret { s.signing_secret } else { String::new() },
+        signing_secret: if with_secret {
+            s.signing_secret
+        } else {
+            String::new()
+        },
     }
 }
 
@@ -183,5 +188,8 @@ pub fn agent(a: AgentInfo) -> pb::AgentInfo {
 
 /// Splits a page into its items (converted) and the next page token.
 pub fn page<T, U>(page: Page<T>, f: impl FnMut(T) -> U) -> (Vec<U>, String) {
-    (page.items.into_iter().map(f).collect(), page.next_page_token.unwrap_or_default())
+    (
+        page.items.into_iter().map(f).collect(),
+        page.next_page_token.unwrap_or_default(),
+    )
 }

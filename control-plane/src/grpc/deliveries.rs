@@ -33,18 +33,31 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
                 PageRequest::new(r.page_size, &r.page_token, DEFAULT_PAGE_SIZE),
             )
             .await?;
-        let (deliveries, next_page_token) = convert::page(page, |d| convert::delivery(d, Vec::new()));
-        Ok(Response::new(pb::ListDeliveriesResponse { deliveries, next_page_token }))
+        let (deliveries, next_page_token) =
+            convert::page(page, |d| convert::delivery(d, Vec::new()));
+        Ok(Response::new(pb::ListDeliveriesResponse {
+            deliveries,
+            next_page_token,
+        }))
     }
 
-    async fn get_delivery(&self, request: Request<pb::GetDeliveryRequest>) -> Result<Response<pb::Delivery>, Status> {
+    async fn get_delivery(
+        &self,
+        request: Request<pb::GetDeliveryRequest>,
+    ) -> Result<Response<pb::Delivery>, Status> {
         let caller = auth::caller(&self.0, &request).await?;
         let r = request.get_ref();
-        let (delivery, attempts) = self.0.get_delivery(&caller.tenant(&r.tenant_id)?, &r.id).await?;
+        let (delivery, attempts) = self
+            .0
+            .get_delivery(&caller.tenant(&r.tenant_id)?, &r.id)
+            .await?;
         Ok(Response::new(convert::delivery(delivery, attempts)))
     }
 
-    async fn retry_delivery(&self, request: Request<pb::RetryDeliveryRequest>) -> Result<Response<pb::Delivery>, Status> {
+    async fn retry_delivery(
+        &self,
+        request: Request<pb::RetryDeliveryRequest>,
+    ) -> Result<Response<pb::Delivery>, Status> {
         let caller = auth::caller(&self.0, &request).await?;
         let r = request.get_ref();
         let tenant = caller.tenant(&r.tenant_id)?;
@@ -62,10 +75,16 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
         let since = r
             .since
             .as_ref()
-            .map(|ts| herald_proto::from_timestamp(ts).ok_or_else(|| Status::invalid_argument("since: not a valid time")))
+            .map(|ts| {
+                herald_proto::from_timestamp(ts)
+                    .ok_or_else(|| Status::invalid_argument("since: not a valid time"))
+            })
             .transpose()?
             .unwrap_or_default();
-        let count = self.0.replay_deliveries(&tenant, &r.subscription_id, since).await?;
+        let count = self
+            .0
+            .replay_deliveries(&tenant, &r.subscription_id, since)
+            .await?;
         Ok(Response::new(pb::ReplayDeliveriesResponse { count }))
     }
 
@@ -76,9 +95,16 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
         let caller = auth::caller(&self.0, &request).await?;
         let r = request.get_ref();
         let tenant = caller.tenant(&r.tenant_id)?;
-        let published = self.0.send_test_event(&tenant, &r.subscription_id, r.payload.as_deref()).await?;
+        let published = self
+            .0
+            .send_test_event(&tenant, &r.subscription_id, r.payload.as_deref())
+            .await?;
         Ok(Response::new(pb::SendTestEventResponse {
-            delivery_id: published.delivery_ids.into_iter().next().unwrap_or_default(),
+            delivery_id: published
+                .delivery_ids
+                .into_iter()
+                .next()
+                .unwrap_or_default(),
             event_id: published.event_id,
         }))
     }

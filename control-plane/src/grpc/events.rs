@@ -12,7 +12,11 @@ pub struct EventApi(pub Services);
 
 const DEFAULT_PAGE: u32 = 50;
 
-fn new_event(services: &Services, r: &pb::PublishEventRequest, traceparent: Option<&str>) -> Result<NewEvent, Status> {
+fn new_event(
+    services: &Services,
+    r: &pb::PublishEventRequest,
+    traceparent: Option<&str>,
+) -> Result<NewEvent, Status> {
     let mut event = validate_event(
         &services.limits,
         &r.event_type,
@@ -86,14 +90,23 @@ impl pb::event_service_server::EventService for EventApi {
         }))
     }
 
-    async fn get_event(&self, request: Request<pb::GetEventRequest>) -> Result<Response<pb::Event>, Status> {
+    async fn get_event(
+        &self,
+        request: Request<pb::GetEventRequest>,
+    ) -> Result<Response<pb::Event>, Status> {
         let caller = auth::caller(&self.0, &request).await?;
         let r = request.get_ref();
-        let event = self.0.get_event(&caller.tenant(&r.tenant_id)?, &r.id).await?;
+        let event = self
+            .0
+            .get_event(&caller.tenant(&r.tenant_id)?, &r.id)
+            .await?;
         Ok(Response::new(convert::event(event)))
     }
 
-    async fn list_events(&self, request: Request<pb::ListEventsRequest>) -> Result<Response<pb::ListEventsResponse>, Status> {
+    async fn list_events(
+        &self,
+        request: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
         let caller = auth::caller(&self.0, &request).await?;
         let r = request.get_ref();
         let page = self
@@ -105,6 +118,9 @@ impl pb::event_service_server::EventService for EventApi {
             )
             .await?;
         let (events, next_page_token) = convert::page(page, convert::event);
-        Ok(Response::new(pb::ListEventsResponse { events, next_page_token }))
+        Ok(Response::new(pb::ListEventsResponse {
+            events,
+            next_page_token,
+        }))
     }
 }

@@ -32,9 +32,9 @@ impl From<service::Error> for Status {
             E::TooLarge(_) => Status::resource_exhausted(err.to_string()),
             E::FailedPrecondition(_) => Status::failed_precondition(err.to_string()),
             E::Unavailable(_) => Status::unavailable(err.to_string()),
-            E::Storage(crate::storage::Error::Conflict(_)) => {
-                Status::already_exists("conflict: a concurrent request changed the same record; retry")
-            }
+            E::Storage(crate::storage::Error::Conflict(_)) => Status::already_exists(
+                "conflict: a concurrent request changed the same record; retry",
+            ),
             E::Storage(crate::storage::Error::Unavailable(detail)) => {
                 tracing::warn!(error = %detail, "storage unavailable");
                 Status::unavailable("storage unavailable; retry later")
@@ -63,13 +63,15 @@ impl Api {
     pub fn new(services: Services, max_message_bytes: usize) -> Self {
         Self {
             admin: pb::admin_service_server::AdminServiceServer::new(AdminApi(services.clone())),
-            subscriptions: pb::subscription_service_server::SubscriptionServiceServer::new(SubscriptionApi(
-                services.clone(),
-            )),
+            subscriptions: pb::subscription_service_server::SubscriptionServiceServer::new(
+                SubscriptionApi(services.clone()),
+            ),
             events: pb::event_service_server::EventServiceServer::new(EventApi(services.clone()))
                 .max_decoding_message_size(max_message_bytes),
-            deliveries: pb::delivery_service_server::DeliveryServiceServer::new(DeliveryApi(services))
-                .max_decoding_message_size(max_message_bytes),
+            deliveries: pb::delivery_service_server::DeliveryServiceServer::new(DeliveryApi(
+                services,
+            ))
+            .max_decoding_message_size(max_message_bytes),
         }
     }
 }

@@ -30,7 +30,10 @@ impl pb::subscription_service_server::SubscriptionService for SubscriptionApi {
     ) -> Result<Response<pb::Subscription>, Status> {
         let caller = auth::caller(&self.0, &request).await?;
         let r = request.get_ref();
-        let s = self.0.get_subscription(&caller.tenant(&r.tenant_id)?, &r.id).await?;
+        let s = self
+            .0
+            .get_subscription(&caller.tenant(&r.tenant_id)?, &r.id)
+            .await?;
         Ok(Response::new(convert::subscription(s, false)))
     }
 
@@ -42,7 +45,10 @@ impl pb::subscription_service_server::SubscriptionService for SubscriptionApi {
         let tenant = caller.tenant(&request.get_ref().tenant_id)?;
         let r = request.into_inner();
         let id = r.id.clone();
-        let s = self.0.update_subscription(&tenant, &id, convert::subscription_patch(r)).await?;
+        let s = self
+            .0
+            .update_subscription(&tenant, &id, convert::subscription_patch(r))
+            .await?;
         Ok(Response::new(convert::subscription(s, false)))
     }
 
@@ -52,7 +58,9 @@ impl pb::subscription_service_server::SubscriptionService for SubscriptionApi {
     ) -> Result<Response<pb::DeleteSubscriptionResponse>, Status> {
         let caller = auth::caller(&self.0, &request).await?;
         let r = request.get_ref();
-        self.0.delete_subscription(&caller.tenant(&r.tenant_id)?, &r.id).await?;
+        self.0
+            .delete_subscription(&caller.tenant(&r.tenant_id)?, &r.id)
+            .await?;
         Ok(Response::new(pb::DeleteSubscriptionResponse {}))
     }
 
@@ -64,13 +72,23 @@ impl pb::subscription_service_server::SubscriptionService for SubscriptionApi {
         let r = request.get_ref();
         let page = self
             .0
-            .list_subscriptions(&caller.tenant(&r.tenant_id)?, PageRequest::new(r.page_size, &r.page_token, DEFAULT_PAGE))
+            .list_subscriptions(
+                &caller.tenant(&r.tenant_id)?,
+                PageRequest::new(r.page_size, &r.page_token, DEFAULT_PAGE),
+            )
             .await?;
-        let (subscriptions, next_page_token) = convert::page(page, |s| convert::subscription(s, false));
-        Ok(Response::new(pb::ListSubscriptionsResponse { subscriptions, next_page_token }))
+        let (subscriptions, next_page_token) =
+            convert::page(page, |s| convert::subscription(s, false));
+        Ok(Response::new(pb::ListSubscriptionsResponse {
+            subscriptions,
+            next_page_token,
+        }))
     }
 
-    async fn rotate_secret(&self, request: Request<pb::RotateSecretRequest>) -> Result<Response<pb::Subscription>, Status> {
+    async fn rotate_secret(
+        &self,
+        request: Request<pb::RotateSecretRequest>,
+    ) -> Result<Response<pb::Subscription>, Status> {
         let caller = auth::caller(&self.0, &request).await?;
         let r = request.get_ref();
         let s = self
@@ -86,7 +104,10 @@ impl pb::subscription_service_server::SubscriptionService for SubscriptionApi {
     ) -> Result<Response<pb::Subscription>, Status> {
         let caller = auth::caller(&self.0, &request).await?;
         let r = request.get_ref();
-        let s = self.0.get_subscription(&caller.tenant(&r.tenant_id)?, &r.id).await?;
+        let s = self
+            .0
+            .get_subscription(&caller.tenant(&r.tenant_id)?, &r.id)
+            .await?;
         Ok(Response::new(convert::subscription(s, true)))
     }
 
@@ -96,7 +117,10 @@ impl pb::subscription_service_server::SubscriptionService for SubscriptionApi {
     ) -> Result<Response<pb::Subscription>, Status> {
         let caller = auth::caller(&self.0, &request).await?;
         let r = request.get_ref();
-        let s = self.0.enable_subscription(&caller.tenant(&r.tenant_id)?, &r.id).await?;
+        let s = self
+            .0
+            .enable_subscription(&caller.tenant(&r.tenant_id)?, &r.id)
+            .await?;
         Ok(Response::new(convert::subscription(s, false)))
     }
 

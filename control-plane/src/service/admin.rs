@@ -33,7 +33,11 @@ impl Services {
     }
 
     /// Creates a token for a tenant, or an admin token when `tenant_id` is empty.
-    pub async fn create_token(&self, tenant_id: &str, name: &str) -> Result<(Token, String), Error> {
+    pub async fn create_token(
+        &self,
+        tenant_id: &str,
+        name: &str,
+    ) -> Result<(Token, String), Error> {
         let name = validate::name("name", name)?;
         let scope = if tenant_id.is_empty() {
             Scope::Admin
@@ -44,7 +48,11 @@ impl Services {
         self.auth.create_token(scope, name, false).await
     }
 
-    pub async fn list_tokens(&self, tenant_id: &str, page: PageRequest) -> Result<Page<Token>, Error> {
+    pub async fn list_tokens(
+        &self,
+        tenant_id: &str,
+        page: PageRequest,
+    ) -> Result<Page<Token>, Error> {
         let tenant = (!tenant_id.is_empty()).then_some(tenant_id);
         Ok(tokens::list(&self.store.db, tenant, &page).await?)
     }

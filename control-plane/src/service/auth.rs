@@ -112,7 +112,9 @@ impl Auth {
         let stored = tokens::find_by_hash(&self.store.db, &token_hash)
             .await?
             .filter(|stored| !stored.revoked)
-            .ok_or_else(|| Error::Unauthenticated("authorization: unknown or revoked token".into()))?;
+            .ok_or_else(|| {
+                Error::Unauthenticated("authorization: unknown or revoked token".into())
+            })?;
         let caller = Caller {
             token_id: stored.token.id.clone(),
             scope: stored.token.scope.clone(),
@@ -159,7 +161,12 @@ impl Auth {
     }
 
     /// Creates and stores a token; returns it with its plaintext (shown once).
-    pub async fn create_token(&self, scope: Scope, name: String, bootstrap: bool) -> Result<(Token, String), Error> {
+    pub async fn create_token(
+        &self,
+        scope: Scope,
+        name: String,
+        bootstrap: bool,
+    ) -> Result<(Token, String), Error> {
         let plaintext = new_token();
         let token = Token {
             id: ids::new(ids::TOKEN),
@@ -200,18 +207,27 @@ mod tests {
     use super::*;
 
     fn admin() -> Caller {
-        Caller { token_id: "t".into(), scope: Scope::Admin }
+        Caller {
+            token_id: "t".into(),
+            scope: Scope::Admin,
+        }
     }
 
     fn tenant(id: &str) -> Caller {
-        Caller { token_id: "t".into(), scope: Scope::Tenant(id.into()) }
+        Caller {
+            token_id: "t".into(),
+            scope: Scope::Tenant(id.into()),
+        }
     }
 
     #[test]
     fn tenant_scoping_follows_the_conventions() {
         assert_eq!(tenant("ten_a").tenant("").unwrap(), "ten_a");
         assert_eq!(tenant("ten_a").tenant("ten_a").unwrap(), "ten_a");
-        assert!(matches!(tenant("ten_a").tenant("ten_b"), Err(Error::PermissionDenied(_))));
+        assert!(matches!(
+            tenant("ten_a").tenant("ten_b"),
+            Err(Error::PermissionDenied(_))
+        ));
         assert!(matches!(admin().tenant(""), Err(Error::Invalid(_))));
         assert_eq!(admin().tenant("ten_b").unwrap(), "ten_b");
         assert!(tenant("ten_a").require_admin().is_err());

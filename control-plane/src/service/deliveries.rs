@@ -39,7 +39,11 @@ impl Services {
         Ok(deliveries::list(&self.store.db, tenant_id, &by, state, &page).await?)
     }
 
-    pub async fn get_delivery(&self, tenant_id: &str, id: &str) -> Result<(Delivery, Vec<Attempt>), Error> {
+    pub async fn get_delivery(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<(Delivery, Vec<Attempt>), Error> {
         if !ids::has_prefix(id, ids::DELIVERY) {
             return Err(Error::not_found("delivery", id));
         }
@@ -78,7 +82,13 @@ impl Services {
         since: chrono::DateTime<chrono::Utc>,
     ) -> Result<u32, Error> {
         self.get_subscription(tenant_id, subscription_id).await?;
-        let count = deliveries::replay(&self.store.writer, subscription_id, since, chrono::Utc::now()).await?;
+        let count = deliveries::replay(
+            &self.store.writer,
+            subscription_id,
+            since,
+            chrono::Utc::now(),
+        )
+        .await?;
         self.dispatcher.wake();
         Ok(u32::try_from(count).unwrap_or(u32::MAX))
     }
@@ -115,7 +125,11 @@ impl Services {
         };
         let mut replies = self
             .publisher
-            .publish(tenant_id.to_owned(), vec![event], Target::Only(Box::new(subscription)))
+            .publish(
+                tenant_id.to_owned(),
+                vec![event],
+                Target::Only(Box::new(subscription)),
+            )
             .await?;
         replies
             .pop()

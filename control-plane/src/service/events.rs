@@ -10,7 +10,11 @@ use crate::storage::events;
 pub const MAX_EVENTS_PER_CALL: usize = 500;
 
 impl Services {
-    pub async fn publish_event(&self, tenant_id: &str, event: NewEvent) -> Result<Published, Error> {
+    pub async fn publish_event(
+        &self,
+        tenant_id: &str,
+        event: NewEvent,
+    ) -> Result<Published, Error> {
         self.ensure_tenant(tenant_id).await?;
         let mut replies = self
             .publisher
@@ -22,9 +26,15 @@ impl Services {
     }
 
     /// Publishes up to 500 events, all or nothing.
-    pub async fn publish_events(&self, tenant_id: &str, events: Vec<NewEvent>) -> Result<Vec<Published>, Error> {
+    pub async fn publish_events(
+        &self,
+        tenant_id: &str,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<Published>, Error> {
         if events.is_empty() {
-            return Err(crate::domain::validate::Invalid::new("events", "must not be empty").into());
+            return Err(
+                crate::domain::validate::Invalid::new("events", "must not be empty").into(),
+            );
         }
         if events.len() > MAX_EVENTS_PER_CALL {
             return Err(crate::domain::validate::Invalid::new(
@@ -48,7 +58,12 @@ impl Services {
             .ok_or_else(|| Error::not_found("event", id))
     }
 
-    pub async fn list_events(&self, tenant_id: &str, event_type: &str, page: PageRequest) -> Result<Page<Event>, Error> {
+    pub async fn list_events(
+        &self,
+        tenant_id: &str,
+        event_type: &str,
+        page: PageRequest,
+    ) -> Result<Page<Event>, Error> {
         let event_type = (!event_type.is_empty()).then_some(event_type);
         Ok(events::list(&self.store.db, tenant_id, event_type, &page).await?)
     }

@@ -68,7 +68,9 @@ pub struct Services {
 
 impl Services {
     /// Subscribes to every attempt recorded from now on.
-    pub fn watch(&self) -> tokio::sync::broadcast::Receiver<crate::dispatch::scheduler::AttemptRecord> {
+    pub fn watch(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<crate::dispatch::scheduler::AttemptRecord> {
         self.records.subscribe()
     }
 }

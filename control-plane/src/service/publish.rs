@@ -90,10 +90,17 @@ impl Publisher {
         target: Target,
     ) -> Result<Vec<Published>, Error> {
         let (reply, answer) = oneshot::channel();
-        let index = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.writers.len();
-        let unavailable = || Error::Unavailable("publish: the control plane is shutting down".into());
+        let index =
+            self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.writers.len();
+        let unavailable =
+            || Error::Unavailable("publish: the control plane is shutting down".into());
         self.writers[index]
-            .send(Call { tenant_id, events, target, reply })
+            .send(Call {
+                tenant_id,
+                events,
+                target,
+                reply,
+            })
             .await
             .map_err(|_| unavailable())?;
         answer.await.map_err(|_| unavailable())?
@@ -114,7 +121,11 @@ pub fn request_hash(event: &NewEvent) -> String {
         hasher.update((part.len() as u64).to_le_bytes());
         hasher.update(part.as_bytes());
     }
-    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Validates the fields of one event to publish.
@@ -127,18 +138,32 @@ pub fn validate_event(
     entity_id: &str,
     action: &str,
 ) -> Result<NewEvent, Error> {
-    filter::check_event_type(event_type).map_err(|problem| validate::Invalid::new("event_type", problem))?;
+    filter::check_event_type(event_type)
+        .map_err(|problem| validate::Invalid::new("event_type", problem))?;
     validate::payload(payload, limits)?;
-    let idempotency_key = validate::short_text("idempotency_key", idempotency_key, validate::MAX_IDEMPOTENCY_KEY_CHARS)?;
-    let entity_type = validate::short_text("entity_type", entity_type, validate::MAX_ENTITY_TYPE_CHARS)?;
+    let idempotency_key = validate::short_text(
+        "idempotency_key",
+        idempotency_key,
+        validate::MAX_IDEMPOTENCY_KEY_CHARS,
+    )?;
+    let entity_type =
+        validate::short_text("entity_type", entity_type, validate::MAX_ENTITY_TYPE_CHARS)?;
     let entity_id = validate::short_text("entity_id", entity_id, validate::MAX_ENTITY_ID_CHARS)?;
     if entity_type.is_some() != entity_id.is_some() {
-        let field = if entity_type.is_some() { "entity_id" } else { "entity_type" };
+        let field = if entity_type.is_some() {
+            "entity_id"
+        } else {
+            "entity_type"
+        };
         return Err(validate::Invalid::new(field, "entity_type and entity_id go together").into());
     }
     let action = validate::short_text("action", action, validate::MAX_ACTION_CHARS)?;
     if action.as_deref() == Some(validate::TEST_ACTION) {
-        return Err(validate::Invalid::new("action", "test is reserved for test events (SendTestEvent)").into());
+        return Err(validate::Invalid::new(
+            "action",
+            "test is reserved for test events (SendTestEvent)",
+        )
+        .into());
     }
     Ok(NewEvent {
         event_type: event_type.to_owned(),
@@ -188,7 +213,7 @@ async fn commit(store: &Store, dispatcher: &dispatch::Handle, batch: Vec<Call>) 
                     Ok((mut replies, new)) => {
                         store.count_commit();
                         dispatcher.submit(new);
-                        replies.pop().unwrap_or_else(|| Err(Error::Storage(err)))
+                        replies.pop().unwrap_or(Err(Error::Storage(err)))
                     }
                     Err(err) => Err(err.into()),
                 }
@@ -225,7 +250,11 @@ async fn commit_together(
     let mut new_deliveries: Vec<Delivery> = Vec::new();
     let mut replies = Vec::with_capacity(batch.len());
     for call in batch {
-        let keys: Vec<String> = call.events.iter().filter_map(|e| e.idempotency_key.clone()).collect();
+        let keys: Vec<String> = call
+            .events
+            .iter()
+            .filter_map(|e| e.idempotency_key.clone())
+            .collect();
         let stored_keys = events::find_keys(&txn, &call.tenant_id, &keys).await?;
         let mut call_events = Vec::new();
         let mut call_deliveries = Vec::new();
@@ -246,7 +275,12 @@ async fn commit_together(
                     None => batch_keys
                         .get(&(call.tenant_id.clone(), key.clone()))
                         .cloned()
-                        .or_else(|| call_keys.iter().find(|(k, _, _): &&(String, String, Published)| k == key).map(|(_, h, p)| (h.clone(), p.clone()))),
+                        .or_else(|| {
+                            call_keys
+                                .iter()
+                                .find(|(k, _, _): &&(String, String, Published)| k == key)
+                                .map(|(_, h, p)| (h.clone(), p.clone()))
+                        }),
                 };
                 if let Some((earlier_hash, earlier_reply)) = earlier {
                     if &earlier_hash == hash {
@@ -263,10 +297,14 @@ async fn commit_together(
                 Target::Only(subscription) => std::slice::from_ref(subscription.as_ref()),
                 Target::FanOut => {
                     if !subscriptions_of.contains_key(call.tenant_id.as_str()) {
-                        let list = subscriptions::receiving(&txn, &store.sealer, &call.tenant_id).await?;
+                        let list =
+                            subscriptions::receiving(&txn, &store.sealer, &call.tenant_id).await?;
                         subscriptions_of.insert(call.tenant_id.as_str(), list);
                     }
-                    subscriptions_of.get(call.tenant_id.as_str()).map(Vec::as_slice).unwrap_or_default()
+                    subscriptions_of
+                        .get(call.tenant_id.as_str())
+                        .map(Vec::as_slice)
+                        .unwrap_or_default()
                 }
             };
             let stored = Event {
@@ -281,7 +319,12 @@ async fn commit_together(
                 traceparent: event.traceparent.clone(),
                 occurred_at: now,
             };
-            let fanned_out = fan_out(&stored, subscriptions, matches!(call.target, Target::FanOut), now);
+            let fanned_out = fan_out(
+                &stored,
+                subscriptions,
+                matches!(call.target, Target::FanOut),
+                now,
+            );
             let published = Published {
                 event_id: stored.id.clone(),
                 delivery_ids: fanned_out.iter().map(|d| d.id.clone()).collect(),
@@ -313,7 +356,12 @@ async fn commit_together(
 
 /// Returns the deliveries of one event: one per receiving subscription (filters applied when
 /// `apply_filters`), in subscription order.
-fn fan_out(event: &Event, subscriptions: &[Subscription], apply_filters: bool, now: DateTime<Utc>) -> Vec<Delivery> {
+fn fan_out(
+    event: &Event,
+    subscriptions: &[Subscription],
+    apply_filters: bool,
+    now: DateTime<Utc>,
+) -> Vec<Delivery> {
     subscriptions
         .iter()
         .filter(|s| !apply_filters || s.receives(&event.event_type))
@@ -336,7 +384,9 @@ fn fan_out(event: &Event, subscriptions: &[Subscription], apply_filters: bool, n
 /// Returns the key that orders an `ordered` subscription's deliveries: the event's entity.
 fn ordering_key(subscription: &Subscription, event: &Event) -> Option<String> {
     match (&event.entity_type, &event.entity_id) {
-        (Some(entity_type), Some(entity_id)) if subscription.ordered => Some(format!("{entity_type}:{entity_id}")),
+        (Some(entity_type), Some(entity_id)) if subscription.ordered => {
+            Some(format!("{entity_type}:{entity_id}"))
+        }
         _ => None,
     }
 }

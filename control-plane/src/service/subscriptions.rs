@@ -53,7 +53,11 @@ pub fn new_signing_secret() -> String {
 }
 
 impl Services {
-    pub async fn create_subscription(&self, tenant_id: &str, new: NewSubscription) -> Result<Subscription, Error> {
+    pub async fn create_subscription(
+        &self,
+        tenant_id: &str,
+        new: NewSubscription,
+    ) -> Result<Subscription, Error> {
         let now = Utc::now();
         let subscription = Subscription {
             id: ids::new(ids::SUBSCRIPTION),
@@ -92,7 +96,11 @@ impl Services {
             .ok_or_else(|| Error::not_found("subscription", id))
     }
 
-    pub async fn list_subscriptions(&self, tenant_id: &str, page: PageRequest) -> Result<Page<Subscription>, Error> {
+    pub async fn list_subscriptions(
+        &self,
+        tenant_id: &str,
+        page: PageRequest,
+    ) -> Result<Page<Subscription>, Error> {
         Ok(subscriptions::list(&self.store.db, &self.store.sealer, tenant_id, &page).await?)
     }
 
@@ -165,7 +173,11 @@ impl Services {
         let mut s = self.get_subscription(tenant_id, id).await?;
         let grace = grace_period_s.unwrap_or(DEFAULT_ROTATION_GRACE_S);
         if grace > 30 * 86_400 {
-            return Err(validate::Invalid::new("grace_period_s", "must be at most 2592000 (30 days)").into());
+            return Err(validate::Invalid::new(
+                "grace_period_s",
+                "must be at most 2592000 (30 days)",
+            )
+            .into());
         }
         let now = Utc::now();
         s.previous_secret = (grace > 0).then(|| PreviousSecret {
@@ -180,10 +192,20 @@ impl Services {
     }
 
     /// Clears a Herald-set `DISABLED` status; `active` stays as the tenant set it.
-    pub async fn enable_subscription(&self, tenant_id: &str, id: &str) -> Result<Subscription, Error> {
+    pub async fn enable_subscription(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<Subscription, Error> {
         self.get_subscription(tenant_id, id).await?;
-        subscriptions::set_status(&self.store.writer, id, SubscriptionStatus::Enabled, None, Utc::now())
-            .await?;
+        subscriptions::set_status(
+            &self.store.writer,
+            id,
+            SubscriptionStatus::Enabled,
+            None,
+            Utc::now(),
+        )
+        .await?;
         self.dispatcher.subscription_changed(id);
         self.get_subscription(tenant_id, id).await
     }

@@ -1,7 +1,9 @@
 //! Deliveries (one event x one subscription) and their attempts: the delivery log, and the lease
 //! columns through which agents own work.
 
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+};
 
 use super::entity::{attempt, delivery};
 use super::tenants::paginate;
@@ -36,13 +38,18 @@ pub async fn insert_many(db: &impl ConnectionTrait, deliveries: &[Delivery]) -> 
             created_at: Set(ms(d.created_at)),
             updated_at: Set(ms(d.created_at)),
         });
-        delivery::Entity::insert_many(rows).exec_without_returning(db).await?;
+        delivery::Entity::insert_many(rows)
+            .exec_without_returning(db)
+            .await?;
     }
     Ok(())
 }
 
 /// Returns the ids of an event's deliveries, oldest first (the publish reply's order).
-pub async fn ids_for_event(db: &impl ConnectionTrait, event_id: &str) -> Result<Vec<String>, Error> {
+pub async fn ids_for_event(
+    db: &impl ConnectionTrait,
+    event_id: &str,
+) -> Result<Vec<String>, Error> {
     Ok(delivery::Entity::find()
         .select_only()
         .column(delivery::Column::Id)
@@ -53,7 +60,11 @@ pub async fn ids_for_event(db: &impl ConnectionTrait, event_id: &str) -> Result<
         .await?)
 }
 
-pub async fn get(db: &impl ConnectionTrait, tenant_id: &str, id: &str) -> Result<Option<Delivery>, Error> {
+pub async fn get(
+    db: &impl ConnectionTrait,
+    tenant_id: &str,
+    id: &str,
+) -> Result<Option<Delivery>, Error> {
     Ok(delivery::Entity::find_by_id(id.to_owned())
         .filter(delivery::Column::TenantId.eq(tenant_id))
         .one(db)
@@ -83,7 +94,11 @@ pub async fn list(
         query = query.filter(delivery::Column::Id.lt(after.clone()));
     }
     let rows = query.limit(page.size + 1).all(db).await?;
-    Ok(paginate(rows.into_iter().map(from_model).collect(), page, |d| &d.id))
+    Ok(paginate(
+        rows.into_iter().map(from_model).collect(),
+        page,
+        |d| &d.id,
+    ))
 }
 
 /// Returns a delivery's attempts, oldest first.
@@ -108,12 +123,16 @@ pub async fn insert_attempts(db: &impl ConnectionTrait, attempts: &[Attempt]) ->
             started_at: Set(ms(a.started_at)),
             duration_ms: Set(a.duration_ms.min(i32::MAX as u32) as i32),
             status_code: Set(a.status_code as i32),
-            response_headers: Set(serde_json::to_string(&a.response_headers).unwrap_or_else(|_| "[]".into())),
+            response_headers: Set(
+                serde_json::to_string(&a.response_headers).unwrap_or_else(|_| "[]".into())
+            ),
             response_excerpt: Set(a.response_excerpt.clone()),
             error: Set(a.error as i32),
             error_message: Set(a.error_message.clone()),
         });
-        attempt::Entity::insert_many(rows).exec_without_returning(db).await?;
+        attempt::Entity::insert_many(rows)
+            .exec_without_returning(db)
+            .await?;
     }
     Ok(())
 }
@@ -164,24 +183,28 @@ pub async fn due(
 ) -> Result<Vec<Delivery>, Error> {
     use sea_orm::Condition;
     let now = ms(now);
-    let rows = delivery::Entity::find()
-        .filter(
-            Condition::any()
-                .add(
-                    Condition::all()
-                        .add(delivery::Column::State.is_in([DeliveryState::Pending as i32, DeliveryState::Failed as i32]))
-                        .add(delivery::Column::NextAttemptAt.lte(now)),
-                )
-                .add(
-                    Condition::all()
-                        .add(delivery::Column::State.eq(DeliveryState::InFlight as i32))
-                        .add(delivery::Column::LeaseExpiresAt.lte(now)),
-                ),
-        )
-        .order_by_asc(delivery::Column::NextAttemptAt)
-        .limit(limit)
-        .all(db)
-        .await?;
+    let rows =
+        delivery::Entity::find()
+            .filter(
+                Condition::any()
+                    .add(
+                        Condition::all()
+                            .add(delivery::Column::State.is_in([
+                                DeliveryState::Pending as i32,
+                                DeliveryState::Failed as i32,
+                            ]))
+                            .add(delivery::Column::NextAttemptAt.lte(now)),
+                    )
+                    .add(
+                        Condition::all()
+                            .add(delivery::Column::State.eq(DeliveryState::InFlight as i32))
+                            .add(delivery::Column::LeaseExpiresAt.lte(now)),
+                    ),
+            )
+            .order_by_asc(delivery::Column::NextAttemptAt)
+            .limit(limit)
+            .all(db)
+            .await?;
     Ok(rows.into_iter().map(from_model).collect())
 }
 
@@ -190,7 +213,10 @@ fn claimable(now: i64) -> sea_orm::Condition {
     Condition::any()
         .add(
             Condition::all()
-                .add(delivery::Column::State.is_in([DeliveryState::Pending as i32, DeliveryState::Failed as i32]))
+                .add(
+                    delivery::Column::State
+                        .is_in([DeliveryState::Pending as i32, DeliveryState::Failed as i32]),
+                )
                 .add(delivery::Column::NextAttemptAt.lte(now)),
         )
         .add(
@@ -215,9 +241,15 @@ pub async fn claim(
         return Ok(Vec::new());
     }
     delivery::Entity::update_many()
-        .col_expr(delivery::Column::State, Expr::value(DeliveryState::InFlight as i32))
+        .col_expr(
+            delivery::Column::State,
+            Expr::value(DeliveryState::InFlight as i32),
+        )
         .col_expr(delivery::Column::LeaseId, Expr::value(lease_id))
-        .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(ms(expires_at)))
+        .col_expr(
+            delivery::Column::LeaseExpiresAt,
+            Expr::value(ms(expires_at)),
+        )
         .col_expr(delivery::Column::AgentId, Expr::value(agent_id))
         .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
         .filter(delivery::Column::Id.is_in(ids.iter().cloned()))
@@ -255,11 +287,26 @@ pub async fn complete(
     use sea_orm::sea_query::{Expr, ExprTrait as _};
     let result = delivery::Entity::update_many()
         .col_expr(delivery::Column::State, Expr::value(c.state as i32))
-        .col_expr(delivery::Column::AttemptCount, Expr::col(delivery::Column::AttemptCount).add(1))
-        .col_expr(delivery::Column::NextAttemptAt, Expr::value(ms(c.next_attempt_at.unwrap_or(now))))
-        .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
-        .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(Option::<i64>::None))
-        .col_expr(delivery::Column::LastStatusCode, Expr::value(c.status_code as i32))
+        .col_expr(
+            delivery::Column::AttemptCount,
+            Expr::col(delivery::Column::AttemptCount).add(1),
+        )
+        .col_expr(
+            delivery::Column::NextAttemptAt,
+            Expr::value(ms(c.next_attempt_at.unwrap_or(now))),
+        )
+        .col_expr(
+            delivery::Column::LeaseId,
+            Expr::value(Option::<String>::None),
+        )
+        .col_expr(
+            delivery::Column::LeaseExpiresAt,
+            Expr::value(Option::<i64>::None),
+        )
+        .col_expr(
+            delivery::Column::LastStatusCode,
+            Expr::value(c.status_code as i32),
+        )
         .col_expr(delivery::Column::LastError, Expr::value(c.error as i32))
         .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
         .filter(delivery::Column::Id.eq(c.id))
@@ -281,10 +328,19 @@ pub async fn release(
     let mut released = 0;
     for (id, lease_id) in leases {
         released += delivery::Entity::update_many()
-            .col_expr(delivery::Column::State, Expr::value(DeliveryState::Pending as i32))
+            .col_expr(
+                delivery::Column::State,
+                Expr::value(DeliveryState::Pending as i32),
+            )
             .col_expr(delivery::Column::NextAttemptAt, Expr::value(ms(now)))
-            .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
-            .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(Option::<i64>::None))
+            .col_expr(
+                delivery::Column::LeaseId,
+                Expr::value(Option::<String>::None),
+            )
+            .col_expr(
+                delivery::Column::LeaseExpiresAt,
+                Expr::value(Option::<i64>::None),
+            )
             .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
             .filter(delivery::Column::Id.eq(id.clone()))
             .filter(delivery::Column::LeaseId.eq(lease_id.clone()))
@@ -298,13 +354,25 @@ pub async fn release(
 
 /// Makes every in-flight delivery pending again: at the start of the only replica (SQLite),
 /// whose leases died with the previous process.
-pub async fn release_all(db: &impl ConnectionTrait, now: chrono::DateTime<chrono::Utc>) -> Result<u64, Error> {
+pub async fn release_all(
+    db: &impl ConnectionTrait,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, Error> {
     use sea_orm::sea_query::Expr;
     Ok(delivery::Entity::update_many()
-        .col_expr(delivery::Column::State, Expr::value(DeliveryState::Pending as i32))
+        .col_expr(
+            delivery::Column::State,
+            Expr::value(DeliveryState::Pending as i32),
+        )
         .col_expr(delivery::Column::NextAttemptAt, Expr::value(ms(now)))
-        .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
-        .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(Option::<i64>::None))
+        .col_expr(
+            delivery::Column::LeaseId,
+            Expr::value(Option::<String>::None),
+        )
+        .col_expr(
+            delivery::Column::LeaseExpiresAt,
+            Expr::value(Option::<i64>::None),
+        )
         .filter(delivery::Column::State.eq(DeliveryState::InFlight as i32))
         .exec(db)
         .await?
@@ -321,7 +389,10 @@ pub async fn retry_now(
 ) -> Result<Option<bool>, Error> {
     use sea_orm::sea_query::Expr;
     let result = delivery::Entity::update_many()
-        .col_expr(delivery::Column::State, Expr::value(DeliveryState::Pending as i32))
+        .col_expr(
+            delivery::Column::State,
+            Expr::value(DeliveryState::Pending as i32),
+        )
         .col_expr(delivery::Column::NextAttemptAt, Expr::value(ms(now)))
         .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
         .filter(delivery::Column::Id.eq(id))
@@ -344,7 +415,10 @@ pub async fn replay(
 ) -> Result<u64, Error> {
     use sea_orm::sea_query::Expr;
     Ok(delivery::Entity::update_many()
-        .col_expr(delivery::Column::State, Expr::value(DeliveryState::Pending as i32))
+        .col_expr(
+            delivery::Column::State,
+            Expr::value(DeliveryState::Pending as i32),
+        )
         .col_expr(delivery::Column::NextAttemptAt, Expr::value(ms(now)))
         .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
         .filter(delivery::Column::SubscriptionId.eq(subscription_id))
@@ -363,10 +437,16 @@ pub async fn kill_waiting(
 ) -> Result<u64, Error> {
     use sea_orm::sea_query::Expr;
     Ok(delivery::Entity::update_many()
-        .col_expr(delivery::Column::State, Expr::value(DeliveryState::Dead as i32))
+        .col_expr(
+            delivery::Column::State,
+            Expr::value(DeliveryState::Dead as i32),
+        )
         .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
         .filter(delivery::Column::SubscriptionId.eq(subscription_id))
-        .filter(delivery::Column::State.is_in([DeliveryState::Pending as i32, DeliveryState::Failed as i32]))
+        .filter(
+            delivery::Column::State
+                .is_in([DeliveryState::Pending as i32, DeliveryState::Failed as i32]),
+        )
         .exec(db)
         .await?
         .rows_affected)
@@ -399,5 +479,8 @@ pub async fn ordered_blocked(
 
 /// Returns a delivery by id, whatever its tenant (the scheduler's view).
 pub async fn get_any(db: &impl ConnectionTrait, id: &str) -> Result<Option<Delivery>, Error> {
-    Ok(delivery::Entity::find_by_id(id.to_owned()).one(db).await?.map(from_model))
+    Ok(delivery::Entity::find_by_id(id.to_owned())
+        .one(db)
+        .await?
+        .map(from_model))
 }

@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+};
 
 use super::entity::event;
 use super::tenants::paginate;
@@ -38,7 +40,9 @@ pub async fn insert_many(
             traceparent: Set(e.traceparent.clone()),
             occurred_at: Set(ms(e.occurred_at)),
         });
-        event::Entity::insert_many(rows).exec_without_returning(db).await?;
+        event::Entity::insert_many(rows)
+            .exec_without_returning(db)
+            .await?;
     }
     Ok(())
 }
@@ -76,7 +80,11 @@ pub async fn find_keys(
         .collect())
 }
 
-pub async fn get(db: &impl ConnectionTrait, tenant_id: &str, id: &str) -> Result<Option<Event>, Error> {
+pub async fn get(
+    db: &impl ConnectionTrait,
+    tenant_id: &str,
+    id: &str,
+) -> Result<Option<Event>, Error> {
     Ok(event::Entity::find_by_id(id.to_owned())
         .filter(event::Column::TenantId.eq(tenant_id))
         .one(db)
@@ -112,7 +120,11 @@ pub async fn list(
         query = query.filter(event::Column::Id.lt(after.clone()));
     }
     let rows = query.limit(page.size + 1).all(db).await?;
-    Ok(paginate(rows.into_iter().map(from_model).collect(), page, |e| &e.id))
+    Ok(paginate(
+        rows.into_iter().map(from_model).collect(),
+        page,
+        |e| &e.id,
+    ))
 }
 
 /// Returns the event types a tenant has published with their counts, by type name.
@@ -133,7 +145,10 @@ pub async fn type_counts(
         .into_tuple()
         .all(db)
         .await?;
-    Ok(rows.into_iter().map(|(t, n)| (t, u64::try_from(n).unwrap_or(0))).collect())
+    Ok(rows
+        .into_iter()
+        .map(|(t, n)| (t, u64::try_from(n).unwrap_or(0)))
+        .collect())
 }
 
 /// Counts a tenant's events (tests and benchmarks use it).

@@ -150,7 +150,8 @@ impl Store {
 
     /// Counts one committed publish transaction.
     pub fn count_commit(&self) {
-        self.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Returns how many publish transactions were committed since start.
@@ -160,7 +161,10 @@ impl Store {
 
     /// Returns how many events and deliveries are stored (tests and benchmarks).
     pub async fn row_counts(&self) -> Result<(u64, u64), Error> {
-        Ok((events::count(&self.db).await?, deliveries::count(&self.db).await?))
+        Ok((
+            events::count(&self.db).await?,
+            deliveries::count(&self.db).await?,
+        ))
     }
 
     pub fn backend(&self) -> DbBackend {
@@ -196,12 +200,10 @@ impl Store {
             .await
             .map_err(Error::from)?;
         match stored {
-            Some(row) if Sealer::is_sealed(&row.value) => {
-                match self.sealer.open(&row.value) {
-                    Ok(text) if text == seal::CHECK_PLAINTEXT => Ok(()),
-                    _ => Err(OpenError::WrongMasterKey),
-                }
-            }
+            Some(row) if Sealer::is_sealed(&row.value) => match self.sealer.open(&row.value) {
+                Ok(text) if text == seal::CHECK_PLAINTEXT => Ok(()),
+                _ => Err(OpenError::WrongMasterKey),
+            },
             // Data written without a key: with a key now, new secrets are sealed and old ones
             // still read; record the key so a later start with another key is refused.
             Some(_) | None => {

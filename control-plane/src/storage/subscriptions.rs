@@ -66,7 +66,11 @@ fn from_model(m: subscription::Model, sealer: &Sealer) -> Result<Subscription, E
     Ok(Subscription {
         event_types: serde_json::from_str(&m.event_types)
             .map_err(|err| Error::Internal(format!("subscription {}: event_types: {err}", m.id)))?,
-        api_key: m.api_key.as_deref().map(|key| sealer.open(key)).transpose()?,
+        api_key: m
+            .api_key
+            .as_deref()
+            .map(|key| sealer.open(key))
+            .transpose()?,
         signing_secret: sealer.open(&m.signing_secret)?,
         id: m.id,
         tenant_id: m.tenant_id,
@@ -89,7 +93,11 @@ fn from_model(m: subscription::Model, sealer: &Sealer) -> Result<Subscription, E
     })
 }
 
-pub async fn insert(db: &impl ConnectionTrait, sealer: &Sealer, s: &Subscription) -> Result<(), Error> {
+pub async fn insert(
+    db: &impl ConnectionTrait,
+    sealer: &Sealer,
+    s: &Subscription,
+) -> Result<(), Error> {
     subscription::Entity::insert(to_active(s, sealer))
         .exec_without_returning(db)
         .await?;
@@ -97,8 +105,14 @@ pub async fn insert(db: &impl ConnectionTrait, sealer: &Sealer, s: &Subscription
 }
 
 /// Writes every field a caller can change (not the delivery summary).
-pub async fn update(db: &impl ConnectionTrait, sealer: &Sealer, s: &Subscription) -> Result<(), Error> {
-    subscription::Entity::update(to_active(s, sealer)).exec(db).await?;
+pub async fn update(
+    db: &impl ConnectionTrait,
+    sealer: &Sealer,
+    s: &Subscription,
+) -> Result<(), Error> {
+    subscription::Entity::update(to_active(s, sealer))
+        .exec(db)
+        .await?;
     Ok(())
 }
 
@@ -189,25 +203,46 @@ pub async fn record_last_delivery(
 ) -> Result<(), Error> {
     use sea_orm::sea_query::ExprTrait as _;
     let mut update = subscription::Entity::update_many()
-        .col_expr(subscription::Column::LastDeliveryState, Expr::value(last.state as i32))
-        .col_expr(subscription::Column::LastDeliveryStatus, Expr::value(last.status_code as i32))
-        .col_expr(subscription::Column::LastDeliveryAt, Expr::value(ms(last.at)));
+        .col_expr(
+            subscription::Column::LastDeliveryState,
+            Expr::value(last.state as i32),
+        )
+        .col_expr(
+            subscription::Column::LastDeliveryStatus,
+            Expr::value(last.status_code as i32),
+        )
+        .col_expr(
+            subscription::Column::LastDeliveryAt,
+            Expr::value(ms(last.at)),
+        );
     if last.state == DeliveryState::Succeeded {
         update = update
-            .col_expr(subscription::Column::LastSuccessAt, Expr::value(ms(last.at)))
-            .col_expr(subscription::Column::FailingSince, Expr::value(Option::<i64>::None));
+            .col_expr(
+                subscription::Column::LastSuccessAt,
+                Expr::value(ms(last.at)),
+            )
+            .col_expr(
+                subscription::Column::FailingSince,
+                Expr::value(Option::<i64>::None),
+            );
     } else {
         update = update.col_expr(
             subscription::Column::FailingSince,
             Expr::col(subscription::Column::FailingSince).if_null(ms(last.at)),
         );
     }
-    update.filter(subscription::Column::Id.eq(id)).exec(db).await?;
+    update
+        .filter(subscription::Column::Id.eq(id))
+        .exec(db)
+        .await?;
     Ok(())
 }
 
 /// Returns since when the subscription has been failing without a success, if it is.
-pub async fn failing_since(db: &impl ConnectionTrait, id: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>, Error> {
+pub async fn failing_since(
+    db: &impl ConnectionTrait,
+    id: &str,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, Error> {
     Ok(subscription::Entity::find_by_id(id.to_owned())
         .select_only()
         .column(subscription::Column::FailingSince)
@@ -228,13 +263,19 @@ pub async fn set_status(
 ) -> Result<bool, Error> {
     let mut update = subscription::Entity::update_many()
         .col_expr(subscription::Column::Status, Expr::value(status as i32))
-        .col_expr(subscription::Column::DisabledReason, Expr::value(reason.map(str::to_owned)))
+        .col_expr(
+            subscription::Column::DisabledReason,
+            Expr::value(reason.map(str::to_owned)),
+        )
         .col_expr(subscription::Column::UpdatedAt, Expr::value(ms(at)))
         .filter(subscription::Column::Id.eq(id))
         .filter(subscription::Column::Status.ne(status as i32));
     if status == SubscriptionStatus::Enabled {
         // A fresh start for endpoint health.
-        update = update.col_expr(subscription::Column::FailingSince, Expr::value(Option::<i64>::None));
+        update = update.col_expr(
+            subscription::Column::FailingSince,
+            Expr::value(Option::<i64>::None),
+        );
     }
     Ok(update.exec(db).await?.rows_affected == 1)
 }

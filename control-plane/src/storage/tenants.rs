@@ -1,6 +1,8 @@
 //! Tenants: the publisher's customers, who own subscriptions and events.
 
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+};
 
 use super::entity::tenant;
 use super::{Error, ms, time};
@@ -30,7 +32,11 @@ pub async fn list(db: &impl ConnectionTrait, page: &PageRequest) -> Result<Page<
         query = query.filter(tenant::Column::Id.gt(after.clone()));
     }
     let rows = query.limit(page.size + 1).all(db).await?;
-    Ok(paginate(rows.into_iter().map(from_model).collect(), page, |t| &t.id))
+    Ok(paginate(
+        rows.into_iter().map(from_model).collect(),
+        page,
+        |t| &t.id,
+    ))
 }
 
 pub async fn count(db: &impl ConnectionTrait) -> Result<u64, Error> {
@@ -47,9 +53,20 @@ fn from_model(m: tenant::Model) -> Tenant {
 }
 
 /// Cuts a page fetched with one extra row, and makes the next page's token from the last id.
-pub(crate) fn paginate<T>(mut items: Vec<T>, page: &PageRequest, id: impl Fn(&T) -> &String) -> Page<T> {
+pub(crate) fn paginate<T>(
+    mut items: Vec<T>,
+    page: &PageRequest,
+    id: impl Fn(&T) -> &String,
+) -> Page<T> {
     let more = items.len() as u64 > page.size;
     items.truncate(page.size as usize);
-    let next_page_token = if more { items.last().map(|item| id(item).clone()) } else { None };
-    Page { items, next_page_token }
+    let next_page_token = if more {
+        items.last().map(|item| id(item).clone())
+    } else {
+        None
+    };
+    Page {
+        items,
+        next_page_token,
+    }
 }

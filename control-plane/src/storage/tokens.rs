@@ -1,7 +1,9 @@
 //! API tokens, stored only as SHA-256 hashes of their plaintext.
 
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+};
 
 use super::entity::token;
 use super::tenants::paginate;
@@ -41,7 +43,10 @@ pub async fn insert(
     Ok(())
 }
 
-pub async fn find_by_hash(db: &impl ConnectionTrait, hash: &str) -> Result<Option<StoredToken>, Error> {
+pub async fn find_by_hash(
+    db: &impl ConnectionTrait,
+    hash: &str,
+) -> Result<Option<StoredToken>, Error> {
     Ok(token::Entity::find()
         .filter(token::Column::Hash.eq(hash))
         .one(db)
@@ -78,11 +83,19 @@ pub async fn list(
         query = query.filter(token::Column::Id.gt(after.clone()));
     }
     let rows = query.limit(page.size + 1).all(db).await?;
-    Ok(paginate(rows.into_iter().map(from_model).collect(), page, |t| &t.id))
+    Ok(paginate(
+        rows.into_iter().map(from_model).collect(),
+        page,
+        |t| &t.id,
+    ))
 }
 
 /// Revokes a token; returns whether an unrevoked one was found.
-pub async fn revoke(db: &impl ConnectionTrait, id: &str, at: chrono::DateTime<chrono::Utc>) -> Result<bool, Error> {
+pub async fn revoke(
+    db: &impl ConnectionTrait,
+    id: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<bool, Error> {
     let result = token::Entity::update_many()
         .col_expr(token::Column::RevokedAt, Expr::value(ms(at)))
         .filter(token::Column::Id.eq(id))
@@ -93,7 +106,10 @@ pub async fn revoke(db: &impl ConnectionTrait, id: &str, at: chrono::DateTime<ch
 }
 
 /// Revokes every generated (bootstrap) admin token; returns how many.
-pub async fn revoke_bootstrap(db: &impl ConnectionTrait, at: chrono::DateTime<chrono::Utc>) -> Result<u64, Error> {
+pub async fn revoke_bootstrap(
+    db: &impl ConnectionTrait,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, Error> {
     let result = token::Entity::update_many()
         .col_expr(token::Column::RevokedAt, Expr::value(ms(at)))
         .filter(token::Column::Bootstrap.eq(true))
@@ -113,7 +129,11 @@ pub async fn any_admin(db: &impl ConnectionTrait) -> Result<bool, Error> {
         .is_some())
 }
 
-pub async fn touch(db: &impl ConnectionTrait, id: &str, at: chrono::DateTime<chrono::Utc>) -> Result<(), Error> {
+pub async fn touch(
+    db: &impl ConnectionTrait,
+    id: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<(), Error> {
     token::Entity::update_many()
         .col_expr(token::Column::LastUsedAt, Expr::value(ms(at)))
         .filter(token::Column::Id.eq(id))

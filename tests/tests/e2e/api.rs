@@ -12,7 +12,15 @@ use crate::delivery::{subscribe, user_new};
 
 /// Row counts of the tables a refused call must not touch.
 async fn counts(herald: &Herald) -> (u64, u64) {
-    herald.running.as_ref().unwrap().services.store.row_counts().await.unwrap()
+    herald
+        .running
+        .as_ref()
+        .unwrap()
+        .services
+        .store
+        .row_counts()
+        .await
+        .unwrap()
 }
 
 fn code<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> (Code, String) {
@@ -24,12 +32,25 @@ async fn every_rpc_works_end_to_end(backend: Backend) {
     let herald = Herald::builder(backend).start().await;
     let admin = herald.admin();
     let (tenant_id, client) = herald.tenant("acme").await;
-    let tenants = admin.admin().list_tenants(pb::ListTenantsRequest::default()).await.unwrap().into_inner();
-    assert!(tenants.tenants.iter().any(|t| t.id == tenant_id && t.name == "acme"));
+    let tenants = admin
+        .admin()
+        .list_tenants(pb::ListTenantsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        tenants
+            .tenants
+            .iter()
+            .any(|t| t.id == tenant_id && t.name == "acme")
+    );
 
     let tokens = admin
         .admin()
-        .list_tokens(pb::ListTokensRequest { tenant_id: tenant_id.clone(), ..Default::default() })
+        .list_tokens(pb::ListTokensRequest {
+            tenant_id: tenant_id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -38,7 +59,10 @@ async fn every_rpc_works_end_to_end(backend: Backend) {
     assert_eq!(tokens[0].tenant_id, tenant_id);
 
     // Subscriptions: create (secret shown), get/list (never the secret), update, rotate, reveal.
-    let sub = subscribe(&client, "https://example.com/hook".into(), |r| r.event_types = vec!["user.*".into()]).await;
+    let sub = subscribe(&client, "https://example.com/hook".into(), |r| {
+        r.event_types = vec!["user.*".into()]
+    })
+    .await;
     assert!(sub.signing_secret.starts_with("whsec_"));
     assert_eq!(sub.api_key_hint, "1234");
     assert_eq!(sub.timeout_ms, 15_000);
@@ -48,7 +72,10 @@ async fn every_rpc_works_end_to_end(backend: Backend) {
     assert_eq!(sub.status, pb::SubscriptionStatus::Enabled as i32);
     let got = client
         .subscriptions()
-        .get_subscription(pb::GetSubscriptionRequest { id: sub.id.clone(), ..Default::default() })
+        .get_subscription(pb::GetSubscriptionRequest {
+            id: sub.id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -78,21 +105,30 @@ async fn every_rpc_works_end_to_end(backend: Backend) {
     assert_eq!(updated.url, sub.url, "unset fields are unchanged");
     let rotated = client
         .subscriptions()
-        .rotate_secret(pb::RotateSecretRequest { id: sub.id.clone(), ..Default::default() })
+        .rotate_secret(pb::RotateSecretRequest {
+            id: sub.id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_ne!(rotated.signing_secret, sub.signing_secret);
     let revealed = client
         .subscriptions()
-        .get_subscription_secret(pb::GetSubscriptionSecretRequest { id: sub.id.clone(), ..Default::default() })
+        .get_subscription_secret(pb::GetSubscriptionSecretRequest {
+            id: sub.id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(revealed.signing_secret, rotated.signing_secret);
     let enabled = client
         .subscriptions()
-        .enable_subscription(pb::EnableSubscriptionRequest { id: sub.id.clone(), ..Default::default() })
+        .enable_subscription(pb::EnableSubscriptionRequest {
+            id: sub.id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -102,19 +138,30 @@ async fn every_rpc_works_end_to_end(backend: Backend) {
     let one = client.publish(user_new(1)).await.unwrap();
     assert_eq!(one.delivery_ids.len(), 1);
     let batch = client
-        .publish_many(pb::PublishEventsRequest { events: vec![user_new(2), user_new(3)] })
+        .publish_many(pb::PublishEventsRequest {
+            events: vec![user_new(2), user_new(3)],
+        })
         .await
         .unwrap();
     assert_eq!(batch.results.len(), 2);
     let event = client
         .events()
-        .get_event(pb::GetEventRequest { id: one.event_id.clone(), ..Default::default() })
+        .get_event(pb::GetEventRequest {
+            id: one.event_id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(event.payload, user_new(1).payload);
     assert_eq!(event.entity_id, "1");
-    let events = client.events().list_events(pb::ListEventsRequest::default()).await.unwrap().into_inner().events;
+    let events = client
+        .events()
+        .list_events(pb::ListEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
     assert_eq!(events.len(), 3);
     assert!(events.windows(2).all(|w| w[0].id > w[1].id), "newest first");
     let types = client
@@ -124,12 +171,21 @@ async fn every_rpc_works_end_to_end(backend: Backend) {
         .unwrap()
         .into_inner()
         .event_types;
-    assert_eq!(types, vec![pb::EventTypeCount { event_type: "user.new".into(), count: 3 }]);
+    assert_eq!(
+        types,
+        vec![pb::EventTypeCount {
+            event_type: "user.new".into(),
+            count: 3
+        }]
+    );
 
     // Deliveries: list by event and by subscription, get.
     let by_event = client
         .deliveries()
-        .list_deliveries(pb::ListDeliveriesRequest { event_id: one.event_id.clone(), ..Default::default() })
+        .list_deliveries(pb::ListDeliveriesRequest {
+            event_id: one.event_id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -138,7 +194,10 @@ async fn every_rpc_works_end_to_end(backend: Backend) {
     assert_eq!(by_event[0].webhook_id, one.event_id);
     let delivery = client
         .deliveries()
-        .get_delivery(pb::GetDeliveryRequest { id: one.delivery_ids[0].clone(), ..Default::default() })
+        .get_delivery(pb::GetDeliveryRequest {
+            id: one.delivery_ids[0].clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -147,74 +206,286 @@ async fn every_rpc_works_end_to_end(backend: Backend) {
     // Delete, revoke.
     client
         .subscriptions()
-        .delete_subscription(pb::DeleteSubscriptionRequest { id: sub.id.clone(), ..Default::default() })
+        .delete_subscription(pb::DeleteSubscriptionRequest {
+            id: sub.id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     let (c, _) = code(
         client
             .subscriptions()
-            .get_subscription(pb::GetSubscriptionRequest { id: sub.id.clone(), ..Default::default() })
+            .get_subscription(pb::GetSubscriptionRequest {
+                id: sub.id.clone(),
+                ..Default::default()
+            })
             .await,
     );
     assert_eq!(c, Code::NotFound);
-    admin.admin().revoke_token(pb::RevokeTokenRequest { token_id: tokens[0].id.clone() }).await.unwrap();
-    let (c, _) = code(client.subscriptions().list_subscriptions(pb::ListSubscriptionsRequest::default()).await);
-    assert_eq!(c, Code::Unauthenticated, "a revoked token is refused at once");
+    admin
+        .admin()
+        .revoke_token(pb::RevokeTokenRequest {
+            token_id: tokens[0].id.clone(),
+        })
+        .await
+        .unwrap();
+    let (c, _) = code(
+        client
+            .subscriptions()
+            .list_subscriptions(pb::ListSubscriptionsRequest::default())
+            .await,
+    );
+    assert_eq!(
+        c,
+        Code::Unauthenticated,
+        "a revoked token is refused at once"
+    );
     herald.stop().await;
 }
 both_backends!(every_rpc_works_end_to_end);
 
 async fn bad_input_is_refused_naming_the_field(backend: Backend) {
-    let herald = Herald::builder(backend).configure(|c| c.max_payload_bytes = 1024).start().await;
+    let herald = Herald::builder(backend)
+        .configure(|c| c.max_payload_bytes = 1024)
+        .start()
+        .await;
     let (tenant_id, client) = herald.tenant("acme").await;
     let (other_id, other) = herald.tenant("other").await;
     let sub = subscribe(&client, "https://example.com/hook".into(), |_| {}).await;
     let before = counts(&herald).await;
 
     let bad_subscriptions: Vec<(&str, pb::CreateSubscriptionRequest)> = vec![
-        ("url", pb::CreateSubscriptionRequest { name: "x".into(), url: "ftp://example.com".into(), ..Default::default() }),
-        ("url", pb::CreateSubscriptionRequest { name: "x".into(), url: "not a url".into(), ..Default::default() }),
-        ("url", pb::CreateSubscriptionRequest { name: "x".into(), url: format!("https://e.com/{}", "a".repeat(2050)), ..Default::default() }),
-        ("name", pb::CreateSubscriptionRequest { name: "".into(), url: "https://e.com".into(), ..Default::default() }),
-        ("name", pb::CreateSubscriptionRequest { name: "n".repeat(201), url: "https://e.com".into(), ..Default::default() }),
-        ("event_types", pb::CreateSubscriptionRequest { name: "x".into(), url: "https://e.com".into(), event_types: vec!["User.New".into()], ..Default::default() }),
-        ("event_types", pb::CreateSubscriptionRequest { name: "x".into(), url: "https://e.com".into(), event_types: vec!["a".into(); 51], ..Default::default() }),
-        ("api_key", pb::CreateSubscriptionRequest { name: "x".into(), url: "https://e.com".into(), api_key: "a\r\nb".into(), ..Default::default() }),
-        ("api_key_header", pb::CreateSubscriptionRequest { name: "x".into(), url: "https://e.com".into(), api_key_header: "bad header".into(), ..Default::default() }),
-        ("api_key_header", pb::CreateSubscriptionRequest { name: "x".into(), url: "https://e.com".into(), api_key_header: "webhook-signature".into(), ..Default::default() }),
-        ("region", pb::CreateSubscriptionRequest { name: "x".into(), url: "https://e.com".into(), region: "EU West".into(), ..Default::default() }),
-        ("timeout_ms", pb::CreateSubscriptionRequest { name: "x".into(), url: "https://e.com".into(), timeout_ms: 999, ..Default::default() }),
-        ("max_attempts", pb::CreateSubscriptionRequest { name: "x".into(), url: "https://e.com".into(), max_attempts: 51, ..Default::default() }),
-        ("max_concurrency", pb::CreateSubscriptionRequest { name: "x".into(), url: "https://e.com".into(), max_concurrency: 2000, ..Default::default() }),
-        ("rate_limit_per_s", pb::CreateSubscriptionRequest { name: "x".into(), url: "https://e.com".into(), rate_limit_per_s: 1_000_000, ..Default::default() }),
+        (
+            "url",
+            pb::CreateSubscriptionRequest {
+                name: "x".into(),
+                url: "ftp://example.com".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "url",
+            pb::CreateSubscriptionRequest {
+                name: "x".into(),
+                url: "not a url".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "url",
+            pb::CreateSubscriptionRequest {
+                name: "x".into(),
+                url: format!("https://e.com/{}", "a".repeat(2050)),
+                ..Default::default()
+            },
+        ),
+        (
+            "name",
+            pb::CreateSubscriptionRequest {
+                name: "".into(),
+                url: "https://e.com".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "name",
+            pb::CreateSubscriptionRequest {
+                name: "n".repeat(201),
+                url: "https://e.com".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "event_types",
+            pb::CreateSubscriptionRequest {
+                name: "x".into(),
+                url: "https://e.com".into(),
+                event_types: vec!["User.New".into()],
+                ..Default::default()
+            },
+        ),
+        (
+            "event_types",
+            pb::CreateSubscriptionRequest {
+                name: "x".into(),
+                url: "https://e.com".into(),
+                event_types: vec!["a".into(); 51],
+                ..Default::default()
+            },
+        ),
+        (
+            "api_key",
+            pb::CreateSubscriptionRequest {
+                name: "x".into(),
+                url: "https://e.com".into(),
+                api_key: "a\r\nb".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "api_key_header",
+            pb::CreateSubscriptionRequest {
+                name: "x".into(),
+                url: "https://e.com".into(),
+                api_key_header: "bad header".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "api_key_header",
+            pb::CreateSubscriptionRequest {
+                name: "x".into(),
+                url: "https://e.com".into(),
+                api_key_header: "webhook-signature".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "region",
+            pb::CreateSubscriptionRequest {
+                name: "x".into(),
+                url: "https://e.com".into(),
+                region: "EU West".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "timeout_ms",
+            pb::CreateSubscriptionRequest {
+                name: "x".into(),
+                url: "https://e.com".into(),
+                timeout_ms: 999,
+                ..Default::default()
+            },
+        ),
+        (
+            "max_attempts",
+            pb::CreateSubscriptionRequest {
+                name: "x".into(),
+                url: "https://e.com".into(),
+                max_attempts: 51,
+                ..Default::default()
+            },
+        ),
+        (
+            "max_concurrency",
+            pb::CreateSubscriptionRequest {
+                name: "x".into(),
+                url: "https://e.com".into(),
+                max_concurrency: 2000,
+                ..Default::default()
+            },
+        ),
+        (
+            "rate_limit_per_s",
+            pb::CreateSubscriptionRequest {
+                name: "x".into(),
+                url: "https://e.com".into(),
+                rate_limit_per_s: 1_000_000,
+                ..Default::default()
+            },
+        ),
     ];
     for (field, request) in bad_subscriptions {
         let (c, message) = code(client.subscriptions().create_subscription(request).await);
         assert_eq!(c, Code::InvalidArgument, "{field}: {message}");
-        assert!(message.starts_with(&format!("{field}:")), "{field}: {message}");
+        assert!(
+            message.starts_with(&format!("{field}:")),
+            "{field}: {message}"
+        );
     }
     let (c, message) = code(
         client
             .subscriptions()
-            .update_subscription(pb::UpdateSubscriptionRequest { id: sub.id.clone(), url: Some("gopher://x".into()), ..Default::default() })
+            .update_subscription(pb::UpdateSubscriptionRequest {
+                id: sub.id.clone(),
+                url: Some("gopher://x".into()),
+                ..Default::default()
+            })
             .await,
     );
-    assert_eq!((c, message.starts_with("url:")), (Code::InvalidArgument, true), "{message}");
+    assert_eq!(
+        (c, message.starts_with("url:")),
+        (Code::InvalidArgument, true),
+        "{message}"
+    );
 
     let bad_events: Vec<(&str, pb::PublishEventRequest)> = vec![
-        ("event_type", pb::PublishEventRequest { event_type: "".into(), payload: "{}".into(), ..Default::default() }),
-        ("event_type", pb::PublishEventRequest { event_type: "user.*".into(), payload: "{}".into(), ..Default::default() }),
-        ("event_type", pb::PublishEventRequest { event_type: "a.b.c.d.e.f".into(), payload: "{}".into(), ..Default::default() }),
-        ("payload", pb::PublishEventRequest { event_type: "user.new".into(), payload: "[1]".into(), ..Default::default() }),
-        ("payload", pb::PublishEventRequest { event_type: "user.new".into(), payload: "{".into(), ..Default::default() }),
-        ("action", pb::PublishEventRequest { event_type: "user.new".into(), payload: "{}".into(), action: "test".into(), ..Default::default() }),
-        ("entity_id", pb::PublishEventRequest { event_type: "user.new".into(), payload: "{}".into(), entity_type: "user".into(), ..Default::default() }),
-        ("idempotency_key", pb::PublishEventRequest { event_type: "user.new".into(), payload: "{}".into(), idempotency_key: "k".repeat(300), ..Default::default() }),
+        (
+            "event_type",
+            pb::PublishEventRequest {
+                event_type: "".into(),
+                payload: "{}".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "event_type",
+            pb::PublishEventRequest {
+                event_type: "user.*".into(),
+                payload: "{}".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "event_type",
+            pb::PublishEventRequest {
+                event_type: "a.b.c.d.e.f".into(),
+                payload: "{}".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "payload",
+            pb::PublishEventRequest {
+                event_type: "user.new".into(),
+                payload: "[1]".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "payload",
+            pb::PublishEventRequest {
+                event_type: "user.new".into(),
+                payload: "{".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "action",
+            pb::PublishEventRequest {
+                event_type: "user.new".into(),
+                payload: "{}".into(),
+                action: "test".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "entity_id",
+            pb::PublishEventRequest {
+                event_type: "user.new".into(),
+                payload: "{}".into(),
+                entity_type: "user".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "idempotency_key",
+            pb::PublishEventRequest {
+                event_type: "user.new".into(),
+                payload: "{}".into(),
+                idempotency_key: "k".repeat(300),
+                ..Default::default()
+            },
+        ),
     ];
     for (field, request) in bad_events {
         let (c, message) = code(client.events().publish_event(request).await);
         assert_eq!(c, Code::InvalidArgument, "{field}: {message}");
-        assert!(message.starts_with(&format!("{field}:")), "{field}: {message}");
+        assert!(
+            message.starts_with(&format!("{field}:")),
+            "{field}: {message}"
+        );
     }
     let big = pb::PublishEventRequest {
         event_type: "user.new".into(),
@@ -227,13 +498,25 @@ async fn bad_input_is_refused_naming_the_field(backend: Backend) {
     // A batch with one invalid event is refused whole.
     let mut bad = user_new(2);
     bad.payload = "nope".into();
-    let (c, message) = code(client.events().publish_events(pb::PublishEventsRequest { events: vec![user_new(1), bad] }).await);
+    let (c, message) = code(
+        client
+            .events()
+            .publish_events(pb::PublishEventsRequest {
+                events: vec![user_new(1), bad],
+            })
+            .await,
+    );
     assert_eq!(c, Code::InvalidArgument, "{message}");
     assert!(message.starts_with("events[1].payload:"), "{message}");
 
     // Authentication and tenant scoping.
     let stranger = herald.client("hrld_not_a_token");
-    let (c, _) = code(stranger.subscriptions().list_subscriptions(pb::ListSubscriptionsRequest::default()).await);
+    let (c, _) = code(
+        stranger
+            .subscriptions()
+            .list_subscriptions(pb::ListSubscriptionsRequest::default())
+            .await,
+    );
     assert_eq!(c, Code::Unauthenticated);
     let anonymous = herald.client("");
     let (c, _) = code(anonymous.events().publish_event(user_new(1)).await);
@@ -241,33 +524,73 @@ async fn bad_input_is_refused_naming_the_field(backend: Backend) {
     let (c, _) = code(
         client
             .subscriptions()
-            .list_subscriptions(pb::ListSubscriptionsRequest { tenant_id: other_id.clone(), ..Default::default() })
+            .list_subscriptions(pb::ListSubscriptionsRequest {
+                tenant_id: other_id.clone(),
+                ..Default::default()
+            })
             .await,
     );
     assert_eq!(c, Code::PermissionDenied);
     let (c, _) = code(
         other
             .subscriptions()
-            .get_subscription(pb::GetSubscriptionRequest { id: sub.id.clone(), ..Default::default() })
+            .get_subscription(pb::GetSubscriptionRequest {
+                id: sub.id.clone(),
+                ..Default::default()
+            })
             .await,
     );
-    assert_eq!(c, Code::NotFound, "another tenant's id is not found, never forbidden");
-    let (c, _) = code(client.admin().list_tenants(pb::ListTenantsRequest::default()).await);
-    assert_eq!(c, Code::PermissionDenied, "a tenant token is not an admin token");
-    let (c, message) = code(herald.admin().subscriptions().list_subscriptions(pb::ListSubscriptionsRequest::default()).await);
-    assert_eq!((c, message.starts_with("tenant_id:")), (Code::InvalidArgument, true), "{message}");
+    assert_eq!(
+        c,
+        Code::NotFound,
+        "another tenant's id is not found, never forbidden"
+    );
+    let (c, _) = code(
+        client
+            .admin()
+            .list_tenants(pb::ListTenantsRequest::default())
+            .await,
+    );
+    assert_eq!(
+        c,
+        Code::PermissionDenied,
+        "a tenant token is not an admin token"
+    );
+    let (c, message) = code(
+        herald
+            .admin()
+            .subscriptions()
+            .list_subscriptions(pb::ListSubscriptionsRequest::default())
+            .await,
+    );
+    assert_eq!(
+        (c, message.starts_with("tenant_id:")),
+        (Code::InvalidArgument, true),
+        "{message}"
+    );
     let (c, _) = code(
         herald
             .admin()
             .subscriptions()
-            .list_subscriptions(pb::ListSubscriptionsRequest { tenant_id: "ten_00000000000000000000000000".into(), ..Default::default() })
+            .list_subscriptions(pb::ListSubscriptionsRequest {
+                tenant_id: "ten_00000000000000000000000000".into(),
+                ..Default::default()
+            })
             .await
             .map(|_| ())
-            .and_then(|_| Err::<(), _>(tonic::Status::not_found("empty list for an unknown tenant is fine"))),
+            .and_then(|_| {
+                Err::<(), _>(tonic::Status::not_found(
+                    "empty list for an unknown tenant is fine",
+                ))
+            }),
     );
     assert_eq!(c, Code::NotFound);
     let _ = tenant_id;
-    assert_eq!(counts(&herald).await, before, "refused calls changed no rows");
+    assert_eq!(
+        counts(&herald).await,
+        before,
+        "refused calls changed no rows"
+    );
     herald.stop().await;
 }
 both_backends!(bad_input_is_refused_naming_the_field);
@@ -279,8 +602,18 @@ async fn idempotent_publishes_create_one_event(backend: Backend) {
     subscribe(&client, "https://example.com/b".into(), |_| {}).await;
     let mut request = user_new(1);
     request.idempotency_key = "key-1".into();
-    let first = client.events().publish_event(request.clone()).await.unwrap().into_inner();
-    let second = client.events().publish_event(request.clone()).await.unwrap().into_inner();
+    let first = client
+        .events()
+        .publish_event(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let second = client
+        .events()
+        .publish_event(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(first, second);
     assert_eq!(first.delivery_ids.len(), 2);
     // Racing calls with one key: every caller gets the first reply.
@@ -289,7 +622,14 @@ async fn idempotent_publishes_create_one_event(backend: Backend) {
     let calls = (0..16).map(|_| {
         let client = client.clone();
         let racing = racing.clone();
-        async move { client.events().publish_event(racing).await.unwrap().into_inner() }
+        async move {
+            client
+                .events()
+                .publish_event(racing)
+                .await
+                .unwrap()
+                .into_inner()
+        }
     });
     let replies = futures::future::join_all(calls).await;
     assert!(replies.iter().all(|r| *r == replies[0]), "{replies:?}");
@@ -308,15 +648,27 @@ async fn fan_out_respects_filters_active_and_status(backend: Backend) {
     let herald = Herald::builder(backend).no_builtin_agent().start().await;
     let (_, client) = herald.tenant("acme").await;
     let all = subscribe(&client, "https://example.com/all".into(), |_| {}).await;
-    let users = subscribe(&client, "https://example.com/users".into(), |r| r.event_types = vec!["user.*".into()]).await;
-    subscribe(&client, "https://example.com/companies".into(), |r| r.event_types = vec!["company.*".into()]).await;
-    subscribe(&client, "https://example.com/off".into(), |r| r.active = Some(false)).await;
+    let users = subscribe(&client, "https://example.com/users".into(), |r| {
+        r.event_types = vec!["user.*".into()]
+    })
+    .await;
+    subscribe(&client, "https://example.com/companies".into(), |r| {
+        r.event_types = vec!["company.*".into()]
+    })
+    .await;
+    subscribe(&client, "https://example.com/off".into(), |r| {
+        r.active = Some(false)
+    })
+    .await;
     let reply = client.publish(user_new(1)).await.unwrap();
     let mut targets = Vec::new();
     for id in &reply.delivery_ids {
         let d = client
             .deliveries()
-            .get_delivery(pb::GetDeliveryRequest { id: id.clone(), ..Default::default() })
+            .get_delivery(pb::GetDeliveryRequest {
+                id: id.clone(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -328,7 +680,11 @@ async fn fan_out_respects_filters_active_and_status(backend: Backend) {
     assert_eq!(targets, expected);
     let mut deep = user_new(2);
     deep.event_type = "user.profile.updated".into();
-    assert_eq!(client.publish(deep).await.unwrap().delivery_ids.len(), 1, "user.* matches one segment only");
+    assert_eq!(
+        client.publish(deep).await.unwrap().delivery_ids.len(),
+        1,
+        "user.* matches one segment only"
+    );
     herald.stop().await;
 }
 both_backends!(fan_out_respects_filters_active_and_status);
@@ -347,7 +703,10 @@ async fn concurrent_publishes_share_commits(backend: Backend) {
     let replies = futures::future::join_all(calls).await;
     assert_eq!(replies.len(), n as usize);
     let commits = store.commits() - before;
-    assert!(commits < u64::from(n), "{n} publishes took {commits} commits");
+    assert!(
+        commits < u64::from(n),
+        "{n} publishes took {commits} commits"
+    );
     herald.stop().await;
 }
 both_backends!(concurrent_publishes_share_commits);
@@ -362,7 +721,10 @@ async fn storage_is_durable_by_configuration(backend: Backend) {
             assert_eq!(store.read_setting("synchronous").await.unwrap(), "2");
         }
         Backend::Postgres => {
-            assert_eq!(store.read_setting("synchronous_commit").await.unwrap(), "on");
+            assert_eq!(
+                store.read_setting("synchronous_commit").await.unwrap(),
+                "on"
+            );
         }
     }
     herald.stop().await;
@@ -382,11 +744,31 @@ async fn acknowledged_publishes_survive_sigkill() {
     let mut cp = harness::spawn_control_plane(&env).await;
     let url = format!("http://{}", cp.addr.unwrap());
     let admin = herald_client::HeraldClient::connect(&url, harness::ADMIN_TOKEN).unwrap();
-    let tenant = admin.admin().create_tenant(pb::CreateTenantRequest { name: "acme".into() }).await.unwrap().into_inner();
-    let mut sub = pb::CreateSubscriptionRequest { tenant_id: tenant.id.clone(), name: "a".into(), url: "https://example.com".into(), ..Default::default() };
-    admin.subscriptions().create_subscription(sub.clone()).await.unwrap();
+    let tenant = admin
+        .admin()
+        .create_tenant(pb::CreateTenantRequest {
+            name: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut sub = pb::CreateSubscriptionRequest {
+        tenant_id: tenant.id.clone(),
+        name: "a".into(),
+        url: "https://example.com".into(),
+        ..Default::default()
+    };
+    admin
+        .subscriptions()
+        .create_subscription(sub.clone())
+        .await
+        .unwrap();
     sub.url = "https://example.com/b".into();
-    admin.subscriptions().create_subscription(sub).await.unwrap();
+    admin
+        .subscriptions()
+        .create_subscription(sub)
+        .await
+        .unwrap();
     let calls = (0..100).map(|i| {
         let admin = admin.clone();
         let mut request = user_new(i);
@@ -402,7 +784,11 @@ async fn acknowledged_publishes_survive_sigkill() {
     for reply in &acknowledged {
         let deliveries = admin
             .deliveries()
-            .list_deliveries(pb::ListDeliveriesRequest { tenant_id: tenant.id.clone(), event_id: reply.event_id.clone(), ..Default::default() })
+            .list_deliveries(pb::ListDeliveriesRequest {
+                tenant_id: tenant.id.clone(),
+                event_id: reply.event_id.clone(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner()
@@ -432,10 +818,20 @@ async fn secrets_are_sealed_at_rest_and_never_logged() {
     let url = format!("http://{}", cp.addr.unwrap());
     let admin = herald_client::HeraldClient::connect(&url, harness::ADMIN_TOKEN).unwrap();
     let receiver = Receiver::start().await;
-    let tenant = admin.admin().create_tenant(pb::CreateTenantRequest { name: "acme".into() }).await.unwrap().into_inner();
+    let tenant = admin
+        .admin()
+        .create_tenant(pb::CreateTenantRequest {
+            name: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let token = admin
         .admin()
-        .create_token(pb::CreateTokenRequest { tenant_id: tenant.id.clone(), name: "t".into() })
+        .create_token(pb::CreateTokenRequest {
+            tenant_id: tenant.id.clone(),
+            name: "t".into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -445,7 +841,10 @@ async fn secrets_are_sealed_at_rest_and_never_logged() {
     let sub = subscribe(&client, receiver.url("/"), |r| r.api_key = api_key.into()).await;
     let rotated = client
         .subscriptions()
-        .rotate_secret(pb::RotateSecretRequest { id: sub.id.clone(), ..Default::default() })
+        .rotate_secret(pb::RotateSecretRequest {
+            id: sub.id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -454,7 +853,11 @@ async fn secrets_are_sealed_at_rest_and_never_logged() {
     cp.terminate().await;
 
     use base64::Engine as _;
-    let secrets = [api_key.to_owned(), sub.signing_secret.clone(), rotated.signing_secret.clone()];
+    let secrets = [
+        api_key.to_owned(),
+        sub.signing_secret.clone(),
+        rotated.signing_secret.clone(),
+    ];
     let mut forms: Vec<String> = Vec::new();
     for secret in &secrets {
         forms.push(secret.clone());
@@ -468,18 +871,30 @@ async fn secrets_are_sealed_at_rest_and_never_logged() {
     bytes.extend(std::fs::read(path.with_extension("db-wal")).unwrap_or_default());
     let stored = String::from_utf8_lossy(&bytes);
     let logs = cp.logs();
-    assert!(logs.contains("TRACE") || logs.contains("DEBUG"), "trace logging was on");
+    assert!(
+        logs.contains("TRACE") || logs.contains("DEBUG"),
+        "trace logging was on"
+    );
     for form in &forms {
-        assert!(!stored.contains(form.as_str()), "a secret is stored in clear");
+        assert!(
+            !stored.contains(form.as_str()),
+            "a secret is stored in clear"
+        );
         assert!(!logs.contains(form.as_str()), "a secret was logged");
     }
     assert!(!logs.contains(&token), "a token was logged");
-    assert!(!logs.contains(harness::ADMIN_TOKEN), "the admin token was logged");
+    assert!(
+        !logs.contains(harness::ADMIN_TOKEN),
+        "the admin token was logged"
+    );
 
     // Another key is refused at start, with a message naming the setting.
     let mut wrong = env.clone();
     wrong.retain(|(k, _)| *k != "HERALD_MASTER_KEY");
-    wrong.push(("HERALD_MASTER_KEY", "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=".to_owned()));
+    wrong.push((
+        "HERALD_MASTER_KEY",
+        "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=".to_owned(),
+    ));
     let output = tokio::process::Command::new(harness::binary("herald-control-plane"))
         .envs(wrong.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
@@ -552,7 +967,8 @@ mod reflection {
     fn pool(files: Vec<Vec<u8>>) -> DescriptorPool {
         let mut set = prost_types::FileDescriptorSet::default();
         for file in files {
-            set.file.push(prost_types::FileDescriptorProto::decode(file.as_slice()).unwrap());
+            set.file
+                .push(prost_types::FileDescriptorProto::decode(file.as_slice()).unwrap());
         }
         let mut pool = DescriptorPool::new();
         pool.add_file_descriptor_set(set).unwrap();
@@ -571,7 +987,10 @@ mod reflection {
         let mut grpc = tonic::client::Grpc::new(channel);
         grpc.ready().await.unwrap();
         let mut call = tonic::Request::new(Bytes::from(request.encode_to_vec()));
-        call.metadata_mut().insert("authorization", format!("Bearer {}", herald.admin_token).parse().unwrap());
+        call.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", herald.admin_token).parse().unwrap(),
+        );
         let path = http::uri::PathAndQuery::from_static("/herald.v1.AdminService/ListTenants");
         let reply = grpc.unary(call, path, RawCodec).await.unwrap().into_inner();
         let reply = DynamicMessage::decode(method.output(), reply).unwrap();
@@ -581,7 +1000,10 @@ mod reflection {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reflection_v1_and_v1alpha_describe_every_service() {
-        let herald = Herald::builder(Backend::Sqlite).no_builtin_agent().start().await;
+        let herald = Herald::builder(Backend::Sqlite)
+            .no_builtin_agent()
+            .start()
+            .await;
         herald.tenant("acme").await;
         let expected = [
             "grpc.health.v1.Health",
@@ -593,14 +1015,28 @@ mod reflection {
         ];
 
         // v1
-        let mut client = v1::server_reflection_client::ServerReflectionClient::new(herald.admin().channel());
-        let ask = |request| v1::ServerReflectionRequest { host: String::new(), message_request: Some(request) };
+        let mut client =
+            v1::server_reflection_client::ServerReflectionClient::new(herald.admin().channel());
+        let ask = |request| v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        };
         let mut replies = client
             .server_reflection_info(tokio_stream::iter(vec![
-                ask(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
-                ask(v1::server_reflection_request::MessageRequest::FileContainingSymbol("herald.v1.AdminService".into())),
+                ask(v1::server_reflection_request::MessageRequest::ListServices(
+                    String::new(),
+                )),
+                ask(
+                    v1::server_reflection_request::MessageRequest::FileContainingSymbol(
+                        "herald.v1.AdminService".into(),
+                    ),
+                ),
                 // A client resolves imports it lacks by file name, as grpcurl does.
-                ask(v1::server_reflection_request::MessageRequest::FileByFilename("google/protobuf/timestamp.proto".into())),
+                ask(
+                    v1::server_reflection_request::MessageRequest::FileByFilename(
+                        "google/protobuf/timestamp.proto".into(),
+                    ),
+                ),
             ]))
             .await
             .unwrap()
@@ -619,19 +1055,37 @@ mod reflection {
             }
         }
         for name in expected {
-            assert!(services.iter().any(|s| s == name), "{name} missing from {services:?}");
+            assert!(
+                services.iter().any(|s| s == name),
+                "{name} missing from {services:?}"
+            );
         }
         list_tenants_dynamically(&herald, &pool(files)).await;
 
         // v1alpha
-        let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(herald.admin().channel());
-        let ask = |request| v1alpha::ServerReflectionRequest { host: String::new(), message_request: Some(request) };
+        let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(
+            herald.admin().channel(),
+        );
+        let ask = |request| v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        };
         let mut replies = client
             .server_reflection_info(tokio_stream::iter(vec![
-                ask(v1alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
-                ask(v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol("herald.v1.AdminService".into())),
+                ask(
+                    v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+                ),
+                ask(
+                    v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                        "herald.v1.AdminService".into(),
+                    ),
+                ),
                 // A client resolves imports it lacks by file name, as grpcurl does.
-                ask(v1alpha::server_reflection_request::MessageRequest::FileByFilename("google/protobuf/timestamp.proto".into())),
+                ask(
+                    v1alpha::server_reflection_request::MessageRequest::FileByFilename(
+                        "google/protobuf/timestamp.proto".into(),
+                    ),
+                ),
             ]))
             .await
             .unwrap()
@@ -640,29 +1094,42 @@ mod reflection {
         let mut files = Vec::new();
         while let Some(reply) = replies.message().await.unwrap() {
             match reply.message_response.unwrap() {
-                v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list) => {
+                v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(
+                    list,
+                ) => {
                     services.extend(list.service.into_iter().map(|s| s.name));
                 }
-                v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(fds) => {
+                v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(
+                    fds,
+                ) => {
                     files.extend(fds.file_descriptor_proto);
                 }
                 other => panic!("unexpected {other:?}"),
             }
         }
         for name in expected {
-            assert!(services.iter().any(|s| s == name), "{name} missing from {services:?}");
+            assert!(
+                services.iter().any(|s| s == name),
+                "{name} missing from {services:?}"
+            );
         }
         list_tenants_dynamically(&herald, &pool(files)).await;
 
         // Health, without a token.
-        let mut health = tonic_health::pb::health_client::HealthClient::new(herald.admin().channel());
+        let mut health =
+            tonic_health::pb::health_client::HealthClient::new(herald.admin().channel());
         let status = health
-            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
             .await
             .unwrap()
             .into_inner()
             .status;
-        assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
         herald.stop().await;
     }
 }
