@@ -181,10 +181,11 @@ pub fn load(
             Some((key, value))
         })
         .collect();
-    let file = flags
-        .config
-        .clone()
-        .or_else(|| env.get("config").filter(|p| !p.is_empty()).map(PathBuf::from));
+    let file = flags.config.clone().or_else(|| {
+        env.get("config")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+    });
     let own_env: BTreeMap<&str, &str> = env
         .iter()
         .filter(|(key, _)| KEYS.contains(&key.as_str()))
@@ -239,10 +240,7 @@ impl Raw {
                 .ok()
                 .filter(|n| (1..=MAX_CAPACITY).contains(n))
                 .ok_or_else(|| {
-                    invalid(
-                        "capacity",
-                        format!("must be between 1 and {MAX_CAPACITY}"),
-                    )
+                    invalid("capacity", format!("must be between 1 and {MAX_CAPACITY}"))
                 })?,
         };
         let agent_id = scalar(self.agent_id, "agent_id")?.unwrap_or_else(default_agent_id);

@@ -58,15 +58,15 @@ pub(crate) enum Ended {
 /// Why a stream failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Error {
-    #[error("connect: {0}")]
+    #[error("connect: {}", with_sources(.0))]
     Connect(#[source] tonic::transport::Error),
-    #[error("refused: {}: {}", .0.code(), .0.message())]
+    #[error("refused: {:?}: {}", .0.code(), .0.message())]
     Refused(Status),
     #[error("no welcome within {} s", WELCOME_TIMEOUT.as_secs())]
     NoWelcome,
     #[error("protocol: {0}")]
     Protocol(&'static str),
-    #[error("stream broken: {}: {}", .0.code(), .0.message())]
+    #[error("stream broken: {:?}: {}", .0.code(), .0.message())]
     Broken(Status),
     #[error("stream broken: the request stream was closed")]
     RequestStreamClosed,
@@ -393,10 +393,301 @@ fn collect_finished(
     (results, finished)
 }
 
+/// Formats an error with its sources: tonic's "transport error" alone says nothing.
+fn with_sources(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Completes at `deadline`, or never without one.
 async fn sleep_until_deadline(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::task::JoinHandle;
+
+    use crate::Config;
+    use crate::testing::{ControlPlane, Receiver, Reply, Session, job, response, within};
+
+    use super::*;
+
+    fn config(control_plane: &ControlPlane, capacity: u32) -> Config {
+        Config {
+            control_planes: vec![control_plane.url.clone()],
+            token: "agent-secret".into(),
+            agent_id: "agent-1".into(),
+            region: "eu".into(),
+            capacity,
+            allow_destinations: vec!["127.0.0.0/8".parse().unwrap()],
+            extra_ca: None,
+            version: "9.9.9".into(),
+            heartbeat_interval: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+
+    fn start(config: Config) -> (CancellationToken, JoinHandle<Result<(), crate::Error>>) {
+        let shutdown = CancellationToken::new();
+        let agent = tokio::spawn(crate::run(config, shutdown.clone()));
+        (shutdown, agent)
+    }
+
+    async fn welcomed(control_plane: &mut ControlPlane) -> Session {
+        let mut session = control_plane.next_session().await;
+        session.hello().await;
+        session.welcome(0);
+        session
+    }
+
+    /// Collects results until `count` have arrived; returns them and the credits granted.
+    async fn results(session: &mut Session, count: usize) -> (Vec<pb::JobResult>, u32) {
+        let mut results = Vec::new();
+        let mut credits = 0;
+        while results.len() < count {
+            match session.recv_skipping_heartbeats().await {
+                Some(Outbound::Results(batch)) => {
+                    credits += batch.credits;
+                    results.extend(batch.results);
+                }
+                Some(Outbound::Credit(credit)) => credits += credit.credits,
+                other => panic!("expected results, got {other:?}"),
+            }
+        }
+        results.sort_by(|a, b| a.delivery_id.cmp(&b.delivery_id));
+        (results, credits)
+    }
+
+    fn jobs(ids: &[&str], url: &str, timeout_ms: u32) -> Inbound {
+        Inbound::Jobs(pb::Jobs {
+            jobs: ids.iter().map(|id| job(id, url, timeout_ms)).collect(),
+        })
+    }
+
+    async fn stopped(agent: JoinHandle<Result<(), crate::Error>>) {
+        within("the agent to stop", agent).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn hello_comes_first_then_results_give_credits_back() {
+        let mut control_plane = ControlPlane::start(0).await;
+        let mut receiver = Receiver::start(Reply::Raw(response("200 OK", &[], b"ok"))).await;
+        let (shutdown, agent) = start(config(&control_plane, 4));
+
+        let mut session = control_plane.next_session().await;
+        assert_eq!(
+            session.authorization.as_deref(),
+            Some("Bearer agent-secret")
+        );
+        assert_eq!(
+            session.hello().await,
+            pb::Hello {
+                agent_id: "agent-1".into(),
+                region: "eu".into(),
+                capacity: 4,
+                version: "9.9.9".into(),
+            }
+        );
+        session.welcome(0);
+        session.send(jobs(&["1", "2", "3"], &receiver.url(), 5000));
+
+        let (results, credits) = results(&mut session, 3).await;
+        assert_eq!(credits, 3);
+        let ids: Vec<&str> = results.iter().map(|r| r.delivery_id.as_str()).collect();
+        assert_eq!(ids, ["dlv_1", "dlv_2", "dlv_3"]);
+        for result in &results {
+            assert_eq!(result.status_code, 200);
+            assert_eq!(
+                result.lease_id,
+                result.delivery_id.replace("dlv_", "lease_")
+            );
+        }
+        for _ in 0..3 {
+            receiver.next_request().await;
+        }
+
+        shutdown.cancel();
+        assert!(session.recv().await.is_none(), "the agent half-closes");
+        session.end();
+        stopped(agent).await;
+    }
+
+    #[tokio::test]
+    async fn sends_heartbeats_at_the_welcomed_interval() {
+        let mut control_plane = ControlPlane::start(0).await;
+        let (shutdown, agent) = start(config(&control_plane, 1));
+        let mut session = control_plane.next_session().await;
+        session.hello().await;
+        session.welcome(20);
+        for _ in 0..2 {
+            match session.recv().await {
+                Some(Outbound::Heartbeat(beat)) => assert!(beat.sent_at.is_some()),
+                other => panic!("expected a heartbeat, got {other:?}"),
+            }
+        }
+        shutdown.cancel();
+        assert!(session.recv_skipping_heartbeats().await.is_none());
+        session.end();
+        stopped(agent).await;
+    }
+
+    #[tokio::test]
+    async fn drain_finishes_in_flight_jobs_reports_them_and_reconnects() {
+        let gate = Arc::new(Semaphore::new(0));
+        let mut receiver = Receiver::start(Reply::Gated(gate.clone())).await;
+        let mut control_plane = ControlPlane::start(0).await;
+        let (shutdown, agent) = start(config(&control_plane, 3));
+        let mut session = welcomed(&mut control_plane).await;
+
+        session.send(jobs(&["1", "2"], &receiver.url(), 10_000));
+        // Both are at the receiver at once: jobs run concurrently.
+        receiver.next_request().await;
+        receiver.next_request().await;
+        session.send(Inbound::Drain(pb::Drain {
+            reason: "replica restarting".into(),
+        }));
+        // A job that was already on its way when the drain went out still runs; its arrival
+        // also shows the agent has read the drain (messages are handled in order).
+        session.send(jobs(&["3"], &receiver.url(), 10_000));
+        receiver.next_request().await;
+        gate.add_permits(3);
+
+        let (results, credits) = results(&mut session, 3).await;
+        assert_eq!(results.len(), 3);
+        assert!(results.iter().all(|r| r.status_code == 200));
+        assert_eq!(credits, 0, "no credits while draining");
+        assert!(session.recv().await.is_none(), "the agent half-closes");
+        session.end();
+
+        let mut again = control_plane.next_session().await;
+        assert_eq!(again.hello().await.capacity, 3);
+        shutdown.cancel();
+        stopped(agent).await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_reports_in_flight_jobs_before_returning() {
+        let gate = Arc::new(Semaphore::new(0));
+        let mut receiver = Receiver::start(Reply::Gated(gate.clone())).await;
+        let mut control_plane = ControlPlane::start(0).await;
+        let (shutdown, agent) = start(config(&control_plane, 2));
+        let mut session = welcomed(&mut control_plane).await;
+
+        session.send(jobs(&["1"], &receiver.url(), 10_000));
+        receiver.next_request().await;
+        shutdown.cancel();
+        // The stream loop is biased towards the shutdown, so it is seen before the result.
+        gate.add_permits(1);
+
+        let (results, credits) = results(&mut session, 1).await;
+        assert_eq!(results[0].status_code, 200);
+        assert_eq!(credits, 0);
+        assert!(session.recv().await.is_none(), "the agent half-closes");
+        session.end();
+        stopped(agent).await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_abandons_jobs_still_running_after_the_grace_period() {
+        let mut receiver = Receiver::start(Reply::Never).await;
+        let mut control_plane = ControlPlane::start(0).await;
+        let mut config = config(&control_plane, 2);
+        config.shutdown_grace = Duration::from_millis(200);
+        let (shutdown, agent) = start(config);
+        let mut session = welcomed(&mut control_plane).await;
+
+        session.send(jobs(&["1"], &receiver.url(), 60_000));
+        receiver.next_request().await;
+        shutdown.cancel();
+        assert!(
+            session.recv_skipping_heartbeats().await.is_none(),
+            "no result, then the agent half-closes"
+        );
+        session.end();
+        stopped(agent).await;
+    }
+
+    #[tokio::test]
+    async fn a_broken_stream_drops_in_flight_results_and_reconnects() {
+        let mut receiver = Receiver::start(Reply::Never).await;
+        let mut control_plane = ControlPlane::start(0).await;
+        let (shutdown, agent) = start(config(&control_plane, 2));
+        let mut session = welcomed(&mut control_plane).await;
+
+        session.send(jobs(&["1"], &receiver.url(), 60_000));
+        receiver.next_request().await;
+        session.fail(Status::unavailable("replica going away"));
+
+        let mut again = control_plane.next_session().await;
+        assert_eq!(again.hello().await.capacity, 2);
+        again.welcome(0);
+        shutdown.cancel();
+        assert!(again.recv_skipping_heartbeats().await.is_none());
+        again.end();
+        stopped(agent).await;
+    }
+
+    #[tokio::test]
+    async fn refused_credentials_are_retried() {
+        let mut control_plane = ControlPlane::start(2).await;
+        let (shutdown, agent) = start(config(&control_plane, 1));
+        let mut session = control_plane.next_session().await;
+        assert_eq!(control_plane.refused(), 2);
+        session.hello().await;
+        // Shutdown while waiting for the welcome returns at once.
+        shutdown.cancel();
+        stopped(agent).await;
+    }
+
+    #[tokio::test]
+    async fn tries_the_control_planes_in_turn() {
+        let unreachable = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut control_plane = ControlPlane::start(0).await;
+        let mut config = config(&control_plane, 1);
+        config.control_planes = vec![format!("http://{unreachable}"), control_plane.url.clone()];
+        let (shutdown, agent) = start(config);
+        control_plane.next_session().await.hello().await;
+        shutdown.cancel();
+        stopped(agent).await;
+    }
+
+    #[tokio::test]
+    async fn finished_jobs_are_reported_together() {
+        let mut jobs = JoinSet::new();
+        let mut handles = Vec::new();
+        for i in 0..3 {
+            handles.push(jobs.spawn(async move {
+                pb::JobResult {
+                    delivery_id: format!("dlv_{i}"),
+                    ..Default::default()
+                }
+            }));
+        }
+        handles.push(jobs.spawn(async { panic!("a bug in a delivery task") }));
+        // Poll the condition (all tasks done) rather than sleeping.
+        while !handles.iter().all(|h| h.is_finished()) {
+            tokio::task::yield_now().await;
+        }
+        let first = jobs.join_next().await.unwrap();
+        let (results, finished) = collect_finished(&mut jobs, first);
+        assert_eq!(finished, 4, "a failed task gives its slot back too");
+        assert_eq!(results.len(), 3);
+        assert!(jobs.is_empty());
     }
 }

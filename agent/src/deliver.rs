@@ -404,10 +404,9 @@ fn truncate_at_char_boundary(text: &mut String, max: usize) {
 
 /// Tells DNS, TLS, connect and response failures apart by walking the error's source chain.
 fn classify(err: &(dyn StdError + 'static)) -> Failure {
-    let chain: Vec<&(dyn StdError + 'static)> =
-        std::iter::successors(Some(err), |e| (*e).source()).collect();
+    let chain = source_chain(err);
     let root = chain.last().map(|e| e.to_string()).unwrap_or_default();
-    if let Some(resolve) = chain.iter().find_map(|e| find::<ResolveError>(*e)) {
+    if let Some(resolve) = chain.iter().find_map(|e| e.downcast_ref::<ResolveError>()) {
         return match resolve {
             ResolveError::Refused { .. } => {
                 Failure::refused(format!("destination refused: {resolve}"))
@@ -417,13 +416,14 @@ fn classify(err: &(dyn StdError + 'static)) -> Failure {
             }
         };
     }
-    if chain.iter().any(|e| find::<rustls::Error>(*e).is_some()) {
+    if chain.iter().any(|e| e.is::<rustls::Error>()) {
         return Failure::new(pb::AttemptError::Tls, format!("tls: {root}"));
     }
     let timed_out = chain.iter().any(|e| {
         e.downcast_ref::<reqwest::Error>()
             .is_some_and(reqwest::Error::is_timeout)
-            || find::<io::Error>(*e).is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
+            || e.downcast_ref::<io::Error>()
+                .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
     });
     if timed_out {
         return Failure::new(pb::AttemptError::Timeout, format!("timeout: {root}"));
@@ -439,19 +439,530 @@ fn classify(err: &(dyn StdError + 'static)) -> Failure {
     Failure::new(pb::AttemptError::Connect, format!("connect: {root}"))
 }
 
-/// Finds a `T` in one link of a source chain, looking inside `io::Error`s too: their `source()`
-/// skips the error they wrap, which is where tokio-rustls puts its `rustls::Error`.
-fn find<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a T> {
-    err.downcast_ref::<T>().or_else(|| {
-        err.downcast_ref::<io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<T>())
-    })
+/// Returns `err` and its sources, outermost first. An `io::Error`'s `source()` skips the error
+/// it wraps (where tokio-rustls puts its `rustls::Error`, sometimes inside a second
+/// `io::Error`), so the walk steps into the wrapped error instead.
+fn source_chain<'a>(err: &'a (dyn StdError + 'static)) -> Vec<&'a (dyn StdError + 'static)> {
+    const MAX_LINKS: usize = 32;
+    let mut chain = Vec::new();
+    let mut next = Some(err);
+    while let Some(link) = next {
+        if chain.len() == MAX_LINKS {
+            break;
+        }
+        chain.push(link);
+        next = match link.downcast_ref::<io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as &(dyn StdError + 'static)),
+            None => link.source(),
+        };
+    }
+    chain
 }
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write as _;
+    use std::net::TcpListener as StdListener;
+
+    use crate::testing::{Receiver, Reply, job, response, within};
+
     use super::*;
+
+    fn deliverer(allow: &[&str]) -> Deliverer {
+        let allow = allow.iter().map(|net| net.parse().unwrap()).collect();
+        Deliverer::new("agent-test".into(), Guard::new(allow), None).unwrap()
+    }
+
+    /// A guard that allows the loopback receivers of these tests.
+    fn loopback() -> Deliverer {
+        deliverer(&["127.0.0.0/8"])
+    }
+
+    fn header<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+        headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// A listener nobody serves: `accept` tells whether anything connected to it.
+    fn silent_listener() -> StdListener {
+        let listener = StdListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        listener
+    }
+
+    #[track_caller]
+    fn assert_no_connection(listener: &StdListener) {
+        // A connect completes its handshake in the kernel before the client goes on, so a
+        // connection made during the attempt is already waiting in the backlog here.
+        match listener.accept() {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            Ok((_, peer)) => panic!("unexpected connection from {peer}"),
+            Err(err) => panic!("accept failed: {err}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn body_bytes_and_headers_arrive_exactly() {
+        let mut receiver = Receiver::start(Reply::Raw(response("204 No Content", &[], b""))).await;
+        let body = b"{\"a\": 1,\n  \"caf\xc3\xa9\": [true, null]}  \n".to_vec();
+        let headers = [
+            ("content-type", "application/json"),
+            ("user-agent", "Herald/0.1.0"),
+            ("x-api-key", "k3y-v4lue"),
+            ("webhook-id", "evt_01J"),
+            ("webhook-timestamp", "1700000000"),
+            (
+                "webhook-signature",
+                "v1,c2lnbmF0dXJlMQ== v1,c2lnbmF0dXJlMg==",
+            ),
+            ("x-dup", "first"),
+            ("x-dup", "second"),
+        ];
+        let mut job = job("1", &receiver.url(), 5000);
+        job.body = body.clone();
+        job.headers = headers
+            .iter()
+            .map(|(name, value)| pb::Header {
+                name: (*name).into(),
+                value: (*value).into(),
+            })
+            .collect();
+
+        let result = loopback().deliver(job).await;
+        let got = receiver.next_request().await;
+
+        assert_eq!(got.method, "POST");
+        assert_eq!(got.target, "/hook");
+        assert_eq!(got.body, body);
+        for name in [
+            "content-type",
+            "user-agent",
+            "x-api-key",
+            "webhook-id",
+            "webhook-timestamp",
+            "webhook-signature",
+            "x-dup",
+        ] {
+            let expected: Vec<&str> = headers
+                .iter()
+                .filter(|(n, _)| *n == name)
+                .map(|(_, v)| *v)
+                .collect();
+            assert_eq!(header(&got.headers, name), expected, "{name}");
+        }
+        assert_eq!(
+            header(&got.headers, "content-length"),
+            vec![body.len().to_string()]
+        );
+        assert!(header(&got.headers, "accept-encoding").is_empty());
+        assert_eq!(result.delivery_id, "dlv_1");
+        assert_eq!(result.lease_id, "lease_1");
+        assert_eq!(result.status_code, 204);
+        assert_eq!(result.error(), pb::AttemptError::None);
+        assert!(result.error_message.is_empty());
+        assert!(result.started_at.is_some());
+    }
+
+    #[tokio::test]
+    async fn captures_status_headers_and_a_four_kib_excerpt() {
+        let body = "é".repeat(5000); // 10,000 bytes, cut inside a character at 4 KiB
+        let mut receiver = Receiver::start(Reply::Raw(response(
+            "503 Service Unavailable",
+            &[("retry-after", "120"), ("x-request-id", "req-42")],
+            body.as_bytes(),
+        )))
+        .await;
+        let result = loopback().deliver(job("1", &receiver.url(), 5000)).await;
+        receiver.next_request().await;
+
+        assert_eq!(result.status_code, 503);
+        assert_eq!(result.error(), pb::AttemptError::None);
+        let headers: Vec<(&str, &str)> = result
+            .response_headers
+            .iter()
+            .map(|h| (h.name.as_str(), h.value.as_str()))
+            .collect();
+        assert!(headers.contains(&("retry-after", "120")), "{headers:?}");
+        assert!(headers.contains(&("x-request-id", "req-42")), "{headers:?}");
+        assert_eq!(result.response_excerpt.len(), 4096);
+        assert!(result.response_excerpt.chars().all(|c| c == 'é'));
+    }
+
+    #[tokio::test]
+    async fn reads_no_more_than_the_excerpt_of_a_large_body() {
+        // The receiver promises a 1 MiB body, sends 8 KiB and then nothing: an agent that read
+        // the whole body would wait for the 60 s timeout.
+        let mut head = b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n".to_vec();
+        head.extend_from_slice(&[b'x'; 8192]);
+        let mut receiver = Receiver::start(Reply::RawThenHold(head)).await;
+        let result = within(
+            "the attempt to finish",
+            loopback().deliver(job("1", &receiver.url(), 60_000)),
+        )
+        .await;
+        receiver.next_request().await;
+        assert_eq!(result.status_code, 200);
+        assert_eq!(result.response_excerpt, "x".repeat(4096));
+    }
+
+    #[tokio::test]
+    async fn a_receiver_that_never_answers_times_out() {
+        let mut receiver = Receiver::start(Reply::Never).await;
+        let result = loopback().deliver(job("1", &receiver.url(), 300)).await;
+        receiver.next_request().await;
+        assert_eq!(result.error(), pb::AttemptError::Timeout);
+        assert_eq!(result.status_code, 0);
+        assert!(result.duration_ms >= 300, "{}", result.duration_ms);
+        assert_eq!(result.error_message, "timeout: no response within 300 ms");
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_a_connect_error() {
+        let port = StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}/");
+        let result = loopback().deliver(job("1", &url, 5000)).await;
+        assert_eq!(
+            result.error(),
+            pb::AttemptError::Connect,
+            "{}",
+            result.error_message
+        );
+        assert!(
+            result.error_message.starts_with("connect: "),
+            "{}",
+            result.error_message
+        );
+        assert!(!result.error_message.contains('\n'));
+    }
+
+    #[tokio::test]
+    async fn a_malformed_response_is_a_response_error() {
+        let mut receiver = Receiver::start(Reply::Raw(b"SMTP ready\r\n\r\n".to_vec())).await;
+        let result = loopback().deliver(job("1", &receiver.url(), 5000)).await;
+        receiver.next_request().await;
+        assert_eq!(
+            result.error(),
+            pb::AttemptError::Response,
+            "{}",
+            result.error_message
+        );
+        assert_eq!(result.status_code, 0);
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_not_followed() {
+        let elsewhere = silent_listener();
+        let location = format!("http://{}/", elsewhere.local_addr().unwrap());
+        let mut receiver = Receiver::start(Reply::Raw(response(
+            "302 Found",
+            &[("location", &location)],
+            b"",
+        )))
+        .await;
+        let result = loopback().deliver(job("1", &receiver.url(), 5000)).await;
+        receiver.next_request().await;
+        assert_eq!(result.status_code, 302);
+        assert_eq!(result.error(), pb::AttemptError::None);
+        assert_no_connection(&elsewhere);
+    }
+
+    #[tokio::test]
+    async fn refuses_loopback_in_every_spelling_without_connecting() {
+        let listener = silent_listener();
+        let port = listener.local_addr().unwrap().port();
+        let guarded = deliverer(&[]);
+        for host in [
+            "127.0.0.1",
+            "localhost",
+            "127.1",
+            "2130706433",
+            "0x7f000001",
+            "0177.0.0.1",
+            "[::ffff:127.0.0.1]",
+            "[::1]",
+        ] {
+            let url = format!("http://{host}:{port}/");
+            let result = guarded.deliver(job("1", &url, 5000)).await;
+            assert_eq!(
+                result.error(),
+                pb::AttemptError::DestinationRefused,
+                "{url}: {}",
+                result.error_message
+            );
+            assert!(
+                result.error_message.starts_with("destination refused: "),
+                "{url}: {}",
+                result.error_message
+            );
+            assert_eq!(result.status_code, 0);
+        }
+        assert_no_connection(&listener);
+    }
+
+    #[tokio::test]
+    async fn the_allow_list_lets_loopback_through_by_name_too() {
+        let mut receiver = Receiver::start(Reply::Raw(response("200 OK", &[], b"ok"))).await;
+        let url = format!("http://localhost:{}/hook", receiver.addr.port());
+        let result = loopback().deliver(job("1", &url, 5000)).await;
+        receiver.next_request().await;
+        assert_eq!(result.status_code, 200, "{}", result.error_message);
+    }
+
+    #[tokio::test]
+    async fn refuses_urls_it_cannot_send() {
+        for url in ["ftp://example.com/", "not a url", "file:///etc/passwd"] {
+            let result = loopback().deliver(job("1", url, 5000)).await;
+            assert_eq!(
+                result.error(),
+                pb::AttemptError::DestinationRefused,
+                "{url}"
+            );
+            assert!(result.error_message.starts_with("url: "), "{url}");
+        }
+    }
+
+    #[tokio::test]
+    async fn plain_http_on_an_https_url_is_a_tls_error() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut hello = [0u8; 512];
+            let _ = socket.read(&mut hello).await;
+            let _ = socket.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        });
+        let url = format!("https://{addr}/");
+        let result = loopback().deliver(job("1", &url, 5000)).await;
+        assert_eq!(
+            result.error(),
+            pb::AttemptError::Tls,
+            "{}",
+            result.error_message
+        );
+        assert!(
+            result.error_message.starts_with("tls: "),
+            "{}",
+            result.error_message
+        );
+        server.await.unwrap();
+    }
+
+    /// A CA and a certificate for 127.0.0.1 that it signed.
+    struct TestPki {
+        ca_pem: String,
+        acceptor: tokio_rustls::TlsAcceptor,
+    }
+
+    fn test_pki() -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "Herald test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .unwrap();
+        TestPki {
+            ca_pem: ca_cert.pem(),
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        }
+    }
+
+    #[tokio::test]
+    async fn trusts_an_extra_ca_besides_the_platform_roots() {
+        let pki = test_pki();
+        let mut receiver =
+            Receiver::start_tls(Reply::Raw(response("200 OK", &[], b"secure")), pki.acceptor).await;
+        let url = format!("https://{}/hook", receiver.addr);
+        let allow = vec!["127.0.0.0/8".parse().unwrap()];
+
+        let platform_only = Deliverer::new("a".into(), Guard::new(allow.clone()), None).unwrap();
+        let result = platform_only.deliver(job("1", &url, 5000)).await;
+        assert_eq!(
+            result.error(),
+            pb::AttemptError::Tls,
+            "{}",
+            result.error_message
+        );
+
+        let mut ca_file = tempfile::NamedTempFile::new().unwrap();
+        ca_file.write_all(pki.ca_pem.as_bytes()).unwrap();
+        let with_extra_ca =
+            Deliverer::new("a".into(), Guard::new(allow), Some(ca_file.path())).unwrap();
+        let result = with_extra_ca.deliver(job("2", &url, 5000)).await;
+        assert_eq!(result.status_code, 200, "{}", result.error_message);
+        assert_eq!(result.response_excerpt, "secure");
+        assert_eq!(receiver.next_request().await.body, b"{\"id\":\"2\"}");
+    }
+
+    #[test]
+    fn an_extra_ca_file_without_certificates_is_an_error() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(b"not a certificate").unwrap();
+        let err = load_extra_roots(file.path()).unwrap_err();
+        assert!(
+            err.to_string().contains("no PEM certificate found"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_resolver_keeps_only_allowed_addresses() {
+        let addrs = |list: &[&str]| -> Vec<SocketAddr> {
+            list.iter().map(|a| a.parse().unwrap()).collect()
+        };
+        let guard = Guard::default();
+        let kept = keep_allowed(
+            &guard,
+            "mixed.example".into(),
+            addrs(&["[::1]:0", "127.0.0.1:0", "93.184.215.14:0", "10.0.0.1:0"]),
+        )
+        .unwrap();
+        assert_eq!(kept, addrs(&["93.184.215.14:0"]));
+
+        let refused = keep_allowed(
+            &guard,
+            "internal.example".into(),
+            addrs(&["10.0.0.1:0", "[fd00::1]:0"]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "internal.example resolves only to refused addresses (10.0.0.1 is private (10.0.0.0/8))"
+        );
+        assert!(matches!(
+            keep_allowed(&guard, "empty.example".into(), vec![]),
+            Err(ResolveError::NoAddresses { .. })
+        ));
+    }
+
+    /// An error that wraps another, as reqwest and hyper do.
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] Box<dyn StdError + Send + Sync>);
+
+    #[test]
+    fn classifies_errors_by_their_source_chain() {
+        let check =
+            |err: Box<dyn StdError + Send + Sync>, class: pb::AttemptError, prefix: &str| {
+                let failure = classify(&Outer(err));
+                assert_eq!(failure.class, class, "{}", failure.message);
+                assert!(failure.message.starts_with(prefix), "{}", failure.message);
+            };
+        let lookup = ResolveError::Lookup {
+            host: "nowhere.example".into(),
+            source: io::Error::other("Name or service not known"),
+        };
+        check(
+            Box::new(lookup),
+            pb::AttemptError::Dns,
+            "dns: nowhere.example: ",
+        );
+        let tls = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        check(
+            Box::new(tls),
+            pb::AttemptError::Tls,
+            "tls: invalid peer certificate",
+        );
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        check(Box::new(refused), pb::AttemptError::Connect, "connect: ");
+        let timed_out = io::Error::from(io::ErrorKind::TimedOut);
+        check(Box::new(timed_out), pb::AttemptError::Timeout, "timeout: ");
+    }
+
+    /// Runs in a child process of this test binary (see `environment_proxies_are_ignored`),
+    /// whose environment points every proxy variable at a local listener.
+    #[tokio::test]
+    #[ignore = "run by environment_proxies_are_ignored in a child process"]
+    async fn proxy_child() {
+        let Ok(receiver_url) = std::env::var("HERALD_TEST_RECEIVER_URL") else {
+            return;
+        };
+        // Control: a client that honours the environment does go through the proxy here.
+        let honours_env = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls_config(Vec::new()).unwrap())
+            .build()
+            .unwrap();
+        let via_env = honours_env
+            .post(&receiver_url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(via_env, "from the proxy");
+        // The agent's client goes straight to the receiver.
+        let result = loopback().deliver(job("1", &receiver_url, 5000)).await;
+        assert_eq!(result.status_code, 200, "{}", result.error_message);
+        assert_eq!(result.response_excerpt, "from the receiver");
+    }
+
+    /// `set_var` is banned and the environment is process-wide, so this runs `proxy_child` in a
+    /// child process of the test binary with `HTTP_PROXY` (and friends) set.
+    #[tokio::test]
+    async fn environment_proxies_are_ignored() {
+        let mut receiver =
+            Receiver::start(Reply::Raw(response("200 OK", &[], b"from the receiver"))).await;
+        let mut proxy =
+            Receiver::start(Reply::Raw(response("200 OK", &[], b"from the proxy"))).await;
+        let proxy_url = format!("http://{}", proxy.addr);
+        let output = tokio::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "deliver::tests::proxy_child",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("HERALD_TEST_RECEIVER_URL", receiver.url())
+            .env("HTTP_PROXY", &proxy_url)
+            .env("http_proxy", &proxy_url)
+            .env("HTTPS_PROXY", &proxy_url)
+            .env("https_proxy", &proxy_url)
+            .env("ALL_PROXY", &proxy_url)
+            .env("all_proxy", &proxy_url)
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(stdout.contains("1 passed"), "{stdout}");
+        // The control request went to the proxy, the agent's to the receiver.
+        assert!(proxy.next_request().await.target.starts_with("http://"));
+        assert_eq!(receiver.next_request().await.target, "/hook");
+    }
 
     #[test]
     fn excerpt_keeps_short_bodies_whole() {

@@ -30,11 +30,19 @@ pub struct Refused {
 const V4_SPECIAL: &[(u32, u8, &str)] = &[
     (0x0000_0000, 8, "in 0.0.0.0/8 (this network)"),
     (0x0a00_0000, 8, "private (10.0.0.0/8)"),
-    (0x6440_0000, 10, "shared address space (100.64.0.0/10, CGNAT)"),
+    (
+        0x6440_0000,
+        10,
+        "shared address space (100.64.0.0/10, CGNAT)",
+    ),
     (0x7f00_0000, 8, "loopback"),
     (0xa9fe_0000, 16, "link-local"),
     (0xac10_0000, 12, "private (172.16.0.0/12)"),
-    (0xc000_0000, 24, "reserved for IETF protocol assignments (192.0.0.0/24)"),
+    (
+        0xc000_0000,
+        24,
+        "reserved for IETF protocol assignments (192.0.0.0/24)",
+    ),
     (0xc000_0200, 24, "documentation (192.0.2.0/24)"),
     (0xc058_6300, 24, "the deprecated 6to4 relay anycast range"),
     (0xc0a8_0000, 16, "private (192.168.0.0/16)"),
@@ -51,18 +59,42 @@ const V4_SPECIAL: &[(u32, u8, &str)] = &[
 const V6_SPECIAL: &[(u128, u8, &str)] = &[
     (0, 128, "unspecified"),
     (1, 128, "loopback"),
-    (0x0064_ff9b_0001_0000_0000_0000_0000_0000, 48, "local-use NAT64 (64:ff9b:1::/48)"),
-    (0x0100_0000_0000_0000_0000_0000_0000_0000, 64, "discard-only (100::/64)"),
-    (0x2001_0db8_0000_0000_0000_0000_0000_0000, 32, "documentation (2001:db8::/32)"),
+    (
+        0x0064_ff9b_0001_0000_0000_0000_0000_0000,
+        48,
+        "local-use NAT64 (64:ff9b:1::/48)",
+    ),
+    (
+        0x0100_0000_0000_0000_0000_0000_0000_0000,
+        64,
+        "discard-only (100::/64)",
+    ),
+    (
+        0x2001_0db8_0000_0000_0000_0000_0000_0000,
+        32,
+        "documentation (2001:db8::/32)",
+    ),
     (
         0x2001_0000_0000_0000_0000_0000_0000_0000,
         23,
         "reserved for IETF protocol assignments (2001::/23, Teredo included)",
     ),
-    (0x3fff_0000_0000_0000_0000_0000_0000_0000, 20, "documentation (3fff::/20)"),
-    (0xfc00_0000_0000_0000_0000_0000_0000_0000, 7, "unique local (fc00::/7)"),
+    (
+        0x3fff_0000_0000_0000_0000_0000_0000_0000,
+        20,
+        "documentation (3fff::/20)",
+    ),
+    (
+        0xfc00_0000_0000_0000_0000_0000_0000_0000,
+        7,
+        "unique local (fc00::/7)",
+    ),
     (0xfe80_0000_0000_0000_0000_0000_0000_0000, 10, "link-local"),
-    (0xfec0_0000_0000_0000_0000_0000_0000_0000, 10, "site-local (deprecated)"),
+    (
+        0xfec0_0000_0000_0000_0000_0000_0000_0000,
+        10,
+        "site-local (deprecated)",
+    ),
     (0xff00_0000_0000_0000_0000_0000_0000_0000, 8, "multicast"),
 ];
 
@@ -289,7 +321,11 @@ mod tests {
 
     #[test]
     fn allows_global_ipv6() {
-        for ip in ["2606:4700:4700::1111", "2a00:1450:4001::200e", "2001:4860::1"] {
+        for ip in [
+            "2606:4700:4700::1111",
+            "2a00:1450:4001::200e",
+            "2001:4860::1",
+        ] {
             check(ip, false);
         }
     }
@@ -328,7 +364,10 @@ mod tests {
 
     #[test]
     fn allow_list_overrides_special_ranges() {
-        let guard = Guard::new(vec!["127.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()]);
+        let guard = Guard::new(vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "fd00::/8".parse().unwrap(),
+        ]);
         for (ip, allowed) in [
             ("127.0.0.1", true),
             ("127.9.9.9", true),
@@ -420,7 +459,11 @@ mod tests {
     fn unparsable_numeric_hosts_are_rejected_by_the_url_parser() {
         // A last label that looks numeric but is not a valid IPv4 number is an error rather than
         // a domain name, so it cannot slip past the literal check.
-        for url in ["http://127.0.0.256/", "http://1.2.3.4.5/", "http://0x1ffffffff/"] {
+        for url in [
+            "http://127.0.0.256/",
+            "http://1.2.3.4.5/",
+            "http://0x1ffffffff/",
+        ] {
             assert!(Url::parse(url).is_err(), "{url}");
         }
     }

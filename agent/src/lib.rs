@@ -93,8 +93,11 @@ impl Agent {
         if config.token.is_empty() {
             return Err(Error::Token);
         }
-        let authorization: AsciiMetadataValue =
-            MetadataValue::try_from(format!("Bearer {}", config.token)).map_err(|_| Error::Token)?;
+        let mut authorization: AsciiMetadataValue =
+            MetadataValue::try_from(format!("Bearer {}", config.token))
+                .map_err(|_| Error::Token)?;
+        // Keeps it out of `Debug` output and out of HPACK's index.
+        authorization.set_sensitive(true);
         let deliverer = Deliverer::new(
             config.agent_id.clone(),
             Guard::new(config.allow_destinations.clone()),
@@ -280,5 +283,16 @@ mod tests {
             "extra_ca: /nonexistent/ca.pem",
         );
         assert!(Agent::new(base()).is_ok());
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_token() {
+        let config = Config {
+            token: "tok-very-secret".into(),
+            ..Config::default()
+        };
+        assert!(!format!("{config:?}").contains("very-secret"));
+        let agent = Agent::new(config).unwrap();
+        assert!(!format!("{agent:?}").contains("very-secret"));
     }
 }

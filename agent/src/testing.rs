@@ -295,7 +295,9 @@ impl AgentService for Service {
             .is_ok();
         if refuse {
             self.refused.fetch_add(1, Ordering::SeqCst);
-            return Err(Status::unauthenticated("authorization: unknown agent token"));
+            return Err(Status::unauthenticated(
+                "authorization: unknown agent token",
+            ));
         }
         let authorization = request
             .metadata()
