@@ -16,7 +16,12 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { backend: Backend::Sqlite, events: 20_000, concurrency: 32, deliver: false };
+    let mut args = Args {
+        backend: Backend::Sqlite,
+        events: 20_000,
+        concurrency: 32,
+        deliver: false,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag}: needs a value"));
@@ -29,9 +34,17 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--events" => args.events = value()?.parse().map_err(|_| "--events: not a number")?,
-            "--concurrency" => args.concurrency = value()?.parse().map_err(|_| "--concurrency: not a number")?,
+            "--concurrency" => {
+                args.concurrency = value()?
+                    .parse()
+                    .map_err(|_| "--concurrency: not a number")?
+            }
             "--deliver" => args.deliver = true,
-            other => return Err(format!("{other}: unknown flag (--backend, --events, --concurrency, --deliver)")),
+            other => {
+                return Err(format!(
+                    "{other}: unknown flag (--backend, --events, --concurrency, --deliver)"
+                ));
+            }
         }
     }
     Ok(args)
@@ -43,6 +56,12 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::main]
 async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let args = match parse_args() {
         Ok(args) => args,
         Err(err) => {
@@ -68,7 +87,13 @@ async fn main() {
         .await
         .expect("create subscription")
         .into_inner();
-    let store = herald.running.as_ref().expect("running").services.store.clone();
+    let store = herald
+        .running
+        .as_ref()
+        .expect("running")
+        .services
+        .store
+        .clone();
     let commits_before = store.commits();
     let started = Instant::now();
     let per_worker = args.events / args.concurrency;
@@ -79,7 +104,10 @@ async fn main() {
             for i in 0..per_worker {
                 let request = pb::PublishEventRequest {
                     event_type: "user.new".into(),
-                    payload: format!(r#"{{"entity_type":"user","entity_id":{},"action_type":"new"}}"#, w * per_worker + i),
+                    payload: format!(
+                        r#"{{"entity_type":"user","entity_id":{},"action_type":"new"}}"#,
+                        w * per_worker + i
+                    ),
                     ..Default::default()
                 };
                 let t = Instant::now();
@@ -118,7 +146,10 @@ async fn main() {
             (Some(a), Some(b)) => b.duration_since(a).max(Duration::from_millis(1)),
             _ => Duration::from_millis(1),
         };
-        let mut ids: Vec<String> = got.iter().filter_map(|r| r.header("webhook-id").map(str::to_owned)).collect();
+        let mut ids: Vec<String> = got
+            .iter()
+            .filter_map(|r| r.header("webhook-id").map(str::to_owned))
+            .collect();
         ids.sort();
         ids.dedup();
         println!(
