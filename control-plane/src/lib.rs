@@ -170,7 +170,8 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         .add_service(api.events)
         .add_service(api.deliveries)
         .add_service(herald_proto::v1::agent_service_server::AgentServiceServer::new(agent_api));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Small request/response frames: Nagle's algorithm would hold them back for a delayed ACK.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server_stopped = server_stop.clone();
     let server = tokio::spawn(async move {
         router

@@ -97,26 +97,28 @@ async fn main() {
     let commits_before = store.commits();
     let started = Instant::now();
     let per_worker = args.events / args.concurrency;
-    let workers = (0..args.concurrency).map(|w| {
-        let client = client.clone();
-        tokio::spawn(async move {
-            let mut latencies = Vec::with_capacity(per_worker);
-            for i in 0..per_worker {
-                let request = pb::PublishEventRequest {
-                    event_type: "user.new".into(),
-                    payload: format!(
-                        r#"{{"entity_type":"user","entity_id":{},"action_type":"new"}}"#,
-                        w * per_worker + i
-                    ),
-                    ..Default::default()
-                };
-                let t = Instant::now();
-                client.publish(request).await.expect("publish");
-                latencies.push(t.elapsed());
-            }
-            latencies
+    let workers: Vec<_> = (0..args.concurrency)
+        .map(|w| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(per_worker);
+                for i in 0..per_worker {
+                    let request = pb::PublishEventRequest {
+                        event_type: "user.new".into(),
+                        payload: format!(
+                            r#"{{"entity_type":"user","entity_id":{},"action_type":"new"}}"#,
+                            w * per_worker + i
+                        ),
+                        ..Default::default()
+                    };
+                    let t = Instant::now();
+                    client.publish(request).await.expect("publish");
+                    latencies.push(t.elapsed());
+                }
+                latencies
+            })
         })
-    });
+        .collect();
     let mut latencies: Vec<Duration> = Vec::new();
     for worker in workers {
         latencies.extend(worker.await.expect("worker"));
