@@ -318,30 +318,35 @@ pub async fn complete(
     Ok(result.rows_affected == 1)
 }
 
+/// Starts an update that makes deliveries due again now: `PENDING`, no lease.
+fn back_to_pending(now: chrono::DateTime<chrono::Utc>) -> sea_orm::UpdateMany<delivery::Entity> {
+    use sea_orm::sea_query::Expr;
+    delivery::Entity::update_many()
+        .col_expr(
+            delivery::Column::State,
+            Expr::value(DeliveryState::Pending as i32),
+        )
+        .col_expr(delivery::Column::NextAttemptAt, Expr::value(ms(now)))
+        .col_expr(
+            delivery::Column::LeaseId,
+            Expr::value(Option::<String>::None),
+        )
+        .col_expr(
+            delivery::Column::LeaseExpiresAt,
+            Expr::value(Option::<i64>::None),
+        )
+        .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
+}
+
 /// Gives leased deliveries back (their agent went away): pending again at once.
 pub async fn release(
     db: &impl ConnectionTrait,
     leases: &[(String, String)],
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<u64, Error> {
-    use sea_orm::sea_query::Expr;
     let mut released = 0;
     for (id, lease_id) in leases {
-        released += delivery::Entity::update_many()
-            .col_expr(
-                delivery::Column::State,
-                Expr::value(DeliveryState::Pending as i32),
-            )
-            .col_expr(delivery::Column::NextAttemptAt, Expr::value(ms(now)))
-            .col_expr(
-                delivery::Column::LeaseId,
-                Expr::value(Option::<String>::None),
-            )
-            .col_expr(
-                delivery::Column::LeaseExpiresAt,
-                Expr::value(Option::<i64>::None),
-            )
-            .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
+        released += back_to_pending(now)
             .filter(delivery::Column::Id.eq(id.clone()))
             .filter(delivery::Column::LeaseId.eq(lease_id.clone()))
             .filter(delivery::Column::State.eq(DeliveryState::InFlight as i32))
@@ -358,21 +363,7 @@ pub async fn release_all(
     db: &impl ConnectionTrait,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<u64, Error> {
-    use sea_orm::sea_query::Expr;
-    Ok(delivery::Entity::update_many()
-        .col_expr(
-            delivery::Column::State,
-            Expr::value(DeliveryState::Pending as i32),
-        )
-        .col_expr(delivery::Column::NextAttemptAt, Expr::value(ms(now)))
-        .col_expr(
-            delivery::Column::LeaseId,
-            Expr::value(Option::<String>::None),
-        )
-        .col_expr(
-            delivery::Column::LeaseExpiresAt,
-            Expr::value(Option::<i64>::None),
-        )
+    Ok(back_to_pending(now)
         .filter(delivery::Column::State.eq(DeliveryState::InFlight as i32))
         .exec(db)
         .await?
@@ -387,14 +378,7 @@ pub async fn retry_now(
     id: &str,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Option<bool>, Error> {
-    use sea_orm::sea_query::Expr;
-    let result = delivery::Entity::update_many()
-        .col_expr(
-            delivery::Column::State,
-            Expr::value(DeliveryState::Pending as i32),
-        )
-        .col_expr(delivery::Column::NextAttemptAt, Expr::value(ms(now)))
-        .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
+    let result = back_to_pending(now)
         .filter(delivery::Column::Id.eq(id))
         .filter(delivery::Column::TenantId.eq(tenant_id))
         .filter(delivery::Column::State.ne(DeliveryState::InFlight as i32))
@@ -413,14 +397,7 @@ pub async fn replay(
     since: chrono::DateTime<chrono::Utc>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<u64, Error> {
-    use sea_orm::sea_query::Expr;
-    Ok(delivery::Entity::update_many()
-        .col_expr(
-            delivery::Column::State,
-            Expr::value(DeliveryState::Pending as i32),
-        )
-        .col_expr(delivery::Column::NextAttemptAt, Expr::value(ms(now)))
-        .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
+    Ok(back_to_pending(now)
         .filter(delivery::Column::SubscriptionId.eq(subscription_id))
         .filter(delivery::Column::State.eq(DeliveryState::Dead as i32))
         .filter(delivery::Column::CreatedAt.gte(ms(since)))

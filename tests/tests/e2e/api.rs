@@ -998,6 +998,50 @@ mod reflection {
         assert_eq!(tenants.as_list().unwrap().len(), 1);
     }
 
+    /// Lists the services and fetches the files describing `AdminService` over one reflection
+    /// version (`v1` or `v1alpha`: the same messages in two packages); returns (services, files).
+    macro_rules! ask_reflection {
+        ($version:ident, $herald:expr) => {{
+            use $version::server_reflection_request::MessageRequest;
+            use $version::server_reflection_response::MessageResponse;
+            let mut client = $version::server_reflection_client::ServerReflectionClient::new(
+                $herald.admin().channel(),
+            );
+            let ask = |request| $version::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(request),
+            };
+            let mut replies = client
+                .server_reflection_info(tokio_stream::iter(vec![
+                    ask(MessageRequest::ListServices(String::new())),
+                    ask(MessageRequest::FileContainingSymbol(
+                        "herald.v1.AdminService".into(),
+                    )),
+                    // A client resolves imports it lacks by file name, as grpcurl does.
+                    ask(MessageRequest::FileByFilename(
+                        "google/protobuf/timestamp.proto".into(),
+                    )),
+                ]))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut services: Vec<String> = Vec::new();
+            let mut files: Vec<Vec<u8>> = Vec::new();
+            while let Some(reply) = replies.message().await.unwrap() {
+                match reply.message_response.unwrap() {
+                    MessageResponse::ListServicesResponse(list) => {
+                        services.extend(list.service.into_iter().map(|s| s.name));
+                    }
+                    MessageResponse::FileDescriptorResponse(fds) => {
+                        files.extend(fds.file_descriptor_proto);
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            (services, files)
+        }};
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reflection_v1_and_v1alpha_describe_every_service() {
         let herald = Herald::builder(Backend::Sqlite)
@@ -1014,103 +1058,20 @@ mod reflection {
             "herald.v1.SubscriptionService",
         ];
 
-        // v1
-        let mut client =
-            v1::server_reflection_client::ServerReflectionClient::new(herald.admin().channel());
-        let ask = |request| v1::ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(request),
-        };
-        let mut replies = client
-            .server_reflection_info(tokio_stream::iter(vec![
-                ask(v1::server_reflection_request::MessageRequest::ListServices(
-                    String::new(),
-                )),
-                ask(
-                    v1::server_reflection_request::MessageRequest::FileContainingSymbol(
-                        "herald.v1.AdminService".into(),
-                    ),
-                ),
-                // A client resolves imports it lacks by file name, as grpcurl does.
-                ask(
-                    v1::server_reflection_request::MessageRequest::FileByFilename(
-                        "google/protobuf/timestamp.proto".into(),
-                    ),
-                ),
-            ]))
-            .await
-            .unwrap()
-            .into_inner();
-        let mut services = Vec::new();
-        let mut files = Vec::new();
-        while let Some(reply) = replies.message().await.unwrap() {
-            match reply.message_response.unwrap() {
-                v1::server_reflection_response::MessageResponse::ListServicesResponse(list) => {
-                    services.extend(list.service.into_iter().map(|s| s.name));
-                }
-                v1::server_reflection_response::MessageResponse::FileDescriptorResponse(fds) => {
-                    files.extend(fds.file_descriptor_proto);
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
+        let (services, files) = ask_reflection!(v1, herald);
         for name in expected {
             assert!(
                 services.iter().any(|s| s == name),
-                "{name} missing from {services:?}"
+                "v1: {name} missing from {services:?}"
             );
         }
         list_tenants_dynamically(&herald, &pool(files)).await;
 
-        // v1alpha
-        let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(
-            herald.admin().channel(),
-        );
-        let ask = |request| v1alpha::ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(request),
-        };
-        let mut replies = client
-            .server_reflection_info(tokio_stream::iter(vec![
-                ask(
-                    v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
-                ),
-                ask(
-                    v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
-                        "herald.v1.AdminService".into(),
-                    ),
-                ),
-                // A client resolves imports it lacks by file name, as grpcurl does.
-                ask(
-                    v1alpha::server_reflection_request::MessageRequest::FileByFilename(
-                        "google/protobuf/timestamp.proto".into(),
-                    ),
-                ),
-            ]))
-            .await
-            .unwrap()
-            .into_inner();
-        let mut services = Vec::new();
-        let mut files = Vec::new();
-        while let Some(reply) = replies.message().await.unwrap() {
-            match reply.message_response.unwrap() {
-                v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(
-                    list,
-                ) => {
-                    services.extend(list.service.into_iter().map(|s| s.name));
-                }
-                v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(
-                    fds,
-                ) => {
-                    files.extend(fds.file_descriptor_proto);
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
+        let (services, files) = ask_reflection!(v1alpha, herald);
         for name in expected {
             assert!(
                 services.iter().any(|s| s == name),
-                "{name} missing from {services:?}"
+                "v1alpha: {name} missing from {services:?}"
             );
         }
         list_tenants_dynamically(&herald, &pool(files)).await;
