@@ -88,6 +88,8 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     }
     let replica_id = format!("cp-{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
     let shutdown = CancellationToken::new();
+    // Ends watch streams after the drain, so watchers see the last results first.
+    let watchers_stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
     let dispatcher = dispatch::Handle::new(commands);
@@ -135,6 +137,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         agents: registry,
         dispatcher: dispatcher.clone(),
         records,
+        stopping: watchers_stop.clone(),
     };
 
     let api = grpc::Api::new(
@@ -218,6 +221,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         if let Some(agent) = builtin_agent {
             let _ = tokio::time::timeout(grace, agent).await;
         }
+        watchers_stop.cancel();
         server_stop.cancel();
         let served = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
         scheduler_stop.cancel();

@@ -266,6 +266,7 @@ pub struct Child {
     pub child: tokio::process::Child,
     pub addr: Option<SocketAddr>,
     pub stderr_log: std::sync::Arc<std::sync::Mutex<String>>,
+    pub stdout_log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Child {
@@ -289,12 +290,24 @@ impl Child {
     pub fn logs(&self) -> String {
         self.stderr_log.lock().unwrap().clone()
     }
+
+    /// Returns what the process printed on standard output so far.
+    pub fn output(&self) -> String {
+        self.stdout_log.lock().unwrap().clone()
+    }
 }
 
 /// Starts `herald-control-plane` with `env` (and no other HERALD_* variable), and waits for its
 /// listening line.
 pub async fn spawn_control_plane(env: &[(&str, String)]) -> Child {
+    spawn_control_plane_in(&std::env::temp_dir(), env).await
+}
+
+/// Like [`spawn_control_plane`], with `dir` as the working directory (where the default
+/// `sqlite://herald.db` lands).
+pub async fn spawn_control_plane_in(dir: &Path, env: &[(&str, String)]) -> Child {
     let mut command = tokio::process::Command::new(binary("herald-control-plane"));
+    command.current_dir(dir);
     for (key, _) in std::env::vars() {
         if key.starts_with("HERALD_") {
             command.env_remove(key);
@@ -307,31 +320,32 @@ pub async fn spawn_control_plane(env: &[(&str, String)]) -> Child {
         .kill_on_drop(true);
     let mut child = command.spawn().unwrap();
     let stderr_log = capture(child.stderr.take().unwrap());
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(rest) = line.strip_prefix("herald control plane listening on http://") {
-                return rest.trim().parse::<SocketAddr>().ok();
-            }
+    let stdout_log = capture(child.stdout.take().unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        let printed = stdout_log.lock().unwrap().clone();
+        let addr = printed.lines().find_map(|line| {
+            line.strip_prefix("herald control plane listening on http://")
+                .and_then(|rest| rest.trim().parse::<SocketAddr>().ok())
+        });
+        if let Some(addr) = addr {
+            break addr;
         }
-        None
-    })
-    .await
-    .ok()
-    .flatten();
-    let Some(addr) = addr else {
-        let _ = child.start_kill();
-        panic!(
-            "control plane did not start: {}",
-            stderr_log.lock().unwrap()
-        );
+        let exited = child.try_wait().ok().flatten().is_some();
+        if exited || tokio::time::Instant::now() > deadline {
+            let _ = child.start_kill();
+            panic!(
+                "control plane did not start: {}",
+                stderr_log.lock().unwrap()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Child {
         child,
         addr: Some(addr),
         stderr_log,
+        stdout_log,
     }
 }
 
@@ -354,14 +368,18 @@ pub fn spawn_agent(env: &[(&str, String)]) -> Child {
         child,
         addr: None,
         stderr_log,
+        stdout_log: Default::default(),
     }
 }
 
-fn capture(stderr: tokio::process::ChildStderr) -> std::sync::Arc<std::sync::Mutex<String>> {
+/// Collects the lines of a child's output while it runs (so its pipe never fills up).
+fn capture(
+    stream: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+) -> std::sync::Arc<std::sync::Mutex<String>> {
     let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let sink = log.clone();
     tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
+        let mut lines = BufReader::new(stream).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             let mut log = sink.lock().unwrap();
             log.push_str(&line);

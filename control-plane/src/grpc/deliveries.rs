@@ -123,9 +123,15 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
         }
         let subscription = (!r.subscription_id.is_empty()).then(|| r.subscription_id.clone());
         let mut records = self.0.watch();
+        let stopping = self.0.stopping.clone();
         let stream = async_stream::stream! {
             loop {
-                match records.recv().await {
+                let received = tokio::select! {
+                    // Shutdown ends the stream, so the server does not wait on watchers.
+                    _ = stopping.cancelled() => break,
+                    received = records.recv() => received,
+                };
+                match received {
                     Ok(record) => {
                         if record.tenant_id != tenant
                             || subscription.as_ref().is_some_and(|s| *s != record.subscription_id)

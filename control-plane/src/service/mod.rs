@@ -64,6 +64,8 @@ pub struct Services {
     pub agents: crate::dispatch::registry::Registry,
     pub dispatcher: crate::dispatch::Handle,
     pub records: tokio::sync::broadcast::Sender<crate::dispatch::scheduler::AttemptRecord>,
+    /// Cancelled when shutdown begins: long-lived server streams end then.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 impl Services {
