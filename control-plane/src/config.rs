@@ -237,7 +237,7 @@ impl Config {
             region_fallback,
             max_payload_bytes: parse_size("HERALD_MAX_PAYLOAD", &raw.max_payload)?,
             https_only: raw.https_only,
-            retention: parse_duration("HERALD_RETENTION", &raw.retention)?,
+            retention: parse_retention(&raw.retention)?,
             console_listen,
             shutdown_grace: parse_duration("HERALD_SHUTDOWN_GRACE", &raw.shutdown_grace)?,
             tls_cert: raw.tls_cert,
@@ -290,6 +290,18 @@ pub fn parse_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
             format!("{value:?} is not a duration such as 30s, 5m or 2d"),
         )
     })
+}
+
+/// Parses `HERALD_RETENTION`: at least a day, since idempotency keys are kept 24 hours.
+fn parse_retention(value: &str) -> Result<Duration, ConfigError> {
+    let retention = parse_duration("HERALD_RETENTION", value)?;
+    if retention < Duration::from_secs(86_400) {
+        return Err(ConfigError::new(
+            "HERALD_RETENTION",
+            "must be at least 1d (idempotency keys are remembered 24 hours)",
+        ));
+    }
+    Ok(retention)
 }
 
 /// Parses a size such as `256KiB`, `1MiB`, `4096`.

@@ -49,6 +49,13 @@ impl Running {
     }
 }
 
+/// Points where tests can step into a running control plane.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// See [`dispatch::HandoffHook`].
+    pub handoff: Option<dispatch::HandoffHook>,
+}
+
 /// Runs a control plane until `shutdown` is cancelled.
 pub async fn run(
     config: Config,
@@ -63,6 +70,15 @@ pub async fn run(
 
 /// Opens the store, starts the scheduler, the gRPC server and the built-in agent.
 pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
+    start_with(config, listener, Hooks::default()).await
+}
+
+/// [`start`] with test hooks.
+pub async fn start_with(
+    config: Config,
+    listener: TcpListener,
+    hooks: Hooks,
+) -> anyhow::Result<Running> {
     let addr = listener.local_addr().context("listener has no address")?;
     let sqlite = config.database_url.starts_with("sqlite:");
     let store = Store::open(StoreOptions {
@@ -92,7 +108,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     let watchers_stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
-    let dispatcher = dispatch::Handle::new(commands);
+    let dispatcher = dispatch::Handle::new(commands, hooks.handoff);
     let (records, _) = tokio::sync::broadcast::channel(4096);
     let registry = dispatch::registry::Registry::default();
     let scheduler = Scheduler::new(
@@ -182,6 +198,12 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             .await
     });
 
+    tasks.spawn(retention_loop(
+        store.clone(),
+        config.retention,
+        scheduler_stop.clone(),
+    ));
+
     let agent_stop = CancellationToken::new();
     let builtin_agent = if config.builtin_agent {
         let agent_config = herald_agent::Config {
@@ -243,6 +265,29 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         shutdown,
         done,
     })
+}
+
+/// Events (and their deliveries and attempts) per purge transaction.
+const RETENTION_BATCH: u64 = 500;
+
+/// Purges what is older than `retention` at start and then every minute.
+async fn retention_loop(store: Store, retention: std::time::Duration, stop: CancellationToken) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let cutoff = chrono::Utc::now()
+            - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+        match storage::retention::purge(&store, cutoff, RETENTION_BATCH).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "purged events past retention"),
+            Err(err) => {
+                tracing::warn!(error = %err, "retention purge failed; retrying in a minute")
+            }
+        }
+    }
 }
 
 /// Returns the address to reach a listener on this machine (an unspecified bind becomes loopback).

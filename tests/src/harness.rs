@@ -119,6 +119,7 @@ async fn drop_stale_databases(admin: &sea_orm::DatabaseConnection) {
 pub struct HeraldBuilder {
     backend: Backend,
     builtin_agent: bool,
+    hooks: herald_control_plane::Hooks,
     pub config: Config,
 }
 
@@ -150,6 +151,7 @@ impl HeraldBuilder {
         Self {
             backend,
             builtin_agent: true,
+            hooks: Default::default(),
             config,
         }
     }
@@ -157,6 +159,12 @@ impl HeraldBuilder {
     /// Without the built-in agent (the test runs its own).
     pub fn no_builtin_agent(mut self) -> Self {
         self.builtin_agent = false;
+        self
+    }
+
+    /// Steps into the running control plane (see `herald_control_plane::Hooks`).
+    pub fn hooks(mut self, hooks: herald_control_plane::Hooks) -> Self {
+        self.hooks = hooks;
         self
     }
 
@@ -178,7 +186,7 @@ impl HeraldBuilder {
         config.database_url = database.url.clone();
         config.builtin_agent = self.builtin_agent;
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
-        let running = herald_control_plane::start(config.clone(), listener)
+        let running = herald_control_plane::start_with(config.clone(), listener, self.hooks)
             .await
             .unwrap();
         Herald {
@@ -231,6 +239,15 @@ impl Herald {
             .unwrap()
             .into_inner();
         (tenant.id, self.client(&token.token))
+    }
+
+    /// Stops the control plane gracefully and returns its database, to start another on it.
+    pub async fn stop_keeping_database(mut self) -> TestDatabase {
+        if let Some(running) = self.running.take() {
+            running.shutdown();
+            running.wait().await.unwrap();
+        }
+        self.database
     }
 
     /// Stops the control plane gracefully and drops its database.

@@ -10,19 +10,37 @@ use crate::domain::model::Delivery;
 
 pub use scheduler::Command;
 
+/// Called with deliveries committed just now, before they are handed to the scheduler;
+/// returning false drops the hand-off, as a crash at that point would (tests use it).
+pub type HandoffHook = std::sync::Arc<dyn Fn(&[Delivery]) -> bool + Send + Sync>;
+
 /// A cheap handle to the scheduler.
 #[derive(Clone)]
 pub struct Handle {
     commands: mpsc::UnboundedSender<Command>,
+    handoff_hook: Option<HandoffHook>,
 }
 
 impl Handle {
-    pub fn new(commands: mpsc::UnboundedSender<Command>) -> Self {
-        Self { commands }
+    pub fn new(
+        commands: mpsc::UnboundedSender<Command>,
+        handoff_hook: Option<HandoffHook>,
+    ) -> Self {
+        Self {
+            commands,
+            handoff_hook,
+        }
     }
 
     /// Hands deliveries committed just now to the scheduler (no polling needed for them).
     pub fn submit(&self, deliveries: Vec<Delivery>) {
+        if self
+            .handoff_hook
+            .as_ref()
+            .is_some_and(|hook| !hook(&deliveries))
+        {
+            return;
+        }
         if !deliveries.is_empty() {
             let _ = self.commands.send(Command::Submit(deliveries));
         }

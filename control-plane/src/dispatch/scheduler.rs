@@ -31,6 +31,8 @@ use crate::storage::{self, Store, deliveries, events, subscriptions};
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Most deliveries read per poll.
 const POLL_LIMIT: u64 = 2_000;
+/// Most commands handled between two assignment rounds.
+const MAX_COMMANDS_PER_TURN: usize = 1024;
 /// Most jobs in one `Jobs` message.
 const MAX_JOBS_PER_MESSAGE: usize = 64;
 /// The version sent in `User-Agent`.
@@ -142,6 +144,8 @@ pub struct Scheduler {
     busy_entities: HashSet<(String, String)>,
     next_poll: Instant,
     drains: Vec<(Instant, oneshot::Sender<()>)>,
+    /// Results received but not yet recorded: (agent, results, credits handed back).
+    pending_results: Vec<(u64, Vec<pb::JobResult>, u32)>,
     rng: rand::rngs::StdRng,
 }
 
@@ -171,6 +175,7 @@ impl Scheduler {
             busy_entities: HashSet::new(),
             next_poll: Instant::now(),
             drains: Vec::new(),
+            pending_results: Vec::new(),
             rng: rand::rngs::StdRng::from_os_rng(),
         }
     }
@@ -185,9 +190,12 @@ impl Scheduler {
                     let Some(command) = command else { break };
                     self.handle(command).await;
                     // Take whatever else is queued before assigning, so work is batched.
-                    while let Ok(command) = self.commands.try_recv() {
+                    // (bounded, so a busy stream of commands never starves assignment)
+                    for _ in 0..MAX_COMMANDS_PER_TURN {
+                        let Ok(command) = self.commands.try_recv() else { break };
                         self.handle(command).await;
                     }
+                    self.flush_results().await;
                 }
                 _ = tokio::time::sleep_until(self.next_poll) => {
                     self.poll().await;
@@ -220,13 +228,17 @@ impl Scheduler {
                 results,
                 credits,
             } => {
-                self.record_results(key, results).await;
-                self.grant(key, credits);
+                // Recorded together with every other result taken in this turn.
+                self.pending_results.push((key, results, credits));
             }
             Command::Heartbeat { key } => {
                 self.registry.update(key, |a| a.last_seen_at = Utc::now())
             }
-            Command::AgentGone { key } => self.agent_gone(key).await,
+            Command::AgentGone { key } => {
+                // Its last results first: they arrived before the stream closed.
+                self.flush_results().await;
+                self.agent_gone(key).await
+            }
             Command::Drain { deadline, done } => {
                 for agent in self.agents.values_mut() {
                     agent.draining = true;
@@ -707,65 +719,87 @@ impl Scheduler {
         }
     }
 
-    async fn record_results(&mut self, key: u64, results: Vec<pb::JobResult>) {
+    /// Records every result received since the last flush in one transaction: the attempts
+    /// always, each delivery's new state only under a still-valid lease.
+    async fn flush_results(&mut self) {
+        if self.pending_results.is_empty() {
+            return;
+        }
         let now = Utc::now();
-        let region = self
-            .agents
-            .get(&key)
-            .map(|a| a.region.clone())
-            .unwrap_or_default();
-        let agent_id = self
-            .agents
-            .get(&key)
-            .map(|a| a.agent_id.clone())
-            .unwrap_or_default();
-        let mut records = Vec::with_capacity(results.len());
-        for result in results {
-            let lease = match self.leases.get(&result.delivery_id) {
-                Some(lease) if lease.lease_id == result.lease_id && lease.agent_key == key => {
-                    self.leases.remove(&result.delivery_id)
+        let batch = std::mem::take(&mut self.pending_results);
+        let mut planned = Vec::new();
+        let mut grants = Vec::with_capacity(batch.len());
+        for (key, results, credits) in batch {
+            grants.push((key, credits));
+            let (agent_id, region) = self
+                .agents
+                .get(&key)
+                .map(|a| (a.agent_id.clone(), a.region.clone()))
+                .unwrap_or_default();
+            for result in results {
+                let lease = match self.leases.get(&result.delivery_id) {
+                    Some(lease) if lease.lease_id == result.lease_id && lease.agent_key == key => {
+                        self.leases.remove(&result.delivery_id)
+                    }
+                    _ => None,
+                };
+                planned.push(self.plan(result, lease, &agent_id, &region, now).await);
+            }
+        }
+        match self.write(&mut planned, now).await {
+            Ok(disabled) => {
+                for id in disabled {
+                    self.subscriptions.remove(&id);
                 }
-                _ => None,
-            };
-            let outcome = self
-                .record_one(&result, lease.as_ref(), &agent_id, &region, now)
-                .await;
-            if let Some(lease) = lease {
+            }
+            Err(err) => {
+                // The leases stay in the database and expire; the deliveries are retried then.
+                tracing::warn!(error = %err, results = planned.len(), "could not record results");
+                planned.clear();
+            }
+        }
+        for step in &planned {
+            if let Some(lease) = &step.lease {
                 self.unload(&lease.delivery);
                 self.known.remove(&lease.delivery.id);
                 if lease.delivery.ordering_key.is_some() {
                     // The entity's next event may go now.
                     self.next_poll = Instant::now();
                 }
-            }
-            match outcome {
-                Ok(Some(record)) => records.push(record),
-                Ok(None) => {}
-                Err(err) => {
-                    tracing::warn!(error = %err, delivery_id = %result.delivery_id, "could not record a result; the lease will expire and the delivery retry")
+                if let Some(at) = step
+                    .next_attempt_at
+                    .filter(|_| step.applied && step.state == DeliveryState::Failed)
+                {
+                    let wait = (at - now).to_std().unwrap_or_default();
+                    self.next_poll = self.next_poll.min(Instant::now() + wait);
                 }
             }
         }
-        let in_flight = self.leases.values().filter(|l| l.agent_key == key).count() as u32;
-        self.registry.update(key, |a| {
-            a.in_flight = in_flight;
-            a.last_seen_at = now;
-        });
-        for record in records {
-            // No watcher is not an error.
-            let _ = self.records.send(record);
+        for (key, credits) in grants {
+            let in_flight = self.leases.values().filter(|l| l.agent_key == key).count() as u32;
+            self.registry.update(key, |a| {
+                a.in_flight = in_flight;
+                a.last_seen_at = now;
+            });
+            self.grant(key, credits);
+        }
+        for step in planned {
+            if let Some(record) = step.record {
+                // No watcher is not an error.
+                let _ = self.records.send(record);
+            }
         }
     }
 
-    /// Records one result: the attempt always; the delivery's new state only under a valid lease.
-    async fn record_one(
+    /// Decides what one result means (no IO but the subscription cache).
+    async fn plan(
         &mut self,
-        result: &pb::JobResult,
-        lease: Option<&Lease>,
+        result: pb::JobResult,
+        lease: Option<Lease>,
         agent_id: &str,
         region: &str,
         now: DateTime<Utc>,
-    ) -> Result<Option<AttemptRecord>, storage::Error> {
+    ) -> Step {
         let error = AttemptError::from_i32(result.error);
         let retry_after = result
             .response_headers
@@ -773,17 +807,16 @@ impl Scheduler {
             .find(|h| h.name.eq_ignore_ascii_case("retry-after"))
             .and_then(|h| retry::parse_retry_after(&h.value, now));
         let outcome = retry::classify(result.status_code, error, retry_after);
-        let started_at = result
-            .started_at
-            .as_ref()
-            .and_then(herald_proto::from_timestamp)
-            .unwrap_or(now);
-        let mut attempt = Attempt {
+        let attempt = Attempt {
             id: ids::new(ids::ATTEMPT),
             delivery_id: result.delivery_id.clone(),
             agent_id: agent_id.to_owned(),
             region: region.to_owned(),
-            started_at,
+            started_at: result
+                .started_at
+                .as_ref()
+                .and_then(herald_proto::from_timestamp)
+                .unwrap_or(now),
             duration_ms: result.duration_ms,
             status_code: result.status_code,
             response_headers: result
@@ -796,120 +829,165 @@ impl Scheduler {
             error,
             error_message: result.error_message.chars().take(1024).collect(),
         };
-        let Some(lease) = lease else {
-            // A result this replica did not lease (or no longer holds): recorded, changes nothing.
-            attempt.error = AttemptError::LeaseExpired;
-            let txn = self.store.begin_write().await?;
-            let known = deliveries::get_any(&txn, &result.delivery_id).await?;
-            let Some(delivery) = known else {
-                return Ok(None);
+        let (mut state, mut next_attempt_at, mut subscription_disabled) =
+            (DeliveryState::InFlight, None, false);
+        if let Some(lease) = &lease {
+            let subscription = self.subscription(&lease.delivery.subscription_id).await;
+            let max_attempts = subscription.as_ref().map_or(1, |s| s.max_attempts);
+            (state, next_attempt_at) = retry::next_step(
+                &self.settings.retry_schedule,
+                max_attempts,
+                lease.attempt,
+                &outcome,
+                now,
+                &mut self.rng,
+            );
+            subscription_disabled = subscription
+                .as_ref()
+                .is_some_and(|s| s.status == SubscriptionStatus::Disabled);
+            if subscription_disabled && state == DeliveryState::Failed {
+                state = DeliveryState::Dead;
+                next_attempt_at = None;
+            }
+        }
+        Step {
+            lease,
+            outcome,
+            attempt,
+            state,
+            next_attempt_at,
+            subscription_disabled,
+            applied: false,
+            record: None,
+        }
+    }
+
+    /// Writes a batch of planned results in one transaction; returns the subscriptions it
+    /// disabled.
+    async fn write(
+        &self,
+        steps: &mut [Step],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>, storage::Error> {
+        let txn = self.store.begin_write().await?;
+        // The newest applied step per subscription decides its summary and health; a 410
+        // anywhere in the batch disables it.
+        let mut per_subscription: HashMap<String, (usize, bool)> = HashMap::new();
+        for (index, step) in steps.iter_mut().enumerate() {
+            let delivery = match &step.lease {
+                Some(lease) => {
+                    step.applied = deliveries::complete(
+                        &txn,
+                        &deliveries::Completion {
+                            id: &lease.delivery.id,
+                            lease_id: &lease.lease_id,
+                            state: step.state,
+                            next_attempt_at: step.next_attempt_at,
+                            status_code: step.attempt.status_code,
+                            error: step.attempt.error,
+                        },
+                        now,
+                    )
+                    .await?;
+                    lease.delivery.clone()
+                }
+                // A result this replica did not lease, or no longer holds.
+                None => match deliveries::get_any(&txn, &step.attempt.delivery_id).await? {
+                    Some(delivery) => delivery,
+                    None => continue,
+                },
             };
-            deliveries::insert_attempts(&txn, std::slice::from_ref(&attempt)).await?;
-            txn.commit().await?;
-            return Ok(Some(AttemptRecord {
+            if !step.applied {
+                step.attempt.error = AttemptError::LeaseExpired;
+                step.state = delivery.state;
+            } else {
+                let gone = step.outcome == retry::Outcome::Gone;
+                let entry = per_subscription
+                    .entry(delivery.subscription_id.clone())
+                    .or_insert((index, gone));
+                if gone || !entry.1 {
+                    *entry = (index, gone);
+                }
+            }
+            step.record = Some(AttemptRecord {
                 tenant_id: delivery.tenant_id,
                 delivery_id: delivery.id,
                 subscription_id: delivery.subscription_id,
                 event_id: delivery.event_id,
-                attempt,
-                state: delivery.state,
-            }));
-        };
-        let delivery = &lease.delivery;
-        let subscription = self.subscription(&delivery.subscription_id).await;
-        let max_attempts = subscription.as_ref().map_or(1, |s| s.max_attempts);
-        let (mut state, next_attempt_at) = retry::next_step(
-            &self.settings.retry_schedule,
-            max_attempts,
-            lease.attempt,
-            &outcome,
-            now,
-            &mut self.rng,
-        );
-        let disabled = subscription
-            .as_ref()
-            .is_some_and(|s| s.status == SubscriptionStatus::Disabled);
-        if disabled && state == DeliveryState::Failed {
-            state = DeliveryState::Dead;
+                attempt: step.attempt.clone(),
+                state: step.state,
+            });
         }
-        let txn = self.store.begin_write().await?;
-        let applied = deliveries::complete(
-            &txn,
-            &deliveries::Completion {
-                id: &delivery.id,
-                lease_id: &lease.lease_id,
-                state,
-                next_attempt_at,
-                status_code: result.status_code,
-                error,
-            },
-            now,
-        )
-        .await?;
-        if !applied {
-            attempt.error = AttemptError::LeaseExpired;
-        }
-        deliveries::insert_attempts(&txn, std::slice::from_ref(&attempt)).await?;
-        let mut disabled_now = false;
-        if applied {
+        let attempts: Vec<Attempt> = steps
+            .iter()
+            .filter(|s| s.record.is_some())
+            .map(|s| s.attempt.clone())
+            .collect();
+        deliveries::insert_attempts(&txn, &attempts).await?;
+        let mut disabled = Vec::new();
+        for (subscription_id, (index, _)) in per_subscription {
+            let step = &steps[index];
             let last = LastDelivery {
-                state,
-                status_code: result.status_code,
+                state: step.state,
+                status_code: step.attempt.status_code,
                 at: now,
             };
-            subscriptions::record_last_delivery(&txn, &delivery.subscription_id, &last).await?;
-            if !disabled {
-                let failing_since =
-                    subscriptions::failing_since(&txn, &delivery.subscription_id).await?;
-                if let Some(reason) = health::disable_reason(
-                    &outcome,
-                    result.status_code,
-                    failing_since,
-                    self.settings.disable_after,
+            subscriptions::record_last_delivery(&txn, &subscription_id, &last).await?;
+            if step.subscription_disabled || step.outcome == retry::Outcome::Delivered {
+                continue;
+            }
+            let failing_since = subscriptions::failing_since(&txn, &subscription_id).await?;
+            if let Some(reason) = health::disable_reason(
+                &step.outcome,
+                step.attempt.status_code,
+                failing_since,
+                self.settings.disable_after,
+                now,
+            ) {
+                subscriptions::set_status(
+                    &txn,
+                    &subscription_id,
+                    SubscriptionStatus::Disabled,
+                    Some(&reason),
                     now,
-                ) {
-                    subscriptions::set_status(
-                        &txn,
-                        &delivery.subscription_id,
-                        SubscriptionStatus::Disabled,
-                        Some(&reason),
-                        now,
-                    )
-                    .await?;
-                    deliveries::kill_waiting(&txn, &delivery.subscription_id, now).await?;
-                    if state == DeliveryState::Failed {
-                        // This delivery was just made FAILED (not waiting when the others were
-                        // killed above): it goes DEAD with them.
-                        state = DeliveryState::Dead;
-                        deliveries::kill_waiting(&txn, &delivery.subscription_id, now).await?;
-                    }
-                    disabled_now = true;
-                    tracing::warn!(subscription_id = %delivery.subscription_id, reason = %reason, "subscription disabled");
-                }
+                )
+                .await?;
+                // Waiting deliveries, the ones just made FAILED included, go DEAD (replayable).
+                deliveries::kill_waiting(&txn, &subscription_id, now).await?;
+                tracing::warn!(%subscription_id, %reason, "subscription disabled");
+                disabled.push(subscription_id);
             }
         }
         txn.commit().await?;
-        if disabled_now {
-            self.subscriptions.remove(&delivery.subscription_id);
+        for step in steps.iter_mut() {
+            let killed = step.state == DeliveryState::Failed
+                && step
+                    .record
+                    .as_ref()
+                    .is_some_and(|r| disabled.contains(&r.subscription_id));
+            if killed {
+                step.state = DeliveryState::Dead;
+                step.next_attempt_at = None;
+                if let Some(record) = &mut step.record {
+                    record.state = DeliveryState::Dead;
+                }
+            }
         }
-        if let Some(at) = next_attempt_at.filter(|_| applied && state == DeliveryState::Failed) {
-            let wait = (at - now).to_std().unwrap_or_default();
-            self.next_poll = self.next_poll.min(Instant::now() + wait);
-        }
-        tracing::debug!(delivery_id = %delivery.id, attempt = lease.attempt, status_code = result.status_code, state = ?state, "attempt recorded");
-        Ok(Some(AttemptRecord {
-            tenant_id: delivery.tenant_id.clone(),
-            delivery_id: delivery.id.clone(),
-            subscription_id: delivery.subscription_id.clone(),
-            event_id: delivery.event_id.clone(),
-            attempt,
-            state: if applied {
-                state
-            } else {
-                DeliveryState::InFlight
-            },
-        }))
+        Ok(disabled)
     }
+}
+
+/// One result on its way to storage.
+struct Step {
+    lease: Option<Lease>,
+    outcome: retry::Outcome,
+    attempt: Attempt,
+    state: DeliveryState,
+    next_attempt_at: Option<DateTime<Utc>>,
+    subscription_disabled: bool,
+    /// Whether the result moved its delivery (its lease was still valid).
+    applied: bool,
+    record: Option<AttemptRecord>,
 }
 
 /// Builds the ready-to-send request of one attempt, signed now with every valid secret.

@@ -6,6 +6,7 @@ pub mod deliveries;
 mod entity;
 pub mod events;
 mod migration;
+pub mod retention;
 pub mod seal;
 pub mod subscriptions;
 pub mod tenants;
@@ -165,6 +166,11 @@ impl Store {
             events::count(&self.db).await?,
             deliveries::count(&self.db).await?,
         ))
+    }
+
+    /// Returns how many events, deliveries and attempts are stored.
+    pub async fn all_counts(&self) -> Result<(u64, u64, u64), Error> {
+        retention::counts(&self.db).await
     }
 
     pub fn backend(&self) -> DbBackend {
