@@ -42,6 +42,8 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// On shutdown, how long in-flight jobs may take to finish and be reported.
     pub shutdown_grace: Duration,
+    /// Where the agent's metrics go (the control plane's registry for the built-in agent).
+    pub metrics: Option<crate::telemetry::AgentMetrics>,
 }
 
 /// What the binary loads: the agent's configuration and how it logs.
@@ -49,6 +51,10 @@ pub struct Config {
 pub struct Settings {
     pub config: Config,
     pub log_format: LogFormat,
+    /// `HERALD_METRICS_LISTEN`: where `/metrics` is served; unset, nothing listens.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Whether `OTEL_EXPORTER_OTLP_ENDPOINT` (or its traces variant) is set: spans are exported.
+    pub otlp: bool,
 }
 
 /// `HERALD_LOG_FORMAT`.
@@ -99,6 +105,7 @@ struct Raw {
     log_format: Option<Value>,
     heartbeat_interval: Option<Value>,
     shutdown_grace: Option<Value>,
+    metrics_listen: Option<Value>,
 }
 
 /// The settings the agent reads, as lowercase keys without the `HERALD_` prefix; every other
@@ -114,6 +121,7 @@ const KEYS: &[&str] = &[
     "log_format",
     "heartbeat_interval",
     "shutdown_grace",
+    "metrics_listen",
 ];
 const ENV_PREFIX: &str = "HERALD_";
 const DEFAULT_REGION: &str = "default";
@@ -135,6 +143,7 @@ impl Default for Config {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            metrics: None,
         }
     }
 }
@@ -174,6 +183,13 @@ pub fn load(
     flags: Overrides,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Settings, Invalid> {
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    let otlp = env.iter().any(|(name, value)| {
+        matches!(
+            name.as_str(),
+            "OTEL_EXPORTER_OTLP_ENDPOINT" | "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+        ) && !value.is_empty()
+    });
     let env: BTreeMap<String, String> = env
         .into_iter()
         .filter_map(|(name, value)| {
@@ -208,7 +224,9 @@ pub fn load(
         .merge(Serialized::defaults(&flags))
         .extract()
         .map_err(|err| invalid("config", one_line(&err.to_string())))?;
-    raw.validate()
+    let mut settings = raw.validate()?;
+    settings.otlp = otlp;
+    Ok(settings)
 }
 
 impl Raw {
@@ -258,6 +276,15 @@ impl Raw {
                 other => invalid("extra_ca", other.to_string()),
             })?;
         }
+        let metrics_listen = match scalar(self.metrics_listen, "metrics_listen")?.as_deref() {
+            None | Some("") => None,
+            Some(addr) => Some(addr.parse().map_err(|_| {
+                invalid(
+                    "metrics_listen",
+                    "not a socket address such as 127.0.0.1:9091",
+                )
+            })?),
+        };
         let log_format = match scalar(self.log_format, "log_format")?.as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
@@ -282,8 +309,11 @@ impl Raw {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 heartbeat_interval,
                 shutdown_grace,
+                metrics: None,
             },
             log_format,
+            metrics_listen,
+            otlp: false,
         })
     }
 }

@@ -437,6 +437,7 @@ mod tests {
             version: "9.9.9".into(),
             heartbeat_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            metrics: None,
         }
     }
 

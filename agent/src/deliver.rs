@@ -16,7 +16,7 @@ use rustls::client::danger::ServerCertVerifier;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::time::{Instant, timeout_at};
-use tracing::{Span, debug, instrument, warn};
+use tracing::{Instrument as _, Span, debug, warn};
 use url::Url;
 
 use crate::Error;
@@ -40,6 +40,7 @@ pub(crate) struct Deliverer {
     client: reqwest::Client,
     guard: Arc<Guard>,
     agent_id: String,
+    metrics: Option<crate::telemetry::AgentMetrics>,
 }
 
 /// An HTTP answer: whatever a receiver said, it is a received status.
@@ -86,6 +87,7 @@ impl Deliverer {
         agent_id: String,
         guard: Guard,
         extra_ca: Option<&Path>,
+        metrics: Option<crate::telemetry::AgentMetrics>,
     ) -> Result<Self, Error> {
         let extra_roots = match extra_ca {
             Some(path) => load_extra_roots(path)?,
@@ -106,18 +108,38 @@ impl Deliverer {
             client,
             guard,
             agent_id,
+            metrics,
         })
     }
 
     /// Executes one job and returns its result; never fails: every failure is a classified
     /// result. Reads at most 4 KiB of the response body.
-    #[instrument(skip_all, fields(
-        delivery_id = %job.delivery_id,
-        attempt = job.attempt,
-        agent_id = %self.agent_id,
-        status_code = tracing::field::Empty,
-    ))]
-    pub(crate) async fn deliver(&self, job: pb::Job) -> pb::JobResult {
+    pub(crate) async fn deliver(&self, mut job: pb::Job) -> pb::JobResult {
+        let span = tracing::info_span!(
+            "deliver",
+            delivery_id = %job.delivery_id,
+            subscription_id = %job.subscription_id,
+            event_id = %job.event_id,
+            attempt = job.attempt,
+            agent_id = %self.agent_id,
+            status_code = tracing::field::Empty,
+        );
+        // Joins the publisher's trace before the span starts; with tracing export on, the
+        // receiver sees this span as the parent of its own work.
+        if let Some(header) = job
+            .headers
+            .iter_mut()
+            .find(|h| h.name.eq_ignore_ascii_case("traceparent"))
+        {
+            crate::telemetry::set_parent(&span, &header.value);
+            if let Some(own) = crate::telemetry::traceparent(&span) {
+                header.value = own;
+            }
+        }
+        self.deliver_in_span(job).instrument(span).await
+    }
+
+    async fn deliver_in_span(&self, job: pb::Job) -> pb::JobResult {
         let started_at = Utc::now();
         let start = Instant::now();
         let timeout = match job.timeout_ms {
@@ -132,6 +154,26 @@ impl Deliverer {
         };
         let outcome = self.attempt(job, start + timeout, timeout).await;
         result.duration_ms = u32::try_from(start.elapsed().as_millis()).unwrap_or(u32::MAX);
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .request_duration
+                .0
+                .observe(start.elapsed().as_secs_f64());
+            let error = match &outcome {
+                Ok(_) => "",
+                Err(failure) => failure
+                    .class
+                    .as_str_name()
+                    .trim_start_matches("ATTEMPT_ERROR_"),
+            };
+            let status = outcome
+                .as_ref()
+                .map_or(0, |answer| u32::from(answer.status));
+            metrics
+                .requests
+                .get_or_create(&crate::telemetry::StatusClass::of(status, error))
+                .inc();
+        }
         match outcome {
             Ok(answer) => {
                 Span::current().record("status_code", answer.status);
@@ -470,7 +512,7 @@ mod tests {
 
     fn deliverer(allow: &[&str]) -> Deliverer {
         let allow = allow.iter().map(|net| net.parse().unwrap()).collect();
-        Deliverer::new("agent-test".into(), Guard::new(allow), None).unwrap()
+        Deliverer::new("agent-test".into(), Guard::new(allow), None, None).unwrap()
     }
 
     /// A guard that allows the loopback receivers of these tests.
@@ -799,7 +841,8 @@ mod tests {
         let url = format!("https://{}/hook", receiver.addr);
         let allow = vec!["127.0.0.0/8".parse().unwrap()];
 
-        let platform_only = Deliverer::new("a".into(), Guard::new(allow.clone()), None).unwrap();
+        let platform_only =
+            Deliverer::new("a".into(), Guard::new(allow.clone()), None, None).unwrap();
         let result = platform_only.deliver(job("1", &url, 5000)).await;
         assert_eq!(
             result.error(),
@@ -811,7 +854,7 @@ mod tests {
         let mut ca_file = tempfile::NamedTempFile::new().unwrap();
         ca_file.write_all(pki.ca_pem.as_bytes()).unwrap();
         let with_extra_ca =
-            Deliverer::new("a".into(), Guard::new(allow), Some(ca_file.path())).unwrap();
+            Deliverer::new("a".into(), Guard::new(allow), Some(ca_file.path()), None).unwrap();
         let result = with_extra_ca.deliver(job("2", &url, 5000)).await;
         assert_eq!(result.status_code, 200, "{}", result.error_message);
         assert_eq!(result.response_excerpt, "secure");

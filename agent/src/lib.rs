@@ -9,6 +9,7 @@ pub mod config;
 mod connection;
 mod deliver;
 mod guard;
+pub mod telemetry;
 #[cfg(test)]
 mod testing;
 
@@ -66,6 +67,7 @@ struct Agent {
     control_planes: Vec<(String, Endpoint)>,
     session: connection::Settings,
     deliverer: Arc<Deliverer>,
+    metrics: Option<telemetry::AgentMetrics>,
 }
 
 /// Runs the agent until `shutdown` is cancelled: connects to the control planes in turn, with
@@ -102,6 +104,7 @@ impl Agent {
             config.agent_id.clone(),
             Guard::new(config.allow_destinations.clone()),
             config.extra_ca.as_deref(),
+            config.metrics.clone(),
         )?;
         Ok(Self {
             control_planes,
@@ -115,6 +118,7 @@ impl Agent {
                 shutdown_grace: config.shutdown_grace,
             },
             deliverer: Arc::new(deliverer),
+            metrics: config.metrics,
         })
     }
 
@@ -153,6 +157,9 @@ impl Agent {
                     }
                 }
             };
+            if let Some(metrics) = &self.metrics {
+                metrics.reconnects.inc();
+            }
             let delay = backoff(failures, &mut rand::rng());
             tokio::select! {
                 () = shutdown.cancelled() => return,

@@ -1,17 +1,16 @@
 //! The `herald-agent` binary: flags, configuration, tracing, the crypto provider and signals
 //! around `herald_agent::run`; nothing else.
 
-use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
 use herald_agent::config::{self, LogFormat, Overrides};
+use herald_agent::telemetry;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
-use tracing_subscriber::EnvFilter;
 
 /// The exit code of a bad configuration (`EX_USAGE` in sysexits.h).
 const EXIT_CONFIG: u8 = 64;
@@ -50,11 +49,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_tracing(settings.log_format);
     // One crypto provider for the process (ring); the library passes ring explicitly anyway, so
     // an earlier installation by someone else is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    match serve(settings.config) {
+    match serve(settings) {
         Ok(code) => code,
         Err(err) => {
             error!(error = %format!("{err:#}"), "agent failed");
@@ -76,27 +74,34 @@ impl Args {
     }
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 /// Runs the agent until SIGTERM or Ctrl-C, then drains; a second signal exits at once.
-fn serve(config: herald_agent::Config) -> anyhow::Result<ExitCode> {
+fn serve(settings: config::Settings) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
-        let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    // The OTLP exporter's channel needs the runtime.
+    let telemetry = {
+        let _entered = runtime.enter();
+        telemetry::init(
+            "herald-agent",
+            settings.log_format == LogFormat::Json,
+            settings.otlp,
+        )?
+    };
+    let mut config = settings.config;
+    let metrics_listen = settings.metrics_listen;
+    let code = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
+        if let Some(addr) = metrics_listen {
+            let metrics = telemetry::Metrics::default();
+            config.metrics = Some(telemetry::AgentMetrics::register(&metrics));
+            let listener = telemetry::bind_metrics(addr)
+                .await
+                .with_context(|| format!("HERALD_METRICS_LISTEN: cannot listen on {addr}"))?;
+            tokio::spawn(metrics.serve(listener, shutdown.clone()));
+        }
+        let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
         info!(
             agent_id = %config.agent_id,
             region = %config.region,
@@ -122,7 +127,9 @@ fn serve(config: herald_agent::Config) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         }
-    })
+    });
+    telemetry.shutdown();
+    code
 }
 
 fn finished_with(

@@ -117,6 +117,8 @@ pub struct Config {
     pub tls_client_ca: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
+    /// Whether `OTEL_EXPORTER_OTLP_ENDPOINT` (or its traces variant) is set: spans are exported.
+    pub otlp: bool,
 }
 
 /// The default retry schedule of SPEC 5: 5 s, 30 s, 2 min, 10 min, 30 min, 1 h, 3 h, 6 h, 12 h, 24 h.
@@ -172,7 +174,14 @@ impl Config {
                     .unwrap_or_else(|| "configuration".into());
                 ConfigError::new(&key, err.kind.to_string())
             })?;
-        Self::from_raw(raw)
+        let mut config = Self::from_raw(raw)?;
+        config.otlp = [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        ]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()));
+        Ok(config)
     }
 
     /// Validates raw settings into typed values.
@@ -245,6 +254,7 @@ impl Config {
             tls_client_ca: raw.tls_client_ca,
             metrics_listen,
             log_format,
+            otlp: false,
         })
     }
 

@@ -7,6 +7,7 @@ pub mod config;
 pub mod dispatch;
 pub mod domain;
 pub mod grpc;
+pub mod metrics;
 pub mod service;
 pub mod storage;
 
@@ -32,6 +33,8 @@ pub struct Running {
     pub generated_admin_token: Option<String>,
     /// The agent credential, when it was generated at this start.
     pub generated_agent_token: Option<String>,
+    /// Where `/metrics` is served, when `HERALD_METRICS_LISTEN` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub services: Services,
     shutdown: CancellationToken,
     done: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -111,6 +114,8 @@ pub async fn start_with(
     let dispatcher = dispatch::Handle::new(commands, hooks.handoff);
     let (records, _) = tokio::sync::broadcast::channel(4096);
     let registry = dispatch::registry::Registry::default();
+    let prometheus = metrics::Registry::default();
+    let metrics = metrics::Metrics::register(&prometheus);
     let scheduler = Scheduler::new(
         store.clone(),
         Settings {
@@ -123,12 +128,14 @@ pub async fn start_with(
         command_rx,
         registry.clone(),
         records.clone(),
+        metrics.clone(),
     );
     let scheduler_stop = CancellationToken::new();
     tasks.spawn(scheduler.run(scheduler_stop.clone()));
     let publisher = service::publish::Publisher::start(
         store.clone(),
         dispatcher.clone(),
+        metrics.clone(),
         if sqlite { 1 } else { 4 },
         &mut tasks,
     );
@@ -204,6 +211,18 @@ pub async fn start_with(
         scheduler_stop.clone(),
     ));
 
+    let metrics_addr = match config.metrics_listen {
+        Some(addr) => {
+            let listener = herald_agent::telemetry::bind_metrics(addr)
+                .await
+                .with_context(|| format!("HERALD_METRICS_LISTEN: cannot listen on {addr}"))?;
+            let addr = listener.local_addr().ok();
+            tasks.spawn(prometheus.clone().serve(listener, scheduler_stop.clone()));
+            addr
+        }
+        None => None,
+    };
+
     let agent_stop = CancellationToken::new();
     let builtin_agent = if config.builtin_agent {
         let agent_config = herald_agent::Config {
@@ -216,6 +235,8 @@ pub async fn start_with(
                 "127.0.0.0/8".parse().context("loopback range")?,
                 "::1/128".parse().context("loopback range")?,
             ],
+            // The built-in agent reports through the control plane's registry.
+            metrics: Some(herald_agent::telemetry::AgentMetrics::register(&prometheus)),
             ..herald_agent::Config::default()
         };
         let stop = agent_stop.clone();
@@ -261,6 +282,7 @@ pub async fn start_with(
         addr,
         generated_admin_token,
         generated_agent_token,
+        metrics_addr,
         services,
         shutdown,
         done,

@@ -63,12 +63,27 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_tracing(config.log_format);
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("herald-control-plane: cannot start the runtime: {err}");
             return ExitCode::FAILURE;
+        }
+    };
+    // The OTLP exporter's channel needs the runtime.
+    let telemetry = {
+        let _entered = runtime.enter();
+        match herald_agent::telemetry::init(
+            "herald-control-plane",
+            config.log_format == LogFormat::Json,
+            config.otlp,
+        ) {
+            Ok(telemetry) => telemetry,
+            Err(err) => {
+                eprintln!("herald-control-plane: {err}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
         }
     };
     let result = runtime.block_on(async {
@@ -77,25 +92,13 @@ fn main() -> ExitCode {
             None => serve(config).await,
         }
     });
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("herald-control-plane: {err:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
     }
 }
 
@@ -110,6 +113,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let running = herald_control_plane::start(config, listener).await?;
     let addr = running.addr;
     println!("herald control plane listening on http://{addr}");
+    if let Some(metrics) = running.metrics_addr {
+        println!("metrics on http://{metrics}/metrics");
+    }
     if let Some(token) = &running.generated_admin_token {
         println!("admin token (shown once, stored hashed): {token}");
         println!("  export HERALD_ADDR=http://{addr} HERALD_TOKEN={token}");

@@ -25,7 +25,9 @@ use crate::domain::model::{
     Attempt, AttemptError, Delivery, DeliveryState, LastDelivery, Subscription, SubscriptionStatus,
 };
 use crate::domain::{health, ids, retry};
+use crate::metrics::{Metrics, StatusClass};
 use crate::storage::{self, Store, deliveries, events, subscriptions};
+use herald_agent::telemetry;
 
 /// How often the database is polled for due work when nothing is expected sooner.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -146,6 +148,7 @@ pub struct Scheduler {
     drains: Vec<(Instant, oneshot::Sender<()>)>,
     /// Results received but not yet recorded: (agent, results, credits handed back).
     pending_results: Vec<(u64, Vec<pb::JobResult>, u32)>,
+    metrics: Metrics,
     rng: rand::rngs::StdRng,
 }
 
@@ -156,6 +159,7 @@ impl Scheduler {
         commands: mpsc::UnboundedReceiver<Command>,
         registry: Registry,
         records: broadcast::Sender<AttemptRecord>,
+        metrics: Metrics,
     ) -> Self {
         use rand::SeedableRng;
         Self {
@@ -176,6 +180,7 @@ impl Scheduler {
             next_poll: Instant::now(),
             drains: Vec::new(),
             pending_results: Vec::new(),
+            metrics,
             rng: rand::rngs::StdRng::from_os_rng(),
         }
     }
@@ -204,6 +209,10 @@ impl Scheduler {
             }
             self.assign().await;
             self.finish_drains();
+            self.metrics.leases_in_flight.set(self.leases.len() as i64);
+            self.metrics
+                .deliveries_pending
+                .set(self.known.len().saturating_sub(self.leases.len()) as i64);
         }
         for (_, done) in self.drains.drain(..) {
             let _ = done.send(());
@@ -289,6 +298,12 @@ impl Scheduler {
                 last_seen_at: now,
             },
         );
+        self.metrics
+            .agents_connected
+            .get_or_create(&crate::metrics::Region {
+                region: hello.region.clone(),
+            })
+            .inc();
         self.agents.insert(
             key,
             Agent {
@@ -314,6 +329,12 @@ impl Scheduler {
         let Some(agent) = self.agents.remove(&key) else {
             return;
         };
+        self.metrics
+            .agents_connected
+            .get_or_create(&crate::metrics::Region {
+                region: agent.region.clone(),
+            })
+            .dec();
         self.registry.remove(key);
         let held: Vec<String> = self
             .leases
@@ -665,11 +686,30 @@ impl Scheduler {
                 continue;
             };
             let attempt = delivery.attempt_count + 1;
+            let lag = (now - delivery.next_attempt_at)
+                .to_std()
+                .unwrap_or_default();
+            self.metrics.delivery_lag.observe(lag.as_secs_f64());
+            // The dispatch joins the publisher's trace (stored with the event, so a retry hours
+            // later joins it too); the agent's span becomes its child.
+            let span = tracing::info_span!(
+                "dispatch",
+                tenant_id = %delivery.tenant_id,
+                subscription_id = %delivery.subscription_id,
+                event_id = %delivery.event_id,
+                delivery_id = %delivery.id,
+                attempt,
+                agent_id = %agent_id,
+            );
+            if let Some(parent) = traceparent.as_deref() {
+                telemetry::set_parent(&span, parent);
+            }
+            let job_traceparent = telemetry::traceparent(&span).or_else(|| traceparent.clone());
             jobs.push(build_job(
                 &delivery,
                 &subscription,
                 body.clone(),
-                traceparent.as_deref(),
+                job_traceparent.as_deref(),
                 &lease_id,
                 attempt,
                 now,
@@ -759,6 +799,18 @@ impl Scheduler {
             }
         }
         for step in &planned {
+            let error = step.attempt.error;
+            let error_name = format!("{error:?}");
+            self.metrics
+                .attempts
+                .get_or_create(&StatusClass::of(step.attempt.status_code, &error_name))
+                .inc();
+            self.metrics
+                .attempt_duration
+                .observe(f64::from(step.attempt.duration_ms) / 1000.0);
+            if step.applied {
+                self.metrics.delivery_moved(step.state);
+            }
             if let Some(lease) = &step.lease {
                 self.unload(&lease.delivery);
                 self.known.remove(&lease.delivery.id);

@@ -1,7 +1,9 @@
 //! `EventService`.
 
+use herald_agent::telemetry;
 use herald_proto::v1 as pb;
 use tonic::{Request, Response, Status};
+use tracing::{Instrument as _, Span};
 
 use super::{auth, convert};
 use crate::domain::model::PageRequest;
@@ -30,6 +32,23 @@ fn new_event(
     Ok(event)
 }
 
+/// Opens the publish span as a child of the publisher's `traceparent`; returns it with the
+/// context to store with the event (the span's own when tracing export is on, else the
+/// publisher's), so every later attempt joins the same trace.
+fn publish_span<T>(request: &Request<T>) -> (Span, Option<String>) {
+    let span = tracing::info_span!(
+        "publish",
+        tenant_id = tracing::field::Empty,
+        event_id = tracing::field::Empty
+    );
+    let sent = traceparent(request);
+    if let Some(parent) = sent {
+        telemetry::set_parent(&span, parent);
+    }
+    let context = telemetry::traceparent(&span).or_else(|| sent.map(str::to_owned));
+    (span, context)
+}
+
 /// Returns the W3C `traceparent` the publisher sent in metadata, if it is well formed.
 fn traceparent<T>(request: &Request<T>) -> Option<&str> {
     request
@@ -52,11 +71,18 @@ impl pb::event_service_server::EventService for EventApi {
         &self,
         request: Request<pb::PublishEventRequest>,
     ) -> Result<Response<pb::PublishEventResponse>, Status> {
-        let caller = auth::caller(&self.0, &request).await?;
-        let tenant = caller.tenant(&request.get_ref().tenant_id)?;
-        let event = new_event(&self.0, request.get_ref(), traceparent(&request))?;
-        let published = self.0.publish_event(&tenant, event).await?;
-        Ok(Response::new(reply(published)))
+        let (span, context) = publish_span(&request);
+        async move {
+            let caller = auth::caller(&self.0, &request).await?;
+            let tenant = caller.tenant(&request.get_ref().tenant_id)?;
+            Span::current().record("tenant_id", tenant.as_str());
+            let event = new_event(&self.0, request.get_ref(), context.as_deref())?;
+            let published = self.0.publish_event(&tenant, event).await?;
+            Span::current().record("event_id", published.event_id.as_str());
+            Ok(Response::new(reply(published)))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn publish_events(
@@ -73,7 +99,9 @@ impl pb::event_service_server::EventService for EventApi {
             )));
         }
         let tenant = caller.tenant(requested_tenant)?;
-        let parent = traceparent(&request);
+        let (span, context) = publish_span(&request);
+        span.record("tenant_id", tenant.as_str());
+        let parent = context.as_deref();
         let events = r
             .events
             .iter()
@@ -84,7 +112,11 @@ impl pb::event_service_server::EventService for EventApi {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let results = self.0.publish_events(&tenant, events).await?;
+        let results = self
+            .0
+            .publish_events(&tenant, events)
+            .instrument(span)
+            .await?;
         Ok(Response::new(pb::PublishEventsResponse {
             results: results.into_iter().map(reply).collect(),
         }))

@@ -12,6 +12,7 @@ use super::Error;
 use crate::dispatch;
 use crate::domain::model::{Delivery, DeliveryState, Event, Subscription};
 use crate::domain::{filter, ids, validate};
+use crate::metrics::Metrics;
 use crate::storage::{self, Store, deliveries, events, subscriptions};
 
 /// Most publish calls committed in one transaction.
@@ -66,13 +67,19 @@ impl Publisher {
     pub fn start(
         store: Store,
         dispatcher: dispatch::Handle,
+        metrics: Metrics,
         writers: usize,
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Self {
         let senders = (0..writers.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(4096);
-                tasks.spawn(write_loop(store.clone(), dispatcher.clone(), rx));
+                tasks.spawn(write_loop(
+                    store.clone(),
+                    dispatcher.clone(),
+                    metrics.clone(),
+                    rx,
+                ));
                 tx
             })
             .collect();
@@ -176,7 +183,12 @@ pub fn validate_event(
     })
 }
 
-async fn write_loop(store: Store, dispatcher: dispatch::Handle, mut calls: mpsc::Receiver<Call>) {
+async fn write_loop(
+    store: Store,
+    dispatcher: dispatch::Handle,
+    metrics: Metrics,
+    mut calls: mpsc::Receiver<Call>,
+) {
     while let Some(first) = calls.recv().await {
         let mut batch = vec![first];
         let mut events = batch[0].events.len();
@@ -189,17 +201,17 @@ async fn write_loop(store: Store, dispatcher: dispatch::Handle, mut calls: mpsc:
                 Err(_) => break,
             }
         }
-        commit(&store, &dispatcher, batch).await;
+        commit(&store, &dispatcher, &metrics, batch).await;
     }
 }
 
 /// Commits a batch; if the transaction fails, commits each call alone so that one caller's
 /// failure never becomes another's.
-async fn commit(store: &Store, dispatcher: &dispatch::Handle, batch: Vec<Call>) {
+async fn commit(store: &Store, dispatcher: &dispatch::Handle, metrics: &Metrics, batch: Vec<Call>) {
     let now = Utc::now();
     match commit_together(store, &batch, now).await {
-        Ok((replies, new)) => {
-            store.count_commit();
+        Ok((replies, new, events)) => {
+            committed(store, metrics, events);
             dispatcher.submit(new);
             for (call, reply) in batch.into_iter().zip(replies) {
                 let _ = call.reply.send(reply);
@@ -210,8 +222,8 @@ async fn commit(store: &Store, dispatcher: &dispatch::Handle, batch: Vec<Call>) 
             // conflict: read again, and answer as for a repeat.
             let reply = if matches!(err, storage::Error::Conflict(_)) {
                 match commit_together(store, &batch, Utc::now()).await {
-                    Ok((mut replies, new)) => {
-                        store.count_commit();
+                    Ok((mut replies, new, events)) => {
+                        committed(store, metrics, events);
                         dispatcher.submit(new);
                         replies.pop().unwrap_or(Err(Error::Storage(err)))
                     }
@@ -227,10 +239,17 @@ async fn commit(store: &Store, dispatcher: &dispatch::Handle, batch: Vec<Call>) 
         Err(err) => {
             tracing::debug!(error = %err, calls = batch.len(), "group commit failed; committing calls one by one");
             for call in batch {
-                Box::pin(commit(store, dispatcher, vec![call])).await;
+                Box::pin(commit(store, dispatcher, metrics, vec![call])).await;
             }
         }
     }
+}
+
+/// Counts a committed publish transaction and its new events.
+fn committed(store: &Store, metrics: &Metrics, events: usize) {
+    store.count_commit();
+    metrics.publish_commits.inc();
+    metrics.events_published.inc_by(events as u64);
 }
 
 type CallReplies = Vec<Result<Vec<Published>, Error>>;
@@ -241,7 +260,7 @@ async fn commit_together(
     store: &Store,
     batch: &[Call],
     now: DateTime<Utc>,
-) -> Result<(CallReplies, Vec<Delivery>), storage::Error> {
+) -> Result<(CallReplies, Vec<Delivery>, usize), storage::Error> {
     let txn = store.begin_write().await?;
     let mut subscriptions_of: HashMap<&str, Vec<Subscription>> = HashMap::new();
     // Keys written earlier in this batch: (tenant, key) -> (request hash, reply).
@@ -351,7 +370,7 @@ async fn commit_together(
     events::insert_many(&txn, &new_events).await?;
     deliveries::insert_many(&txn, &new_deliveries).await?;
     txn.commit().await?;
-    Ok((replies, new_deliveries))
+    Ok((replies, new_deliveries, new_events.len()))
 }
 
 /// Returns the deliveries of one event: one per receiving subscription (filters applied when

@@ -884,6 +884,10 @@ async fn secrets_are_sealed_at_rest_and_never_logged() {
     }
     assert!(!logs.contains(&token), "a token was logged");
     assert!(
+        !logs.contains(harness::AGENT_TOKEN),
+        "the agent token was logged"
+    );
+    assert!(
         !logs.contains(harness::ADMIN_TOKEN),
         "the admin token was logged"
     );

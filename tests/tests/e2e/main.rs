@@ -2,6 +2,8 @@
 //! PostgreSQL databases made per test.
 
 mod api;
+mod cli;
 mod delivery;
 mod lifecycle;
+mod observability;
 mod pipeline;
