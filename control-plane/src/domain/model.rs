@@ -192,6 +192,9 @@ pub struct Delivery {
     pub attempt_count: u32,
     pub next_attempt_at: DateTime<Utc>,
     pub ordering_key: Option<String>,
+    /// The event's type, copied at fan-out for the delivery log (empty on rows written before
+    /// it was kept).
+    pub event_type: String,
     pub last_status_code: Option<u32>,
     pub last_error: Option<AttemptError>,
     pub created_at: DateTime<Utc>,

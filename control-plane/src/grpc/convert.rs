@@ -145,7 +145,7 @@ pub fn delivery(d: Delivery, attempts: Vec<Attempt>) -> pb::Delivery {
         next_attempt_at: matches!(d.state, DeliveryState::Pending | DeliveryState::Failed)
             .then(|| timestamp(d.next_attempt_at)),
         attempts: attempts.into_iter().map(attempt).collect(),
-        event_type: String::new(),
+        event_type: d.event_type,
         created_at: Some(timestamp(d.created_at)),
         last_status_code: d.last_status_code.unwrap_or(0),
         last_error: d.last_error.map_or(0, |e| e as i32),

@@ -28,10 +28,11 @@ impl Services {
                 self.get_event(tenant_id, event_id).await?;
                 ListBy::Event(event_id.to_owned())
             }
-            _ => {
+            (true, true) => ListBy::Tenant,
+            (false, false) => {
                 return Err(Invalid::new(
                     "subscription_id",
-                    "give exactly one of subscription_id and event_id",
+                    "give at most one of subscription_id and event_id",
                 )
                 .into());
             }

@@ -393,6 +393,7 @@ fn fan_out(
             attempt_count: 0,
             next_attempt_at: now,
             ordering_key: ordering_key(s, event),
+            event_type: event.event_type.clone(),
             last_status_code: None,
             last_error: None,
             created_at: now,

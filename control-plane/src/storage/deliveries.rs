@@ -15,6 +15,7 @@ const INSERT_CHUNK: usize = 1000;
 /// Which deliveries a list shows.
 #[derive(Debug, Clone)]
 pub enum ListBy {
+    Tenant,
     Subscription(String),
     Event(String),
 }
@@ -33,6 +34,7 @@ pub async fn insert_many(db: &impl ConnectionTrait, deliveries: &[Delivery]) -> 
             lease_expires_at: Set(None),
             agent_id: Set(None),
             ordering_key: Set(d.ordering_key.clone()),
+            event_type: Set(Some(d.event_type.clone())),
             last_status_code: Set(d.last_status_code.map(|c| c as i32)),
             last_error: Set(d.last_error.map(|e| e as i32)),
             created_at: Set(ms(d.created_at)),
@@ -84,6 +86,7 @@ pub async fn list(
         .filter(delivery::Column::TenantId.eq(tenant_id))
         .order_by_desc(delivery::Column::Id);
     query = match by {
+        ListBy::Tenant => query,
         ListBy::Subscription(id) => query.filter(delivery::Column::SubscriptionId.eq(id.clone())),
         ListBy::Event(id) => query.filter(delivery::Column::EventId.eq(id.clone())),
     };
@@ -152,6 +155,7 @@ pub(crate) fn from_model(m: delivery::Model) -> Delivery {
         attempt_count: m.attempt_count.max(0) as u32,
         next_attempt_at: time(m.next_attempt_at),
         ordering_key: m.ordering_key,
+        event_type: m.event_type.unwrap_or_default(),
         last_status_code: m.last_status_code.map(|c| c.max(0) as u32),
         last_error: m.last_error.map(AttemptError::from_i32),
         created_at: time(m.created_at),

@@ -145,6 +145,7 @@ pub mod delivery {
         pub lease_expires_at: Option<i64>,
         pub agent_id: Option<String>,
         pub ordering_key: Option<String>,
+        pub event_type: Option<String>,
         pub last_status_code: Option<i32>,
         pub last_error: Option<i32>,
         pub created_at: i64,

@@ -9,12 +9,18 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(M0001Initial)]
+        vec![Box::new(M0001Initial), Box::new(M0002DeliveryLog)]
     }
 }
 
-#[derive(DeriveMigrationName)]
 struct M0001Initial;
+
+// Names are explicit: the derive takes the file name, the same for every migration here.
+impl MigrationName for M0001Initial {
+    fn name(&self) -> &str {
+        "m0001_initial"
+    }
+}
 
 const M0001: &str = r#"
 CREATE TABLE meta (
@@ -118,6 +124,27 @@ CREATE TABLE attempts (
 );
 CREATE INDEX attempts_delivery ON attempts (delivery_id, id);
 "#;
+
+struct M0002DeliveryLog;
+
+impl MigrationName for M0002DeliveryLog {
+    fn name(&self) -> &str {
+        "m0002_delivery_log"
+    }
+}
+
+/// The delivery log by tenant, and the event type on each delivery.
+const M0002: &str = r#"
+ALTER TABLE deliveries ADD COLUMN event_type TEXT;
+CREATE INDEX deliveries_tenant ON deliveries (tenant_id, id)
+"#;
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0002DeliveryLog {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run_statements(manager, M0002).await
+    }
+}
 
 #[async_trait::async_trait]
 impl MigrationTrait for M0001Initial {

@@ -191,6 +191,23 @@ async fn every_rpc_works_end_to_end(backend: Backend) {
         .into_inner()
         .deliveries;
     assert_eq!(by_event.len(), 1);
+    assert_eq!(by_event[0].event_type, "user.new");
+    let whole_log = client
+        .deliveries()
+        .list_deliveries(pb::ListDeliveriesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    assert_eq!(
+        whole_log.len(),
+        3,
+        "without a filter: the tenant's whole log"
+    );
+    assert!(
+        whole_log.windows(2).all(|w| w[0].id > w[1].id),
+        "newest first"
+    );
     assert_eq!(by_event[0].webhook_id, one.event_id);
     let delivery = client
         .deliveries()
