@@ -80,6 +80,9 @@ impl Default for RawConfig {
     }
 }
 
+/// Where the web console listens in the single-machine default.
+pub const DEFAULT_CONSOLE_LISTEN: &str = "127.0.0.1:50052";
+
 /// What to do with a job whose region has no connected agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegionFallback {
@@ -225,7 +228,14 @@ impl Config {
             }
         };
         let log_format = parse_log_format(&raw.log_format)?;
-        let console_listen = optional_addr("HERALD_CONSOLE_LISTEN", raw.console_listen)?;
+        // On by default only in the single-machine default (SQLite and the built-in agent); an
+        // empty value turns it off.
+        let single_machine = raw.database_url.trim().starts_with("sqlite:") && raw.builtin_agent;
+        let console_listen = match raw.console_listen {
+            None if single_machine => Some(DEFAULT_CONSOLE_LISTEN.to_owned()),
+            other => other,
+        };
+        let console_listen = optional_addr("HERALD_CONSOLE_LISTEN", console_listen)?;
         let metrics_listen = optional_addr("HERALD_METRICS_LISTEN", raw.metrics_listen)?;
         if raw.tls_cert.is_some() != raw.tls_key.is_some() {
             return Err(ConfigError::new(

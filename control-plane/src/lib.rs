@@ -4,6 +4,7 @@
 //! [`start`] runs it on a bound listener; `main.rs` only parses flags and prints.
 
 pub mod config;
+pub mod console;
 pub mod dispatch;
 pub mod domain;
 pub mod grpc;
@@ -33,6 +34,8 @@ pub struct Running {
     pub generated_admin_token: Option<String>,
     /// The agent credential, when it was generated at this start.
     pub generated_agent_token: Option<String>,
+    /// Where the web console is served, when `HERALD_CONSOLE_LISTEN` is set.
+    pub console_addr: Option<SocketAddr>,
     /// Where `/metrics` is served, when `HERALD_METRICS_LISTEN` is set.
     pub metrics_addr: Option<SocketAddr>,
     pub services: Services,
@@ -223,6 +226,22 @@ pub async fn start_with(
         None => None,
     };
 
+    let console_addr = match config.console_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("HERALD_CONSOLE_LISTEN: cannot listen on {addr}"))?;
+            let addr = listener.local_addr().ok();
+            tasks.spawn(console::serve(
+                services.clone(),
+                listener,
+                scheduler_stop.clone(),
+            ));
+            addr
+        }
+        None => None,
+    };
+
     let agent_stop = CancellationToken::new();
     let builtin_agent = if config.builtin_agent {
         let agent_config = herald_agent::Config {
@@ -283,6 +302,7 @@ pub async fn start_with(
         generated_admin_token,
         generated_agent_token,
         metrics_addr,
+        console_addr,
         services,
         shutdown,
         done,

@@ -113,6 +113,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let running = herald_control_plane::start(config, listener).await?;
     let addr = running.addr;
     println!("herald control plane listening on http://{addr}");
+    if let Some(console) = running.console_addr {
+        println!("web console on http://{console}/");
+    }
     if let Some(metrics) = running.metrics_addr {
         println!("metrics on http://{metrics}/metrics");
     }

@@ -143,6 +143,8 @@ impl HeraldBuilder {
             admin_token: Some(ADMIN_TOKEN.into()),
             agent_token: Some(AGENT_TOKEN.into()),
             builtin_agent: true,
+            // Tests that want the console turn it on with a port of their own.
+            console_listen: None,
             retry_schedule: vec![Duration::from_millis(100), Duration::from_millis(200)],
             lease_grace: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(5),
@@ -325,6 +327,10 @@ pub async fn spawn_control_plane(env: &[(&str, String)]) -> Child {
 pub async fn spawn_control_plane_in(dir: &Path, env: &[(&str, String)]) -> Child {
     let mut command = tokio::process::Command::new(binary("herald-control-plane"));
     command.current_dir(dir);
+    // The console's default port would collide between tests running side by side.
+    if !env.iter().any(|(k, _)| *k == "HERALD_CONSOLE_LISTEN") {
+        command.env("HERALD_CONSOLE_LISTEN", "");
+    }
     for (key, _) in std::env::vars() {
         if key.starts_with("HERALD_") {
             command.env_remove(key);

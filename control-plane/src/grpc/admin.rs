@@ -98,4 +98,42 @@ impl pb::admin_service_server::AdminService for AdminApi {
             next_page_token: String::new(),
         }))
     }
+
+    async fn create_console_session(
+        &self,
+        request: Request<pb::CreateConsoleSessionRequest>,
+    ) -> Result<Response<pb::CreateConsoleSessionResponse>, Status> {
+        auth::caller(&self.0, &request).await?.require_admin()?;
+        Err(Status::unimplemented(
+            "CreateConsoleSession: the web console is not built yet",
+        ))
+    }
+
+    async fn create_agent_credential(
+        &self,
+        request: Request<pb::CreateAgentCredentialRequest>,
+    ) -> Result<Response<pb::CreateAgentCredentialResponse>, Status> {
+        auth::caller(&self.0, &request).await?.require_admin()?;
+        Err(Status::unimplemented(
+            "CreateAgentCredential: not built yet",
+        ))
+    }
+
+    async fn list_agent_credentials(
+        &self,
+        request: Request<pb::ListAgentCredentialsRequest>,
+    ) -> Result<Response<pb::ListAgentCredentialsResponse>, Status> {
+        auth::caller(&self.0, &request).await?.require_admin()?;
+        Err(Status::unimplemented("ListAgentCredentials: not built yet"))
+    }
+
+    async fn revoke_agent_credential(
+        &self,
+        request: Request<pb::RevokeAgentCredentialRequest>,
+    ) -> Result<Response<pb::RevokeAgentCredentialResponse>, Status> {
+        auth::caller(&self.0, &request).await?.require_admin()?;
+        Err(Status::unimplemented(
+            "RevokeAgentCredential: not built yet",
+        ))
+    }
 }
