@@ -36,6 +36,13 @@ pub struct Config {
     pub allow_destinations: Vec<IpNet>,
     /// A PEM file of root certificates trusted for receivers besides the platform's.
     pub extra_ca: Option<PathBuf>,
+    /// `HERALD_TLS_CA`: the CA (PEM) that `https://` control planes are verified against,
+    /// instead of the platform's roots.
+    pub tls_ca: Option<PathBuf>,
+    /// `HERALD_TLS_CLIENT_CERT` and `HERALD_TLS_CLIENT_KEY`: the agent's client certificate
+    /// (mTLS), PEM.
+    pub tls_client_cert: Option<PathBuf>,
+    pub tls_client_key: Option<PathBuf>,
     /// Announced in the hello.
     pub version: String,
     /// How often a heartbeat is sent, unless the control plane's welcome names an interval.
@@ -102,6 +109,9 @@ struct Raw {
     agent_id: Option<Value>,
     allow_destinations: Option<Value>,
     extra_ca: Option<Value>,
+    tls_ca: Option<Value>,
+    tls_client_cert: Option<Value>,
+    tls_client_key: Option<Value>,
     log_format: Option<Value>,
     heartbeat_interval: Option<Value>,
     shutdown_grace: Option<Value>,
@@ -118,6 +128,9 @@ const KEYS: &[&str] = &[
     "agent_id",
     "allow_destinations",
     "extra_ca",
+    "tls_ca",
+    "tls_client_cert",
+    "tls_client_key",
     "log_format",
     "heartbeat_interval",
     "shutdown_grace",
@@ -140,6 +153,9 @@ impl Default for Config {
             capacity: DEFAULT_CAPACITY,
             allow_destinations: Vec::new(),
             extra_ca: None,
+            tls_ca: None,
+            tls_client_cert: None,
+            tls_client_key: None,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
@@ -276,6 +292,26 @@ impl Raw {
                 other => invalid("extra_ca", other.to_string()),
             })?;
         }
+        let tls_ca = scalar(self.tls_ca, "tls_ca")?.map(PathBuf::from);
+        let tls_client_cert = scalar(self.tls_client_cert, "tls_client_cert")?.map(PathBuf::from);
+        let tls_client_key = scalar(self.tls_client_key, "tls_client_key")?.map(PathBuf::from);
+        if tls_client_cert.is_some() != tls_client_key.is_some() {
+            return Err(invalid(
+                "tls_client_cert",
+                "HERALD_TLS_CLIENT_CERT and HERALD_TLS_CLIENT_KEY go together",
+            ));
+        }
+        for (key, path) in [
+            ("tls_ca", &tls_ca),
+            ("tls_client_cert", &tls_client_cert),
+            ("tls_client_key", &tls_client_key),
+        ] {
+            if let Some(path) = path
+                && !path.is_file()
+            {
+                return Err(invalid(key, format!("{}: no such file", path.display())));
+            }
+        }
         let metrics_listen = match scalar(self.metrics_listen, "metrics_listen")?.as_deref() {
             None | Some("") => None,
             Some(addr) => Some(addr.parse().map_err(|_| {
@@ -306,6 +342,9 @@ impl Raw {
                 capacity,
                 allow_destinations,
                 extra_ca,
+                tls_ca,
+                tls_client_cert,
+                tls_client_key,
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 heartbeat_interval,
                 shutdown_grace,

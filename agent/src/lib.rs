@@ -90,7 +90,7 @@ impl Agent {
         let control_planes = config
             .control_planes
             .iter()
-            .map(|url| Ok((url.clone(), endpoint(url, config.heartbeat_interval)?)))
+            .map(|url| Ok((url.clone(), endpoint(url, &config)?)))
             .collect::<Result<Vec<_>, Error>>()?;
         if config.token.is_empty() {
             return Err(Error::Token);
@@ -169,8 +169,10 @@ impl Agent {
     }
 }
 
-/// Builds the gRPC endpoint of one control plane URL; `https://` uses the platform's roots.
-fn endpoint(url: &str, heartbeat_interval: Duration) -> Result<Endpoint, Error> {
+/// Builds the gRPC endpoint of one control plane URL; `https://` verifies the control plane
+/// against `tls_ca` (or the platform's roots) and presents the client certificate, if any.
+fn endpoint(url: &str, config: &Config) -> Result<Endpoint, Error> {
+    let heartbeat_interval = config.heartbeat_interval;
     let invalid = |reason: String| Error::ControlPlaneUrl {
         url: url.to_owned(),
         reason,
@@ -185,9 +187,25 @@ fn endpoint(url: &str, heartbeat_interval: Duration) -> Result<Endpoint, Error> 
         .keep_alive_while_idle(true);
     match parsed.scheme() {
         "http" => Ok(endpoint),
-        "https" => endpoint
-            .tls_config(ClientTlsConfig::new().with_native_roots())
-            .map_err(|err| invalid(err.to_string())),
+        "https" => {
+            let read = |path: &std::path::Path| {
+                std::fs::read(path).map_err(|err| invalid(format!("{}: {err}", path.display())))
+            };
+            let mut tls = ClientTlsConfig::new();
+            tls = match &config.tls_ca {
+                Some(ca) => tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?)),
+                None => tls.with_native_roots(),
+            };
+            if let (Some(cert), Some(key)) = (&config.tls_client_cert, &config.tls_client_key) {
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    read(cert)?,
+                    read(key)?,
+                ));
+            }
+            endpoint
+                .tls_config(tls)
+                .map_err(|err| invalid(err.to_string()))
+        }
         _ => Err(invalid("scheme must be http or https".to_owned())),
     }
 }

@@ -21,6 +21,21 @@ pub enum Error {
     Address { addr: String, reason: String },
     #[error("token: not a valid header value")]
     Token,
+    #[error("{setting}: {reason}")]
+    Tls {
+        setting: &'static str,
+        reason: String,
+    },
+}
+
+/// TLS towards the control plane (used for `https://` addresses).
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    /// PEM file of the CA the control plane's certificate is verified against; unset: the
+    /// platform's roots.
+    pub ca: Option<std::path::PathBuf>,
+    /// PEM files of a client certificate and its key (mTLS).
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// Adds `authorization: Bearer <token>` to every call.
@@ -48,6 +63,7 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// Attempts of an idempotent call that keeps failing with `UNAVAILABLE`.
     pub max_attempts: u32,
+    pub tls: Tls,
 }
 
 impl Default for Options {
@@ -56,6 +72,7 @@ impl Default for Options {
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             max_attempts: 4,
+            tls: Tls::default(),
         }
     }
 }
@@ -211,8 +228,34 @@ fn endpoint(addr: &str, options: &Options) -> Result<Endpoint, Error> {
     } else {
         format!("http://{addr}")
     };
-    Ok(Endpoint::from_shared(with_scheme)
+    let endpoint = Endpoint::from_shared(with_scheme.clone())
         .map_err(|e| err(e.to_string()))?
         .connect_timeout(options.connect_timeout)
-        .tcp_nodelay(true))
+        .tcp_nodelay(true);
+    if !with_scheme.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    let read = |setting: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| Error::Tls {
+            setting,
+            reason: format!("{}: {e}", path.display()),
+        })
+    };
+    let mut tls = tonic::transport::ClientTlsConfig::new();
+    tls = match &options.tls.ca {
+        Some(ca) => {
+            tls.ca_certificate(tonic::transport::Certificate::from_pem(read("tls_ca", ca)?))
+        }
+        None => tls.with_native_roots(),
+    };
+    if let Some((cert, key)) = &options.tls.client_cert {
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            read("tls_client_cert", cert)?,
+            read("tls_client_key", key)?,
+        ));
+    }
+    endpoint.tls_config(tls).map_err(|e| Error::Tls {
+        setting: "tls",
+        reason: e.to_string(),
+    })
 }

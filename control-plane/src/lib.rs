@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod service;
 pub mod storage;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -164,13 +165,19 @@ pub async fn start_with(
         dispatcher: dispatcher.clone(),
         records,
         stopping: watchers_stop.clone(),
+        console: console::Sessions::new(config.tls_cert.is_some()),
     };
 
     let api = grpc::Api::new(
         services.clone(),
         (config.max_payload_bytes * 500 + (1 << 20)).min(256 << 20),
     );
-    let agent_api = grpc::AgentApi::new(&agent_token, dispatcher.clone(), replica_id);
+    let agent_api = grpc::AgentApi::new(
+        &agent_token,
+        services.clone(),
+        config.tls_client_ca.is_some(),
+        replica_id,
+    );
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<herald_proto::v1::event_service_server::EventServiceServer<grpc::EventApi>>()
@@ -199,14 +206,30 @@ pub async fn start_with(
         .add_service(api.events)
         .add_service(api.deliveries)
         .add_service(herald_proto::v1::agent_service_server::AgentServiceServer::new(agent_api));
-    // Small request/response frames: Nagle's algorithm would hold them back for a delayed ACK.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server_stopped = server_stop.clone();
-    let server = tokio::spawn(async move {
-        router
-            .serve_with_incoming_shutdown(incoming, server_stopped.cancelled_owned())
-            .await
-    });
+    let server = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let resolver = tls::Reloading::new(cert.clone(), key.clone())?;
+            let acceptor = tls::acceptor(resolver.clone(), config.tls_client_ca.as_deref())?;
+            tasks.spawn(resolver.watch(scheduler_stop.clone()));
+            let incoming = tls::incoming(listener, acceptor, server_stop.clone());
+            tokio::spawn(async move {
+                router
+                    .serve_with_incoming_shutdown(incoming, server_stopped.cancelled_owned())
+                    .await
+            })
+        }
+        _ => {
+            // Small request/response frames: Nagle's algorithm would hold them back.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(async move {
+                router
+                    .serve_with_incoming_shutdown(incoming, server_stopped.cancelled_owned())
+                    .await
+            })
+        }
+    };
 
     tasks.spawn(retention_loop(
         store.clone(),
@@ -243,7 +266,13 @@ pub async fn start_with(
     };
 
     let agent_stop = CancellationToken::new();
-    let builtin_agent = if config.builtin_agent {
+    let tls_on = config.tls_cert.is_some();
+    if config.builtin_agent && tls_on {
+        tracing::warn!(
+            "the built-in agent is off while the API serves TLS; run herald-agent processes with HERALD_TLS_CA"
+        );
+    }
+    let builtin_agent = if config.builtin_agent && !tls_on {
         let agent_config = herald_agent::Config {
             control_planes: vec![format!("http://{}", loopback_of(addr))],
             token: agent_token.clone(),

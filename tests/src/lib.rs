@@ -3,6 +3,7 @@
 //! deadline-bounded waits instead of sleeps.
 
 pub mod harness;
+pub mod pki;
 pub mod receiver;
 pub mod wait;
 

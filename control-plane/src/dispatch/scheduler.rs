@@ -58,6 +58,10 @@ pub struct AgentHello {
     pub capacity: u32,
     pub version: String,
     pub identity: String,
+    /// The per-agent credential it connected with (`None` for the shared token).
+    pub credential_id: Option<String>,
+    /// Cancelled to close the agent's stream (its credential was revoked).
+    pub disconnect: CancellationToken,
     pub outbox: mpsc::Sender<pb::ControlMessage>,
 }
 
@@ -85,6 +89,8 @@ pub enum Command {
     AgentGone {
         key: u64,
     },
+    /// Disconnects every agent that uses this credential.
+    RevokeCredential(String),
     /// Asks every agent to drain; answers once none holds a lease, or at the deadline.
     Drain {
         deadline: Instant,
@@ -105,6 +111,8 @@ pub struct Settings {
 struct Agent {
     agent_id: String,
     region: String,
+    credential_id: Option<String>,
+    disconnect: CancellationToken,
     credits: u32,
     outbox: mpsc::Sender<pb::ControlMessage>,
     draining: bool,
@@ -145,6 +153,9 @@ pub struct Scheduler {
     /// Ordered subscriptions' entities with a delivery in flight: (subscription, ordering key).
     busy_entities: HashSet<(String, String)>,
     next_poll: Instant,
+    /// When retries scheduled by this replica come due: each a wake-up for the poller, so a
+    /// 100 ms retry is not held back to the next regular poll.
+    retry_wakeups: std::collections::BinaryHeap<std::cmp::Reverse<Instant>>,
     drains: Vec<(Instant, oneshot::Sender<()>)>,
     /// Results received but not yet recorded: (agent, results, credits handed back).
     pending_results: Vec<(u64, Vec<pb::JobResult>, u32)>,
@@ -178,6 +189,7 @@ impl Scheduler {
             load: HashMap::new(),
             busy_entities: HashSet::new(),
             next_poll: Instant::now(),
+            retry_wakeups: std::collections::BinaryHeap::new(),
             drains: Vec::new(),
             pending_results: Vec::new(),
             metrics,
@@ -248,6 +260,22 @@ impl Scheduler {
                 self.flush_results().await;
                 self.agent_gone(key).await
             }
+            Command::RevokeCredential(id) => {
+                self.flush_results().await;
+                let revoked: Vec<u64> = self
+                    .agents
+                    .iter()
+                    .filter(|(_, agent)| agent.credential_id.as_deref() == Some(id.as_str()))
+                    .map(|(key, _)| *key)
+                    .collect();
+                for key in revoked {
+                    if let Some(agent) = self.agents.get(&key) {
+                        tracing::warn!(agent_id = %agent.agent_id, credential_id = %id, "credential revoked; disconnecting the agent");
+                        agent.disconnect.cancel();
+                    }
+                    self.agent_gone(key).await;
+                }
+            }
             Command::Drain { deadline, done } => {
                 for agent in self.agents.values_mut() {
                     agent.draining = true;
@@ -309,6 +337,8 @@ impl Scheduler {
             Agent {
                 agent_id: hello.agent_id,
                 region: hello.region,
+                credential_id: hello.credential_id,
+                disconnect: hello.disconnect,
                 credits: hello.capacity,
                 outbox: hello.outbox,
                 draining: false,
@@ -396,7 +426,14 @@ impl Scheduler {
 
     async fn poll(&mut self) {
         let now = Utc::now();
-        self.next_poll = Instant::now() + POLL_INTERVAL;
+        let tick = Instant::now();
+        while self.retry_wakeups.peek().is_some_and(|at| at.0 <= tick) {
+            self.retry_wakeups.pop();
+        }
+        self.next_poll = self
+            .retry_wakeups
+            .peek()
+            .map_or(tick + POLL_INTERVAL, |at| at.0.min(tick + POLL_INTERVAL));
         match deliveries::due(&self.store.db, now, POLL_LIMIT).await {
             Ok(due) => {
                 for delivery in due {
@@ -823,7 +860,9 @@ impl Scheduler {
                     .filter(|_| step.applied && step.state == DeliveryState::Failed)
                 {
                     let wait = (at - now).to_std().unwrap_or_default();
-                    self.next_poll = self.next_poll.min(Instant::now() + wait);
+                    let at = Instant::now() + wait;
+                    self.retry_wakeups.push(std::cmp::Reverse(at));
+                    self.next_poll = self.next_poll.min(at);
                 }
             }
         }
@@ -925,24 +964,51 @@ impl Scheduler {
         // The newest applied step per subscription decides its summary and health; a 410
         // anywhere in the batch disables it.
         let mut per_subscription: HashMap<String, (usize, bool)> = HashMap::new();
+        // Results with the same outcome (most often: 200, succeeded) move their deliveries in
+        // one statement each; a lease that is no longer valid is simply not among those moved.
+        let mut groups: HashMap<(i32, Option<i64>, u32, i32), Vec<usize>> = HashMap::new();
+        for (index, step) in steps.iter().enumerate() {
+            if step.lease.is_some() {
+                let key = (
+                    step.state as i32,
+                    step.next_attempt_at.map(|at| at.timestamp_millis()),
+                    step.attempt.status_code,
+                    step.attempt.error as i32,
+                );
+                groups.entry(key).or_default().push(index);
+            }
+        }
+        for indices in groups.values() {
+            for chunk in indices.chunks(200) {
+                let first = &steps[chunk[0]];
+                let leases: Vec<(&str, &str)> = chunk
+                    .iter()
+                    .filter_map(|&i| steps[i].lease.as_ref())
+                    .map(|lease| (lease.delivery.id.as_str(), lease.lease_id.as_str()))
+                    .collect();
+                let outcome = deliveries::Completion {
+                    state: first.state,
+                    next_attempt_at: first.next_attempt_at,
+                    status_code: first.attempt.status_code,
+                    error: first.attempt.error,
+                };
+                let moved: std::collections::HashSet<String> =
+                    deliveries::complete_many(&txn, &leases, &outcome, now)
+                        .await?
+                        .into_iter()
+                        .collect();
+                for &i in chunk {
+                    let applied = steps[i]
+                        .lease
+                        .as_ref()
+                        .is_some_and(|lease| moved.contains(&lease.delivery.id));
+                    steps[i].applied = applied;
+                }
+            }
+        }
         for (index, step) in steps.iter_mut().enumerate() {
             let delivery = match &step.lease {
-                Some(lease) => {
-                    step.applied = deliveries::complete(
-                        &txn,
-                        &deliveries::Completion {
-                            id: &lease.delivery.id,
-                            lease_id: &lease.lease_id,
-                            state: step.state,
-                            next_attempt_at: step.next_attempt_at,
-                            status_code: step.attempt.status_code,
-                            error: step.attempt.error,
-                        },
-                        now,
-                    )
-                    .await?;
-                    lease.delivery.clone()
-                }
+                Some(lease) => lease.delivery.clone(),
                 // A result this replica did not lease, or no longer holds.
                 None => match deliveries::get_any(&txn, &step.attempt.delivery_id).await? {
                     Some(delivery) => delivery,

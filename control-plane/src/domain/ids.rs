@@ -9,6 +9,7 @@ pub const EVENT: &str = "evt";
 pub const DELIVERY: &str = "dlv";
 pub const ATTEMPT: &str = "att";
 pub const LEASE: &str = "lse";
+pub const AGENT_CREDENTIAL: &str = "agc";
 
 static GENERATOR: Mutex<ulid::Generator> = Mutex::new(ulid::Generator::new());
 

@@ -104,9 +104,18 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::CreateConsoleSessionRequest>,
     ) -> Result<Response<pb::CreateConsoleSessionResponse>, Status> {
         auth::caller(&self.0, &request).await?.require_admin()?;
-        Err(Status::unimplemented(
-            "CreateConsoleSession: the web console is not built yet",
-        ))
+        let r = request.into_inner();
+        if r.tenant_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "tenant_id: name the tenant the console session is for",
+            ));
+        }
+        self.0.ensure_tenant(&r.tenant_id).await?;
+        let (url, expires_at) = self.0.console.create_link(&r.tenant_id, r.ttl_s)?;
+        Ok(Response::new(pb::CreateConsoleSessionResponse {
+            url,
+            expires_at: Some(herald_proto::timestamp(expires_at)),
+        }))
     }
 
     async fn create_agent_credential(

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::bearer;
 use crate::dispatch::{self, Command, scheduler::AgentHello};
+use crate::service::Services;
 
 /// How long an agent has to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -22,36 +23,77 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct AgentApi {
     agent_token: Arc<str>,
-    dispatcher: dispatch::Handle,
+    services: Services,
+    /// With `HERALD_TLS_CLIENT_CA`: agents must present a client certificate from that CA.
+    certificate_required: bool,
     replica_id: String,
     next_key: AtomicU64,
 }
 
+/// Who an agent is, once its credentials are checked.
+struct AgentAuth {
+    identity: String,
+    credential_id: Option<String>,
+    /// The region its credential is pinned to.
+    region: Option<String>,
+}
+
 impl AgentApi {
-    pub fn new(agent_token: &str, dispatcher: dispatch::Handle, replica_id: String) -> Self {
+    pub fn new(
+        agent_token: &str,
+        services: Services,
+        certificate_required: bool,
+        replica_id: String,
+    ) -> Self {
         Self {
             agent_token: agent_token.into(),
-            dispatcher,
+            services,
+            certificate_required,
             replica_id,
             next_key: AtomicU64::new(1),
         }
     }
 
-    fn check_credential<T>(&self, request: &Request<T>) -> Result<String, Status> {
+    /// Checks the client certificate (when required) and the agent token: the shared
+    /// `HERALD_AGENT_TOKEN` or a per-agent credential. API tokens are refused.
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<AgentAuth, Status> {
+        let certificate = request.peer_certs().and_then(|certs| {
+            certs.first().map(|cert| {
+                crate::tls::certificate_identity(cert)
+                    .unwrap_or_else(|| "client certificate".into())
+            })
+        });
+        if self.certificate_required && certificate.is_none() {
+            return Err(Status::unauthenticated(
+                "client certificate: agents must present one issued by HERALD_TLS_CLIENT_CA",
+            ));
+        }
         let token = bearer(request)?;
         let expected = self.agent_token.as_bytes();
-        let same = token.len() == expected.len()
+        let shared = token.len() == expected.len()
             && token
                 .bytes()
                 .zip(expected)
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0;
-        if !same {
-            return Err(Status::unauthenticated(
-                "authorization: not a valid agent credential (API tokens are not agent credentials)",
-            ));
+        if shared {
+            return Ok(AgentAuth {
+                identity: certificate.unwrap_or_else(|| "shared agent token".into()),
+                credential_id: None,
+                region: None,
+            });
         }
-        Ok("shared agent token".to_owned())
+        match self.services.find_agent_credential(token).await? {
+            Some(credential) => Ok(AgentAuth {
+                identity: certificate
+                    .unwrap_or_else(|| format!("{} ({})", credential.name, credential.id)),
+                credential_id: Some(credential.id),
+                region: credential.region,
+            }),
+            None => Err(Status::unauthenticated(
+                "authorization: not a valid agent credential (API tokens are not agent credentials)",
+            )),
+        }
     }
 }
 
@@ -84,7 +126,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let identity = self.check_credential(&request)?;
+        let auth = self.authenticate(&request).await?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -98,6 +140,16 @@ impl pb::agent_service_server::AgentService for AgentApi {
             ));
         };
         validate_hello(&hello)?;
+        if let Some(pinned) = auth
+            .region
+            .as_deref()
+            .filter(|pinned| *pinned != hello.region)
+        {
+            return Err(Status::permission_denied(format!(
+                "hello.region: this credential is pinned to region {pinned}, not {}",
+                hello.region
+            )));
+        }
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         // Room for a full credit's worth of jobs (in messages of up to 64) plus control messages.
         let (outbox, jobs) =
@@ -112,22 +164,27 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .try_send(welcome)
             .map_err(|_| Status::internal("could not queue the welcome"))?;
         let agent_id = hello.agent_id.clone();
-        self.dispatcher.send(Command::AgentConnected {
+        let disconnect = tokio_util::sync::CancellationToken::new();
+        self.services.dispatcher.send(Command::AgentConnected {
             key,
             hello: AgentHello {
                 agent_id: hello.agent_id,
                 region: hello.region,
                 capacity: hello.capacity,
                 version: hello.version,
-                identity,
+                identity: auth.identity,
+                credential_id: auth.credential_id,
+                disconnect: disconnect.clone(),
                 outbox: outbox.clone(),
             },
         });
-        let dispatcher = self.dispatcher.clone();
+        let dispatcher = self.services.dispatcher.clone();
         tokio::spawn(async move {
             let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
             loop {
                 tokio::select! {
+                    // Revoked: the stream closes (the scheduler re-queued its leases already).
+                    _ = disconnect.cancelled() => break,
                     message = inbound.message() => match message {
                         Ok(Some(message)) => relay(&dispatcher, key, message),
                         Ok(None) => break,

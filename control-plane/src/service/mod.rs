@@ -2,6 +2,7 @@
 //! reads and writes through `storage`, and returns domain values or an [`Error`].
 
 pub mod admin;
+pub mod agents;
 pub mod auth;
 pub mod deliveries;
 pub mod events;
@@ -66,6 +67,8 @@ pub struct Services {
     pub records: tokio::sync::broadcast::Sender<crate::dispatch::scheduler::AttemptRecord>,
     /// Cancelled when shutdown begins: long-lived server streams end then.
     pub stopping: tokio_util::sync::CancellationToken,
+    /// The web console's sessions and sign-in links (`CreateConsoleSession` issues links).
+    pub console: crate::console::Sessions,
 }
 
 impl Services {

@@ -268,13 +268,21 @@ async fn commit_together(
     let mut new_events: Vec<(Event, Option<String>)> = Vec::new();
     let mut new_deliveries: Vec<Delivery> = Vec::new();
     let mut replies = Vec::with_capacity(batch.len());
+    // One look-up of earlier idempotency keys per tenant for the whole batch.
+    let mut keys_of: HashMap<&str, Vec<String>> = HashMap::new();
     for call in batch {
-        let keys: Vec<String> = call
-            .events
-            .iter()
-            .filter_map(|e| e.idempotency_key.clone())
-            .collect();
-        let stored_keys = events::find_keys(&txn, &call.tenant_id, &keys).await?;
+        let keys = keys_of.entry(call.tenant_id.as_str()).or_default();
+        keys.extend(call.events.iter().filter_map(|e| e.idempotency_key.clone()));
+    }
+    let mut stored_keys_of = HashMap::with_capacity(keys_of.len());
+    for (tenant_id, keys) in keys_of {
+        stored_keys_of.insert(tenant_id, events::find_keys(&txn, tenant_id, &keys).await?);
+    }
+    let no_keys = HashMap::new();
+    for call in batch {
+        let stored_keys = stored_keys_of
+            .get(call.tenant_id.as_str())
+            .unwrap_or(&no_keys);
         let mut call_events = Vec::new();
         let mut call_deliveries = Vec::new();
         let mut call_keys = Vec::new();

@@ -270,56 +270,13 @@ pub async fn claim(
         .await?)
 }
 
-/// The new state of a delivery after a result.
+/// The new state of deliveries after results that share an outcome.
 #[derive(Debug, Clone)]
-pub struct Completion<'a> {
-    pub id: &'a str,
-    pub lease_id: &'a str,
+pub struct Completion {
     pub state: DeliveryState,
     pub next_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
     pub status_code: u32,
     pub error: AttemptError,
-}
-
-/// Applies a result if its lease is still valid; returns false for a late result (the lease
-/// expired or the delivery was handed to someone else), which changes nothing.
-pub async fn complete(
-    db: &impl ConnectionTrait,
-    c: &Completion<'_>,
-    now: chrono::DateTime<chrono::Utc>,
-) -> Result<bool, Error> {
-    use sea_orm::sea_query::{Expr, ExprTrait as _};
-    let result = delivery::Entity::update_many()
-        .col_expr(delivery::Column::State, Expr::value(c.state as i32))
-        .col_expr(
-            delivery::Column::AttemptCount,
-            Expr::col(delivery::Column::AttemptCount).add(1),
-        )
-        .col_expr(
-            delivery::Column::NextAttemptAt,
-            Expr::value(ms(c.next_attempt_at.unwrap_or(now))),
-        )
-        .col_expr(
-            delivery::Column::LeaseId,
-            Expr::value(Option::<String>::None),
-        )
-        .col_expr(
-            delivery::Column::LeaseExpiresAt,
-            Expr::value(Option::<i64>::None),
-        )
-        .col_expr(
-            delivery::Column::LastStatusCode,
-            Expr::value(c.status_code as i32),
-        )
-        .col_expr(delivery::Column::LastError, Expr::value(c.error as i32))
-        .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
-        .filter(delivery::Column::Id.eq(c.id))
-        .filter(delivery::Column::LeaseId.eq(c.lease_id))
-        .filter(delivery::Column::State.eq(DeliveryState::InFlight as i32))
-        .filter(delivery::Column::LeaseExpiresAt.gt(ms(now)))
-        .exec(db)
-        .await?;
-    Ok(result.rows_affected == 1)
 }
 
 /// Starts an update that makes deliveries due again now: `PENDING`, no lease.
@@ -464,4 +421,60 @@ pub async fn get_any(db: &impl ConnectionTrait, id: &str) -> Result<Option<Deliv
         .one(db)
         .await?
         .map(from_model))
+}
+
+/// Applies results that share their outcome to many deliveries at once (one statement), each
+/// only if its lease is still valid; returns the ids it moved.
+pub async fn complete_many(
+    db: &impl ConnectionTrait,
+    leases: &[(&str, &str)],
+    outcome: &Completion,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<String>, Error> {
+    use sea_orm::Condition;
+    use sea_orm::sea_query::{Expr, ExprTrait as _};
+    if leases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut held = Condition::any();
+    for (id, lease_id) in leases {
+        held = held.add(
+            Condition::all()
+                .add(delivery::Column::Id.eq(*id))
+                .add(delivery::Column::LeaseId.eq(*lease_id)),
+        );
+    }
+    let moved = delivery::Entity::update_many()
+        .col_expr(delivery::Column::State, Expr::value(outcome.state as i32))
+        .col_expr(
+            delivery::Column::AttemptCount,
+            Expr::col(delivery::Column::AttemptCount).add(1),
+        )
+        .col_expr(
+            delivery::Column::NextAttemptAt,
+            Expr::value(ms(outcome.next_attempt_at.unwrap_or(now))),
+        )
+        .col_expr(
+            delivery::Column::LeaseId,
+            Expr::value(Option::<String>::None),
+        )
+        .col_expr(
+            delivery::Column::LeaseExpiresAt,
+            Expr::value(Option::<i64>::None),
+        )
+        .col_expr(
+            delivery::Column::LastStatusCode,
+            Expr::value(outcome.status_code as i32),
+        )
+        .col_expr(
+            delivery::Column::LastError,
+            Expr::value(outcome.error as i32),
+        )
+        .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
+        .filter(held)
+        .filter(delivery::Column::State.eq(DeliveryState::InFlight as i32))
+        .filter(delivery::Column::LeaseExpiresAt.gt(ms(now)))
+        .exec_with_returning(db)
+        .await?;
+    Ok(moved.into_iter().map(|m| m.id).collect())
 }

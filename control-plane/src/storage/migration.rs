@@ -9,7 +9,11 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(M0001Initial), Box::new(M0002DeliveryLog)]
+        vec![
+            Box::new(M0001Initial),
+            Box::new(M0002DeliveryLog),
+            Box::new(M0003AgentCredentials),
+        ]
     }
 }
 
@@ -143,6 +147,34 @@ CREATE INDEX deliveries_tenant ON deliveries (tenant_id, id)
 impl MigrationTrait for M0002DeliveryLog {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         run_statements(manager, M0002).await
+    }
+}
+
+struct M0003AgentCredentials;
+
+impl MigrationName for M0003AgentCredentials {
+    fn name(&self) -> &str {
+        "m0003_agent_credentials"
+    }
+}
+
+/// Per-agent credentials, stored as hashes.
+const M0003: &str = r#"
+CREATE TABLE agent_credentials (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    region TEXT,
+    hash TEXT NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL,
+    last_used_at BIGINT,
+    revoked_at BIGINT
+)
+"#;
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0003AgentCredentials {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run_statements(manager, M0003).await
     }
 }
 

@@ -2,6 +2,7 @@
 //! function takes `&impl ConnectionTrait` so callers compose them in one transaction. Nothing
 //! outside this module sees sea-orm or an entity model.
 
+pub mod agent_credentials;
 pub mod deliveries;
 mod entity;
 pub mod events;
@@ -129,7 +130,13 @@ impl Store {
                 .min_connections(1)
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_timeout(Duration::from_secs(5))
-                .sqlx_logging(false);
+                .sqlx_logging(false)
+                // Prepared statements are cached per connection; a generic plan made while the
+                // tables were tiny (a fresh database) would outlive its fit, e.g. scanning a
+                // tenant's events for an idempotency key instead of using the unique index.
+                .map_sqlx_postgres_opts(|opts| {
+                    opts.options([("plan_cache_mode", "force_custom_plan")])
+                });
             let db = Database::connect(opts).await.map_err(connect_err)?;
             (db.clone(), db)
         };

@@ -3,6 +3,7 @@
 
 mod api;
 mod cli;
+mod console;
 mod delivery;
 mod lifecycle;
 mod observability;

@@ -53,6 +53,27 @@ pub struct Global {
     /// Print only the id, token or secret that was created or asked for (for `$(…)`)
     #[arg(long, short, global = true, conflicts_with = "json")]
     pub quiet: bool,
+    /// CA certificate (PEM) to verify an https:// control plane against, instead of the system roots
+    #[arg(long, global = true, env = "HERALD_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) to present to the control plane (mTLS)
+    #[arg(
+        long,
+        global = true,
+        env = "HERALD_TLS_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "tls_client_key"
+    )]
+    pub tls_client_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --tls-client-cert
+    #[arg(
+        long,
+        global = true,
+        env = "HERALD_TLS_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "tls_client_cert"
+    )]
+    pub tls_client_key: Option<std::path::PathBuf>,
 }
 
 /// The commands.

@@ -29,11 +29,26 @@ pub struct Context {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = Output::new(cli.global.json, cli.global.quiet);
     let context = || -> anyhow::Result<Context> {
-        let client = HeraldClient::connect(
+        let options = herald_client::Options {
+            tls: herald_client::Tls {
+                ca: cli.global.tls_ca.clone(),
+                client_cert: cli
+                    .global
+                    .tls_client_cert
+                    .clone()
+                    .zip(cli.global.tls_client_key.clone()),
+            },
+            ..herald_client::Options::default()
+        };
+        let client = HeraldClient::with_options(
             &cli.global.addr,
             cli.global.token.as_deref().unwrap_or_default(),
+            options,
         )
         .map_err(|err| match err {
+            herald_client::Error::Tls { setting, reason } => {
+                usage(format!("--{}: {reason}", setting.replace('_', "-")))
+            }
             herald_client::Error::Address { .. } => usage(format!("--addr: {err}")),
             herald_client::Error::Token => {
                 usage("--token: not a valid header value (printable ASCII only)")
