@@ -123,9 +123,12 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::CreateAgentCredentialRequest>,
     ) -> Result<Response<pb::CreateAgentCredentialResponse>, Status> {
         auth::caller(&self.0, &request).await?.require_admin()?;
-        Err(Status::unimplemented(
-            "CreateAgentCredential: not built yet",
-        ))
+        let r = request.get_ref();
+        let (credential, token) = self.0.create_agent_credential(&r.name, &r.region).await?;
+        Ok(Response::new(pb::CreateAgentCredentialResponse {
+            credential_id: credential.id,
+            token,
+        }))
     }
 
     async fn list_agent_credentials(
@@ -133,7 +136,22 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::ListAgentCredentialsRequest>,
     ) -> Result<Response<pb::ListAgentCredentialsResponse>, Status> {
         auth::caller(&self.0, &request).await?.require_admin()?;
-        Err(Status::unimplemented("ListAgentCredentials: not built yet"))
+        let r = request.get_ref();
+        let page = self
+            .0
+            .list_agent_credentials(PageRequest::new(r.page_size, &r.page_token, DEFAULT_PAGE))
+            .await?;
+        let (credentials, next_page_token) = convert::page(page, |c| pb::AgentCredential {
+            id: c.id,
+            name: c.name,
+            region: c.region.unwrap_or_default(),
+            created_at: Some(herald_proto::timestamp(c.created_at)),
+            last_used_at: c.last_used_at.map(herald_proto::timestamp),
+        });
+        Ok(Response::new(pb::ListAgentCredentialsResponse {
+            credentials,
+            next_page_token,
+        }))
     }
 
     async fn revoke_agent_credential(
@@ -141,8 +159,9 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::RevokeAgentCredentialRequest>,
     ) -> Result<Response<pb::RevokeAgentCredentialResponse>, Status> {
         auth::caller(&self.0, &request).await?.require_admin()?;
-        Err(Status::unimplemented(
-            "RevokeAgentCredential: not built yet",
-        ))
+        self.0
+            .revoke_agent_credential(&request.get_ref().credential_id)
+            .await?;
+        Ok(Response::new(pb::RevokeAgentCredentialResponse {}))
     }
 }
