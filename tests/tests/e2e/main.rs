@@ -8,3 +8,4 @@ mod delivery;
 mod lifecycle;
 mod observability;
 mod pipeline;
+mod tls;
