@@ -255,9 +255,15 @@ pub async fn start_with(
                 .await
                 .with_context(|| format!("HERALD_CONSOLE_LISTEN: cannot listen on {addr}"))?;
             let addr = listener.local_addr().ok();
+            let tls = config
+                .tls_cert
+                .clone()
+                .zip(config.tls_key.clone())
+                .map(|(cert, key)| console::TlsFiles { cert, key });
             tasks.spawn(console::serve(
                 services.clone(),
                 listener,
+                tls,
                 scheduler_stop.clone(),
             ));
             addr

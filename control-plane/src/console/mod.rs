@@ -11,6 +11,7 @@
 mod form;
 mod pages;
 pub mod session;
+mod tls;
 mod views;
 
 use std::sync::LazyLock;
@@ -28,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use session::{Notice, Session, Sessions};
+pub use tls::TlsFiles;
 
 use crate::service::Services;
 
@@ -96,23 +98,44 @@ struct Chrome<'a> {
     nav: &'a str,
 }
 
-/// Serves the console on `listener` until `shutdown`. Sign-in links issued through
-/// `services.console` point at this listener while it runs.
-pub async fn serve(services: Services, listener: TcpListener, shutdown: CancellationToken) {
+/// Serves the console on `listener` until `shutdown`: HTTPS with the API's certificate files when
+/// `tls` is given (TLS on), plain HTTP otherwise. Sign-in links issued through `services.console`
+/// point at this listener while it runs.
+pub async fn serve(
+    services: Services,
+    listener: TcpListener,
+    tls: Option<TlsFiles>,
+    shutdown: CancellationToken,
+) {
     let sessions = services.console.clone();
     if let Ok(addr) = listener.local_addr() {
-        let scheme = if sessions.secure_cookies() {
-            "https"
-        } else {
-            "http"
-        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         sessions.set_base_url(Some(format!("{scheme}://{}", reachable(addr))));
     }
-    let app = router(Console { services, sessions });
-    if let Err(err) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
+    let app = router(Console {
+        services,
+        sessions: sessions.clone(),
+    });
+    let served = match tls {
+        Some(files) => match tls::listen(listener, &files, shutdown.clone()) {
+            Ok(listener) => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown.cancelled_owned())
+                    .await
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "web console not started");
+                Ok(())
+            }
+        },
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        }
+    };
+    sessions.set_base_url(None);
+    if let Err(err) = served {
         tracing::error!(error = %err, "web console stopped");
     }
 }

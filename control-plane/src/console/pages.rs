@@ -60,6 +60,12 @@ pub struct LiveQuery {
 // Signing in and out
 
 pub async fn login_form(State(console): State<Console>, headers: HeaderMap) -> Response {
+    let signed_in = cookie(&headers, SESSION_COOKIE)
+        .and_then(|id| console.sessions.get(&id))
+        .is_some();
+    if signed_in {
+        return see_other("/");
+    }
     login_page(&console, &headers, StatusCode::OK, "")
 }
 
@@ -802,9 +808,17 @@ pub async fn live_events(
     let sessions = console.sessions.clone();
     let session_id = signed.id;
     let stream = async_stream::stream! {
+        // A quiet stream still ends soon after its session does (sign-out, expiry).
+        let mut check = tokio::time::interval(Duration::from_secs(30));
         loop {
             let received = tokio::select! {
                 _ = stopping.cancelled() => break,
+                _ = check.tick() => {
+                    if sessions.get(&session_id).is_none() {
+                        break;
+                    }
+                    continue;
+                }
                 received = records.recv() => received,
             };
             if sessions.get(&session_id).is_none() {

@@ -91,6 +91,11 @@ struct Browser {
 
 impl Browser {
     async fn start(console: SocketAddr) -> Self {
+        Self::start_with(&format!("http://{console}")).await
+    }
+
+    /// Starts a browser for the console at `base` (`https://…` trusts any certificate).
+    async fn start_with(base: &str) -> Self {
         for path in [CHROMIUM, CHROMEDRIVER] {
             assert!(
                 std::path::Path::new(path).exists(),
@@ -117,6 +122,7 @@ impl Browser {
         let capabilities: serde_json::Map<String, serde_json::Value> =
             serde_json::from_value(serde_json::json!({
                 "browserName": "chrome",
+                "acceptInsecureCerts": base.starts_with("https://"),
                 "goog:chromeOptions": {
                     "binary": CHROMIUM,
                     "args": [
@@ -160,7 +166,7 @@ impl Browser {
         };
         Self {
             client,
-            base: format!("http://{console}"),
+            base: base.to_owned(),
             shots: screenshot_dir(),
             driver,
             _profile: profile,
@@ -877,8 +883,32 @@ async fn console_refuses_forged_forms_and_admin_tokens() {
         Some(format!("/webhooks/{}", listed[0].id).as_str())
     );
 
-    // A forged update and a forged delete change nothing either.
+    // A bad edit changes nothing, not even its valid fields.
     let id = listed[0].id.clone();
+    let bad = http(
+        console,
+        "POST",
+        &format!("/webhooks/{id}"),
+        &session,
+        &form(&[
+            ("csrf", &csrf),
+            ("name", "renamed"),
+            ("url", "http://127.0.0.1:9/forged"),
+            ("max_attempts", "99"),
+        ]),
+    )
+    .await;
+    assert_eq!(bad.status, 422);
+    assert!(
+        bad.body.contains(
+            r#"id="max_attempts-error" data-field="max_attempts">must be between 1 and 50"#
+        ),
+        "{}",
+        bad.body
+    );
+    assert_eq!(subscriptions(&client).await[0].name, "forged");
+
+    // A forged update and a forged delete change nothing either.
     let forged = http(
         console,
         "POST",
@@ -915,5 +945,59 @@ async fn console_refuses_forged_forms_and_admin_tokens() {
     assert_eq!(js.status, 200);
     assert!(js.body.contains("EventSource"));
 
+    herald.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_serves_https_with_secure_cookies_when_tls_is_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = herald_tests::pki::Ca::new("console test CA");
+    let server = ca.issue(&["127.0.0.1"], 1, dir.path(), "server");
+    let herald = Herald::builder(Backend::Sqlite)
+        .configure(|c| {
+            c.console_listen = Some("127.0.0.1:0".parse().unwrap());
+            c.tls_cert = Some(server.cert_path.clone());
+            c.tls_key = Some(server.key_path.clone());
+        })
+        .start()
+        .await;
+    let running = herald.running.as_ref().unwrap();
+    let console = running.console_addr.unwrap();
+    let services = &running.services;
+    let tenant = services.create_tenant("acme").await.unwrap();
+    let (_, token) = services.create_token(&tenant.id, "console").await.unwrap();
+
+    // Plain HTTP gets no page: the console speaks TLS only.
+    let mut plain = tokio::net::TcpStream::connect(console).await.unwrap();
+    plain
+        .write_all(b"GET /login HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer).await;
+    assert!(!String::from_utf8_lossy(&answer).contains("Sign in"));
+
+    let browser = Browser::start_with(&format!("https://{console}")).await;
+    browser.sign_in(&token).await;
+    let cookie = browser
+        .client
+        .get_named_cookie("herald_session")
+        .await
+        .unwrap();
+    assert_eq!(cookie.secure(), Some(true));
+    assert_eq!(cookie.http_only(), Some(true));
+    let (url, _) = services.console.create_link(&tenant.id, 60).unwrap();
+    assert!(
+        url.starts_with(&format!("https://{console}/login/link?token=")),
+        "{url}"
+    );
+    browser.client.delete_all_cookies().await.unwrap();
+    browser.client.goto(&url).await.unwrap();
+    browser
+        .wait_path("the webhooks list after the link", |p| p == "/")
+        .await;
+    browser.find("#new-webhook").await;
+
+    browser.close().await;
     herald.stop().await;
 }
