@@ -70,10 +70,11 @@ struct Agent {
     metrics: Option<telemetry::AgentMetrics>,
 }
 
-/// Runs the agent until `shutdown` is cancelled: connects to the control planes in turn, with
-/// exponential backoff and jitter between attempts, serves jobs, and reconnects after a drain or a
-/// broken stream. On shutdown it finishes its in-flight jobs (at most `config.shutdown_grace`),
-/// reports them and returns `Ok(())`. Fails only on an invalid configuration, before connecting.
+/// Runs the agent until `shutdown` is cancelled: connects to the control planes in turn, starting
+/// at a random one, with exponential backoff and jitter between attempts, serves jobs, and
+/// reconnects (to the next control plane) after a drain or a broken stream. On shutdown it
+/// finishes its in-flight jobs (at most `config.shutdown_grace`), reports them and returns
+/// `Ok(())`. Fails only on an invalid configuration, before connecting.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     Agent::new(config)?.run(shutdown).await;
     Ok(())
@@ -124,7 +125,10 @@ impl Agent {
 
     async fn run(self, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
-        for (url, endpoint) in self.control_planes.iter().cycle() {
+        // Agents configured alike spread over the replicas: each starts at a random one, and
+        // after a drain or a broken stream goes on to the next.
+        let first = rand::rng().random_range(0..self.control_planes.len());
+        for (url, endpoint) in self.control_planes.iter().cycle().skip(first) {
             let span = info_span!("control_plane", url = %url, agent_id = %self.session.agent_id);
             let outcome = connection::run(
                 endpoint.clone(),

@@ -1,10 +1,10 @@
 //! What a run starts: a fresh database, the control plane and agents as child processes of the
 //! workspace's binaries, and the readings taken from them (CPU time, peak RSS, commits).
 //!
-//! A [`Deployment`] holds a list of control planes so that `--replicas N` (several control planes
-//! on one PostgreSQL database) can be added without changing its users.
+//! A [`Deployment`] holds a list of control planes: `--replicas N` starts N of them on one
+//! PostgreSQL database, agents know every one of them, and publishers spread over them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -148,6 +148,80 @@ impl Database {
             }
         }
         Ok(Some(cpu))
+    }
+
+    /// Returns the server's WAL position in bytes (PostgreSQL; server-wide, so other databases'
+    /// writes count too: run the bench on a quiet server).
+    pub async fn wal_position(&self) -> anyhow::Result<Option<u64>> {
+        let Self::Postgres { admin_url, .. } = self else {
+            return Ok(None);
+        };
+        let admin = connect(admin_url).await?;
+        let row = admin
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint".to_owned(),
+            ))
+            .await
+            .context("cannot read the WAL position")?;
+        let _ = admin.close().await;
+        let position = row
+            .map(|row| row.try_get_by_index::<i64>(0))
+            .transpose()
+            .context("pg_current_wal_lsn")?;
+        Ok(position.map(|p| u64::try_from(p).unwrap_or(0)))
+    }
+
+    /// Returns the size of this database's files: tables, indexes, dead rows not yet vacuumed
+    /// (PostgreSQL).
+    pub async fn size(&self) -> anyhow::Result<Option<u64>> {
+        let Self::Postgres {
+            name, admin_url, ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        let admin = connect(admin_url).await?;
+        let row = admin
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                format!("SELECT pg_database_size('{name}')"),
+            ))
+            .await
+            .context("cannot read the database size")?;
+        let _ = admin.close().await;
+        let size = row
+            .map(|row| row.try_get_by_index::<i64>(0))
+            .transpose()
+            .context("pg_database_size")?;
+        Ok(size.map(|s| u64::try_from(s).unwrap_or(0)))
+    }
+
+    /// Returns the rows inserted, updated and deleted so far per table of this database
+    /// (PostgreSQL's statistics: a backend publishes its counts when idle, at most once a
+    /// second, and when it exits).
+    pub async fn rows_written(&self) -> anyhow::Result<Option<BTreeMap<String, u64>>> {
+        let Self::Postgres { url, .. } = self else {
+            return Ok(None);
+        };
+        let db = connect(url).await?;
+        let rows = db
+            .query_all_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT relname::text, (n_tup_ins + n_tup_upd + n_tup_del)::bigint \
+                 FROM pg_stat_user_tables"
+                    .to_owned(),
+            ))
+            .await
+            .context("cannot read pg_stat_user_tables")?;
+        let _ = db.close().await;
+        let mut written = BTreeMap::new();
+        for row in rows {
+            let table: String = row.try_get_by_index(0).context("relname")?;
+            let count: i64 = row.try_get_by_index(1).context("rows written")?;
+            written.insert(table, u64::try_from(count).unwrap_or(0));
+        }
+        Ok(Some(written))
     }
 
     /// Drops the PostgreSQL database (a SQLite file goes with its temp dir).
@@ -370,6 +444,8 @@ pub struct Plan {
     pub bin_dir: PathBuf,
     /// 0: the control plane's built-in agent; N: N `herald-agent` processes.
     pub agents: usize,
+    /// Control planes on the one database (more than one only on PostgreSQL).
+    pub replicas: usize,
     /// `HERALD_RETRY_SCHEDULE`, when set.
     pub retry_schedule: Option<String>,
 }
@@ -381,11 +457,19 @@ pub struct Deployment {
     /// The gRPC address of each control plane.
     pub addrs: Vec<SocketAddr>,
     pub admin_token: String,
+    /// How to start agent `n` again: its binary and environment.
+    agent_binary: PathBuf,
+    agent_envs: Vec<Vec<(&'static str, String)>>,
 }
 
 impl Deployment {
-    /// Starts a control plane on `database` and the planned agents.
+    /// Starts the planned control planes on `database` (one after the other, so that the first
+    /// migrates the fresh database alone), then the planned agents, each knowing every control
+    /// plane (an agent starts at a random one of its list).
     pub async fn start(plan: &Plan, database: &Database) -> anyhow::Result<Self> {
+        if plan.replicas > 1 && matches!(database, Database::Sqlite { .. }) {
+            bail!("--replicas: SQLite allows one control plane per file; use --backend postgres");
+        }
         let admin_token = format!("hrld_bench_admin_{:016x}", rand_suffix());
         let agent_token = format!("hrla_bench_agent_{:016x}", rand_suffix());
         let mut env = vec![
@@ -402,18 +486,28 @@ impl Deployment {
         }
         let control_plane_binary = binary(&plan.bin_dir, "herald-control-plane")?;
         let agent_binary = binary(&plan.bin_dir, "herald-agent")?;
-        let (mut control_plane, stdout) =
-            Process::spawn("control plane", &control_plane_binary, &env)?;
-        let addr = match stdout {
-            Some(stdout) => listening_addr(&mut control_plane, stdout).await?,
-            None => bail!("control plane: no standard output"),
-        };
         let mut deployment = Self {
-            control_planes: vec![control_plane],
+            control_planes: Vec::new(),
             agents: Vec::new(),
-            addrs: vec![addr],
+            addrs: Vec::new(),
             admin_token,
+            agent_binary: agent_binary.clone(),
+            agent_envs: Vec::new(),
         };
+        for n in 1..=plan.replicas.max(1) {
+            let name = if plan.replicas > 1 {
+                format!("control plane {n}")
+            } else {
+                "control plane".to_owned()
+            };
+            let (mut control_plane, stdout) = Process::spawn(&name, &control_plane_binary, &env)?;
+            let addr = match stdout {
+                Some(stdout) => listening_addr(&mut control_plane, stdout).await?,
+                None => bail!("{name}: no standard output"),
+            };
+            deployment.control_planes.push(control_plane);
+            deployment.addrs.push(addr);
+        }
         let control_planes = deployment
             .addrs
             .iter()
@@ -421,7 +515,7 @@ impl Deployment {
             .collect::<Vec<_>>()
             .join(",");
         for n in 1..=plan.agents {
-            let env = [
+            let env = vec![
                 ("HERALD_CONTROL_PLANE", control_planes.clone()),
                 ("HERALD_AGENT_TOKEN", agent_token.clone()),
                 ("HERALD_ALLOW_DESTINATIONS", "127.0.0.0/8".to_owned()),
@@ -429,13 +523,28 @@ impl Deployment {
             ];
             let (agent, _) = Process::spawn(&format!("agent bench-{n}"), &agent_binary, &env)?;
             deployment.agents.push(agent);
+            deployment.agent_envs.push(env);
         }
         Ok(deployment)
     }
 
-    /// Returns the address of the control plane publishers use.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addrs[0])
+    /// Kills agent `index` (0-based) and starts it again: it connects to a control plane picked
+    /// at random again.
+    pub async fn restart_agent(&mut self, index: usize) -> anyhow::Result<()> {
+        let agent = &mut self.agents[index];
+        let _ = agent.child.kill().await;
+        let (agent, _) = Process::spawn(
+            &agent.name.clone(),
+            &self.agent_binary,
+            &self.agent_envs[index],
+        )?;
+        self.agents[index] = agent;
+        Ok(())
+    }
+
+    /// Returns the address of control plane `n` (publishers spread over them).
+    pub fn url(&self, n: usize) -> String {
+        format!("http://{}", self.addrs[n % self.addrs.len()])
     }
 
     /// Fails with the process's last log lines when a control plane or agent has exited.

@@ -1,8 +1,9 @@
 //! `herald-bench`: Herald's delivery benchmark. Per run of a named workload it starts a fresh
-//! database (SQLite file or PostgreSQL database), a `herald-control-plane` child process with its
-//! built-in agent or N `herald-agent` processes, and a recording receiver on 127.0.0.1; publishes
-//! through `herald-client`; measures publish calls, deliveries, end-to-end latency, CPU, memory
-//! and commits; then drives the same receiver with a plain HTTP client for the loopback ceiling.
+//! database (SQLite file or PostgreSQL database), one `herald-control-plane` child process (or
+//! `--replicas N` on PostgreSQL) with its built-in agent or N `herald-agent` processes, and a
+//! recording receiver on 127.0.0.1; publishes through `herald-client`; measures publish calls,
+//! deliveries, end-to-end latency, CPU, memory, commits, rows and WAL written; then drives the
+//! same receiver with a plain HTTP client for the loopback ceiling.
 //!
 //! ```sh
 //! cargo build --release --workspace --bins && target/release/herald-bench --workload all --repeat 3
@@ -38,6 +39,11 @@ struct Args {
     /// 0: the control plane's built-in agent; N: N `herald-agent` processes (built-in agent off)
     #[arg(long, default_value_t = 0, value_name = "N")]
     agents: usize,
+    /// Control planes on the one database (PostgreSQL only): agents know all of them and
+    /// publishers spread over them
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=16))]
+    replicas: u32,
     /// Runs per workload; the report shows medians
     #[arg(long, default_value_t = 1, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -133,6 +139,7 @@ async fn bench(args: Args) -> anyhow::Result<Report> {
         plan: Plan {
             bin_dir,
             agents: args.agents,
+            replicas: args.replicas as usize,
             retry_schedule: None,
         },
         backend: args.backend,
@@ -177,6 +184,7 @@ async fn bench(args: Args) -> anyhow::Result<Report> {
     let report = Report {
         backend: args.backend,
         agents: args.agents,
+        replicas: args.replicas as usize,
         repeat,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         runtime_s: started.elapsed().as_secs_f64(),

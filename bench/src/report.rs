@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::deploy::Usage;
 use crate::receiver::Record;
-use crate::workload::{Ceiling, Load, Measured, Spec, Workload, first_successes};
+use crate::workload::{After, Ceiling, Load, Measured, Spec, Workload, first_successes};
 
 /// The numbers of one run of a workload.
 #[derive(Debug, Clone, Serialize)]
@@ -54,6 +54,18 @@ pub struct Run {
     /// Database transactions committed per 1,000 published events, from the measured phase's
     /// start to the control plane's exit (publishes, leases, results); `None` on SQLite.
     pub commits_per_1k_events: Option<f64>,
+    /// Rows inserted, updated or deleted per delivery, from the measured phase's start to the
+    /// control planes' exit; `None` on SQLite.
+    pub rows_per_delivery: Option<f64>,
+    /// The same, per table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows_per_delivery_by_table: Option<std::collections::BTreeMap<String, f64>>,
+    /// WAL bytes written per delivery over the same span (the server's, all databases); `None`
+    /// on SQLite.
+    pub wal_bytes_per_delivery: Option<f64>,
+    /// Growth of the database's files per delivery (tables, indexes, dead rows not yet
+    /// vacuumed); `None` on SQLite.
+    pub stored_bytes_per_delivery: Option<f64>,
     /// The same receiver driven by a plain reqwest client with the same concurrency.
     pub ceiling_per_s: f64,
     /// `deliveries_per_s / ceiling_per_s`.
@@ -65,7 +77,7 @@ impl Run {
         spec: &Spec,
         measured: &Measured,
         records: &[Record],
-        commits_after: Option<u64>,
+        after: &After,
         ceiling: Ceiling,
     ) -> Self {
         let subscriptions = spec.subscriptions as u32;
@@ -93,6 +105,19 @@ impl Run {
         };
         let mb = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
         let deliveries_per_s = rate(delivered, since(measured.first_start, last_arrival));
+        let rows_by_table = match (&measured.rows_before, &after.rows) {
+            (Some(before), Some(after)) => Some(
+                after
+                    .iter()
+                    .map(|(table, rows)| {
+                        let written = rows.saturating_sub(before.get(table).copied().unwrap_or(0));
+                        (table.clone(), written as f64 / delivered.max(1) as f64)
+                    })
+                    .filter(|(_, per)| *per > 0.0)
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            ),
+            _ => None,
+        };
         let ceiling_per_s = rate(ceiling.requests, ceiling.elapsed);
         Self {
             published: measured.published,
@@ -133,11 +158,27 @@ impl Run {
                 .map(|u| u.peak_rss_bytes)
                 .max()
                 .map(mb),
-            commits_per_1k_events: match (measured.commits_before, commits_after) {
+            commits_per_1k_events: match (measured.commits_before, after.commits) {
                 (Some(before), Some(after)) => Some(
                     after.saturating_sub(before) as f64 * 1000.0
                         / measured.starts.len().max(1) as f64,
                 ),
+                _ => None,
+            },
+            rows_per_delivery_by_table: rows_by_table.clone(),
+            rows_per_delivery: rows_by_table
+                .as_ref()
+                .map(|by_table| by_table.values().sum()),
+            wal_bytes_per_delivery: match (measured.wal_before, after.wal) {
+                (Some(before), Some(after)) => {
+                    Some(after.saturating_sub(before) as f64 / delivered.max(1) as f64)
+                }
+                _ => None,
+            },
+            stored_bytes_per_delivery: match (measured.size_before, after.size) {
+                (Some(before), Some(after)) => {
+                    Some(after.saturating_sub(before) as f64 / delivered.max(1) as f64)
+                }
                 _ => None,
             },
             ceiling_per_s,
@@ -207,6 +248,9 @@ pub struct Summary {
     pub control_plane_peak_rss_mb: f64,
     pub agents_peak_rss_mb: Option<f64>,
     pub commits_per_1k_events: Option<f64>,
+    pub rows_per_delivery: Option<f64>,
+    pub wal_bytes_per_delivery: Option<f64>,
+    pub stored_bytes_per_delivery: Option<f64>,
     pub ceiling_per_s: f64,
     pub of_ceiling: f64,
 }
@@ -238,6 +282,9 @@ impl Summary {
             control_plane_peak_rss_mb: med(|r| r.control_plane_peak_rss_mb),
             agents_peak_rss_mb: med_opt(|r| r.agents_peak_rss_mb),
             commits_per_1k_events: med_opt(|r| r.commits_per_1k_events),
+            rows_per_delivery: med_opt(|r| r.rows_per_delivery),
+            wal_bytes_per_delivery: med_opt(|r| r.wal_bytes_per_delivery),
+            stored_bytes_per_delivery: med_opt(|r| r.stored_bytes_per_delivery),
             ceiling_per_s: med(|r| r.ceiling_per_s),
             of_ceiling: med(|r| r.of_ceiling),
         }
@@ -288,8 +335,10 @@ pub struct WorkloadReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub backend: crate::deploy::Backend,
-    /// 0: the control plane's built-in agent.
+    /// 0: the control plane's built-in agent (one per replica).
     pub agents: usize,
+    /// Control planes on the one database.
+    pub replicas: usize,
     pub repeat: usize,
     pub cpus: usize,
     pub runtime_s: f64,
@@ -303,8 +352,12 @@ impl Report {
             0 => "built-in agent".to_owned(),
             n => format!("{n} agent processes"),
         };
+        let replicas = match self.replicas {
+            0 | 1 => "1 control plane".to_owned(),
+            n => format!("{n} control planes"),
+        };
         let mut out = format!(
-            "herald-bench: {}, {agents}, {} CPUs; {} (medians over {} run{}); {:.0} s\n\n",
+            "herald-bench: {}, {replicas}, {agents}, {} CPUs; {} (medians over {} run{}); {:.0} s\n\n",
             match self.backend {
                 crate::deploy::Backend::Sqlite => "SQLite",
                 crate::deploy::Backend::Postgres => "PostgreSQL",
@@ -338,6 +391,9 @@ impl Report {
             "rss MB cp",
             "agents",
             "commits/1k",
+            "rows/dlv",
+            "WAL B/dlv",
+            "stored B/dlv",
             "ceiling/s",
             "of ceiling",
         ];
@@ -370,6 +426,11 @@ impl Report {
                     format!("{:.0}", m.control_plane_peak_rss_mb),
                     m.agents_peak_rss_mb.map_or_else(na, |v| format!("{v:.0}")),
                     m.commits_per_1k_events
+                        .map_or_else(na, |v| format!("{v:.0}")),
+                    m.rows_per_delivery.map_or_else(na, |v| format!("{v:.1}")),
+                    m.wal_bytes_per_delivery
+                        .map_or_else(na, |v| format!("{v:.0}")),
+                    m.stored_bytes_per_delivery
                         .map_or_else(na, |v| format!("{v:.0}")),
                     format!("{:.0}", m.ceiling_per_s),
                     format!("{:.2}", m.of_ceiling),
@@ -429,6 +490,8 @@ e2e: publish call start -> the receiver's first 2xx-answered request; dup: 2xx r
 lost: expected deliveries missing at the deadline (must be 0)
 cpu s/1k: CPU seconds per 1,000 deliveries (control plane, agent processes, PostgreSQL backends); rss: peak resident MB
 commits/1k: transactions committed per 1,000 events, read-only ones included (PostgreSQL xact_commit; n/a on SQLite)
+rows/dlv: rows inserted, updated or deleted per delivery (pg_stat_user_tables); WAL B/dlv: the server's WAL bytes per delivery
+stored B/dlv: growth of the database's files per delivery (tables, indexes, dead rows not yet vacuumed)
 ceiling/s: the same receiver driven by a plain reqwest client, same concurrency; of ceiling: deliveries/s / ceiling/s
 ";
 

@@ -175,8 +175,13 @@ async fn run_on(
         }
     };
     deployment.stop().await;
-    // Every backend of the stopped control plane has published its counts by now.
-    let commits_after = database.commits().await?;
+    // Every backend of the stopped control planes has published its counts by now.
+    let after = After {
+        commits: database.commits().await?,
+        rows: database.rows_written().await?,
+        wal: database.wal_position().await?,
+        size: database.size().await?,
+    };
     let records = receiver.take();
 
     let ceiling = ceiling(
@@ -186,13 +191,7 @@ async fn run_on(
         CEILING_TIMEOUT,
     )
     .await?;
-    Ok(Run::compute(
-        spec,
-        &measured,
-        &records,
-        commits_after,
-        ceiling,
-    ))
+    Ok(Run::compute(spec, &measured, &records, &after, ceiling))
 }
 
 /// What the measured phase produced, before the numbers are worked out.
@@ -215,6 +214,20 @@ pub struct Measured {
     /// CPU of the PostgreSQL backends serving the control plane; `None` on SQLite.
     pub database_cpu: Option<Duration>,
     pub commits_before: Option<u64>,
+    /// Rows written per table, and the WAL position, at the start of the measured phase
+    /// (PostgreSQL).
+    pub rows_before: Option<std::collections::BTreeMap<String, u64>>,
+    pub wal_before: Option<u64>,
+    /// The database's size at the start of the measured phase (PostgreSQL).
+    pub size_before: Option<u64>,
+}
+
+/// What the database shows once the control planes have stopped (PostgreSQL).
+pub struct After {
+    pub commits: Option<u64>,
+    pub rows: Option<std::collections::BTreeMap<String, u64>>,
+    pub wal: Option<u64>,
+    pub size: Option<u64>,
 }
 
 async fn measure(
@@ -224,11 +237,21 @@ async fn measure(
     database: &Database,
     deployment: &mut Deployment,
 ) -> anyhow::Result<Measured> {
-    let url = deployment.url();
-    let admin =
-        HeraldClient::connect(&url, &deployment.admin_token).context("control plane address")?;
-    wait_for_agents(&admin, deployment, settings.plan.agents.max(1)).await?;
-    let client = tenant_client(&admin, &url).await?;
+    let admin = HeraldClient::connect(&deployment.url(0), &deployment.admin_token)
+        .context("control plane address")?;
+    // Built-in agents: one per control plane. ListAgents shows every replica's agents.
+    let agents = match settings.plan.agents {
+        0 => deployment.addrs.len(),
+        n => n,
+    };
+    wait_for_agents(&admin, deployment, agents).await?;
+    spread_agents(&admin, deployment, agents).await?;
+    let token = tenant_token(&admin).await?;
+    // One client per control plane: publishers spread over them.
+    let clients = (0..deployment.addrs.len())
+        .map(|n| HeraldClient::connect(&deployment.url(n), &token).context("tenant client"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let client = &clients[0];
     for n in 0..spec.subscriptions {
         client
             .subscriptions()
@@ -244,7 +267,7 @@ async fn measure(
     }
 
     // Warm up (connections, caches), then forget it.
-    let warmup = publish_closed(&client, WARMUP_EVENTS, spec.concurrency.min(WARMUP_EVENTS)).await;
+    let warmup = publish_closed(&clients, WARMUP_EVENTS, spec.concurrency.min(WARMUP_EVENTS)).await;
     let warm_expected = warmup.iter().filter(|p| p.id.is_ok()).count() * spec.subscriptions;
     let deadline = Instant::now() + READY_TIMEOUT;
     while receiver.ok_count() < warm_expected as u64 {
@@ -275,13 +298,20 @@ async fn measure(
             .collect::<Result<Vec<_>, _>>()?;
         Ok((cps, agents, proc_usage("self")?))
     };
+    if settings.backend == crate::deploy::Backend::Postgres {
+        // Every backend publishes its row counts at most a second after its last transaction.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
     let commits_before = database.commits().await?;
+    let rows_before = database.rows_written().await?;
+    let wal_before = database.wal_position().await?;
+    let size_before = database.size().await?;
     let database_before = database.backend_cpu().await?;
     let before = usage(deployment)?;
 
     let published = match spec.load {
-        Load::Closed { events, publishers } => publish_closed(&client, events, publishers).await,
-        Load::Open { rate, duration } => publish_open(&client, rate, duration).await,
+        Load::Closed { events, publishers } => publish_closed(&clients, events, publishers).await,
+        Load::Open { rate, duration } => publish_open(&clients, rate, duration).await,
     };
     let first_start = published
         .iter()
@@ -358,6 +388,9 @@ async fn measure(
         bench: diff(&[before.2], &[after.2])[0],
         database_cpu,
         commits_before,
+        rows_before,
+        wal_before,
+        size_before,
     })
 }
 
@@ -386,8 +419,60 @@ async fn wait_for_agents(
     }
 }
 
-/// Creates the tenant `bench` and returns a client with its token.
-async fn tenant_client(admin: &HeraldClient, url: &str) -> anyhow::Result<HeraldClient> {
+/// With several control planes, makes every run alike: an agent picks its first control plane
+/// at random, so agents that crowd on one replica (while another has fewer than its share) are
+/// restarted until each replica has `agents / replicas` of them or more.
+async fn spread_agents(
+    admin: &HeraldClient,
+    deployment: &mut Deployment,
+    agents: usize,
+) -> anyhow::Result<()> {
+    let replicas = deployment.addrs.len();
+    if replicas < 2 || deployment.agents.is_empty() {
+        return Ok(());
+    }
+    let share = agents / replicas;
+    for _ in 0..50 {
+        let listed = admin
+            .admin()
+            .list_agents(pb::ListAgentsRequest::default())
+            .await
+            .context("list agents")?
+            .into_inner()
+            .agents;
+        let mut by_replica: HashMap<String, Vec<String>> = HashMap::new();
+        for agent in &listed {
+            by_replica
+                .entry(agent.replica_id.clone())
+                .or_default()
+                .push(agent.agent_id.clone());
+        }
+        let short = by_replica.len() < replicas.min(agents)
+            || by_replica.values().any(|ids| ids.len() < share);
+        if listed.len() == agents && !short {
+            return Ok(());
+        }
+        if listed.len() == agents {
+            let crowded = by_replica
+                .values()
+                .max_by_key(|ids| ids.len())
+                .and_then(|ids| ids.first())
+                .and_then(|id| id.strip_prefix("bench-"))
+                .and_then(|n| n.parse::<usize>().ok())
+                .context("an agent of this run")?;
+            deployment.restart_agent(crowded - 1).await?;
+            // Long enough for its replica to see the old stream gone.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            wait_for_agents(admin, deployment, agents).await?;
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    bail!("agents did not spread over the {replicas} control planes")
+}
+
+/// Creates the tenant `bench` and returns a token for it.
+async fn tenant_token(admin: &HeraldClient) -> anyhow::Result<String> {
     let tenant = admin
         .admin()
         .create_tenant(pb::CreateTenantRequest {
@@ -406,7 +491,7 @@ async fn tenant_client(admin: &HeraldClient, url: &str) -> anyhow::Result<Herald
         .context("create token")?
         .into_inner()
         .token;
-    HeraldClient::connect(url, &token).context("tenant client")
+    Ok(token)
 }
 
 /// Returns event `n`'s publish request: a payload of about 100 bytes.
@@ -437,13 +522,18 @@ async fn publish_one(client: &HeraldClient, n: usize, start: Instant) -> Publish
 }
 
 /// Publishes `events` events with `publishers` concurrent tasks (all spawned before any is
-/// awaited), stopping early after [`PUBLISH_TIMEOUT`].
-async fn publish_closed(client: &HeraldClient, events: usize, publishers: usize) -> Vec<Published> {
+/// awaited; publisher `i` calls control plane `i mod clients`), stopping early after
+/// [`PUBLISH_TIMEOUT`].
+async fn publish_closed(
+    clients: &[HeraldClient],
+    events: usize,
+    publishers: usize,
+) -> Vec<Published> {
     let next = Arc::new(AtomicUsize::new(0));
     let deadline = Instant::now() + PUBLISH_TIMEOUT;
     let mut tasks = JoinSet::new();
-    for _ in 0..publishers.max(1) {
-        let client = client.clone();
+    for i in 0..publishers.max(1) {
+        let client = clients[i % clients.len()].clone();
         let next = next.clone();
         tasks.spawn(async move {
             let mut done = Vec::with_capacity(events / publishers.max(1) + 1);
@@ -463,9 +553,10 @@ async fn publish_closed(client: &HeraldClient, events: usize, publishers: usize)
     published
 }
 
-/// Starts one publish every `1/rate` s for `duration` without waiting for earlier ones; a
-/// publish's start is its scheduled instant, so a stall on the way counts against latency.
-async fn publish_open(client: &HeraldClient, rate: u32, duration: Duration) -> Vec<Published> {
+/// Starts one publish every `1/rate` s for `duration` without waiting for earlier ones (event
+/// `n` on control plane `n mod clients`); a publish's start is its scheduled instant, so a stall
+/// on the way counts against latency.
+async fn publish_open(clients: &[HeraldClient], rate: u32, duration: Duration) -> Vec<Published> {
     let events = Load::Open { rate, duration }.events();
     let period = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
     let begin = Instant::now() + Duration::from_millis(5);
@@ -473,7 +564,7 @@ async fn publish_open(client: &HeraldClient, rate: u32, duration: Duration) -> V
     for n in 0..events {
         let at = begin + period.mul_f64(n as f64);
         tokio::time::sleep_until(at.into()).await;
-        let client = client.clone();
+        let client = clients[n % clients.len()].clone();
         tasks.spawn(async move { publish_one(&client, n, at).await });
     }
     let mut published = Vec::with_capacity(events);

@@ -99,6 +99,18 @@ pub async fn start_with(
             "HERALD_MASTER_KEY is not set: receiver API keys and signing secrets are stored in clear"
         );
     }
+    let replica_id = format!("cp-{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
+    // Several replicas share a PostgreSQL database: watchers hear of every replica's attempts.
+    // Listening before serving, so nothing committed after the start is missed.
+    let attempt_listener = if store.shared() {
+        Some(
+            dispatch::watch::listen(&config.database_url)
+                .await
+                .context("HERALD_DATABASE_URL: cannot listen for recorded attempts")?,
+        )
+    } else {
+        None
+    };
     if sqlite {
         // One replica per SQLite file: leases of a previous process died with it.
         let released = storage::deliveries::release_all(&store.writer, chrono::Utc::now()).await?;
@@ -109,7 +121,6 @@ pub async fn start_with(
             );
         }
     }
-    let replica_id = format!("cp-{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
     let shutdown = CancellationToken::new();
     // Ends watch streams after the drain, so watchers see the last results first.
     let watchers_stop = CancellationToken::new();
@@ -117,7 +128,7 @@ pub async fn start_with(
     let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
     let dispatcher = dispatch::Handle::new(commands, hooks.handoff);
     let (records, _) = tokio::sync::broadcast::channel(4096);
-    let registry = dispatch::registry::Registry::default();
+    let registry = dispatch::registry::Registry::new(&replica_id);
     let prometheus = metrics::Registry::default();
     let metrics = metrics::Metrics::register(&prometheus);
     let scheduler = Scheduler::new(
@@ -136,6 +147,20 @@ pub async fn start_with(
     );
     let scheduler_stop = CancellationToken::new();
     tasks.spawn(scheduler.run(scheduler_stop.clone()));
+    if let Some(listener) = attempt_listener {
+        tasks.spawn(dispatch::watch::relay(
+            listener,
+            store.clone(),
+            replica_id.clone(),
+            records.clone(),
+            scheduler_stop.clone(),
+        ));
+        tasks.spawn(dispatch::presence::run(
+            store.clone(),
+            registry.clone(),
+            scheduler_stop.clone(),
+        ));
+    }
     let publisher = service::publish::Publisher::start(
         store.clone(),
         dispatcher.clone(),
@@ -176,7 +201,7 @@ pub async fn start_with(
         &agent_token,
         services.clone(),
         config.tls_client_ca.is_some(),
-        replica_id,
+        replica_id.clone(),
     );
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -324,6 +349,10 @@ pub async fn start_with(
         scheduler_stop.cancel();
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+        if store.shared() {
+            // Its agents have moved on: other replicas stop listing them at once.
+            let _ = storage::agents::delete_replica(&store.writer, &replica_id).await;
+        }
         store.close().await;
         match served {
             Ok(Ok(Ok(()))) | Err(_) => Ok(()),

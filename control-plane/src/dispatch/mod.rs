@@ -1,8 +1,11 @@
 //! Long-lived delivery loops: the scheduler that leases due deliveries to agents and records
-//! their results, and the registry of connected agents.
+//! their results, the registry of connected agents, and (PostgreSQL, several replicas) the
+//! tasks that share agents and recorded attempts between replicas.
 
+pub mod presence;
 pub mod registry;
 pub mod scheduler;
+pub mod watch;
 
 use tokio::sync::mpsc;
 

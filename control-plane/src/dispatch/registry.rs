@@ -1,37 +1,43 @@
-//! The agents connected to this replica, for `ListAgents`: a shared read view that the
-//! scheduler writes.
+//! The agents connected to this replica: a shared read view that the scheduler writes. `ListAgents`
+//! shows it together with the other replicas' agents, which [`super::presence`] publishes through
+//! the database on PostgreSQL.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
 
-/// What `ListAgents` shows of one agent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentInfo {
-    pub agent_id: String,
-    pub region: String,
-    pub capacity: u32,
-    pub in_flight: u32,
-    pub version: String,
-    pub identity: String,
-    pub replica_id: String,
-    pub connected_at: DateTime<Utc>,
-    pub last_seen_at: DateTime<Utc>,
-}
+pub use crate::domain::model::AgentInfo;
 
 /// Connected agents by connection key.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Registry {
+    replica_id: Arc<str>,
     agents: Arc<RwLock<BTreeMap<u64, AgentInfo>>>,
+    /// Woken when an agent connects or goes, so the shared view follows at once.
+    changed: Arc<Notify>,
 }
 
 impl Registry {
+    pub fn new(replica_id: &str) -> Self {
+        Self {
+            replica_id: replica_id.into(),
+            agents: Arc::default(),
+            changed: Arc::default(),
+        }
+    }
+
+    /// Returns the id of the replica this registry belongs to.
+    pub fn replica_id(&self) -> &str {
+        &self.replica_id
+    }
+
     pub fn upsert(&self, key: u64, info: AgentInfo) {
         self.agents
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(key, info);
+        self.changed.notify_one();
     }
 
     pub fn update(&self, key: u64, f: impl FnOnce(&mut AgentInfo)) {
@@ -50,6 +56,7 @@ impl Registry {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&key);
+        self.changed.notify_one();
     }
 
     /// Returns every connected agent, by agent id.
@@ -63,5 +70,20 @@ impl Registry {
             .collect();
         agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
         agents
+    }
+
+    /// Returns every connected agent with its connection key.
+    pub fn connections(&self) -> Vec<(u64, AgentInfo)> {
+        self.agents
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(key, info)| (*key, info.clone()))
+            .collect()
+    }
+
+    /// Waits until an agent connects or goes.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
     }
 }

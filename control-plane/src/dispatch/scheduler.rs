@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::registry::{AgentInfo, Registry};
+use super::watch;
 use crate::config::RegionFallback;
 use crate::domain::model::{
     Attempt, AttemptError, Delivery, DeliveryState, LastDelivery, Subscription, SubscriptionStatus,
@@ -37,6 +38,9 @@ const POLL_LIMIT: u64 = 2_000;
 const MAX_COMMANDS_PER_TURN: usize = 1024;
 /// Most jobs in one `Jobs` message.
 const MAX_JOBS_PER_MESSAGE: usize = 64;
+/// How long a subscription whose `max_concurrency` other replicas fill up waits before this
+/// replica tries to lease its deliveries again.
+const CLUSTER_FULL_BACKOFF: Duration = Duration::from_millis(100);
 /// The version sent in `User-Agent`.
 const USER_AGENT: &str = concat!("Herald/", env!("CARGO_PKG_VERSION"));
 
@@ -128,6 +132,9 @@ struct Lease {
 #[derive(Default)]
 struct SubscriptionLoad {
     in_flight: u32,
+    /// Until when the subscription's `max_concurrency` is taken up by other replicas (a claim
+    /// found no free slot): no new picks until then.
+    full_until: Option<Instant>,
     /// Token bucket for `rate_limit_per_s`: tokens and when they were last refilled.
     tokens: f64,
     refilled_at: Option<Instant>,
@@ -157,6 +164,9 @@ pub struct Scheduler {
     /// 100 ms retry is not held back to the next regular poll.
     retry_wakeups: std::collections::BinaryHeap<std::cmp::Reverse<Instant>>,
     drains: Vec<(Instant, oneshot::Sender<()>)>,
+    /// Set by the first `Drain`: agents that connect from then on are asked to drain at once,
+    /// so they move to another replica instead of taking work this one will not see through.
+    draining: bool,
     /// Results received but not yet recorded: (agent, results, credits handed back).
     pending_results: Vec<(u64, Vec<pb::JobResult>, u32)>,
     metrics: Metrics,
@@ -191,6 +201,7 @@ impl Scheduler {
             next_poll: Instant::now(),
             retry_wakeups: std::collections::BinaryHeap::new(),
             drains: Vec::new(),
+            draining: false,
             pending_results: Vec::new(),
             metrics,
             rng: rand::rngs::StdRng::from_os_rng(),
@@ -277,13 +288,9 @@ impl Scheduler {
                 }
             }
             Command::Drain { deadline, done } => {
+                self.draining = true;
                 for agent in self.agents.values_mut() {
-                    agent.draining = true;
-                    let _ = agent.outbox.try_send(pb::ControlMessage {
-                        message: Some(pb::control_message::Message::Drain(pb::Drain {
-                            reason: "control plane shutting down".into(),
-                        })),
-                    });
+                    drain(agent);
                 }
                 self.drains.push((deadline, done));
             }
@@ -332,18 +339,20 @@ impl Scheduler {
                 region: hello.region.clone(),
             })
             .inc();
-        self.agents.insert(
-            key,
-            Agent {
-                agent_id: hello.agent_id,
-                region: hello.region,
-                credential_id: hello.credential_id,
-                disconnect: hello.disconnect,
-                credits: hello.capacity,
-                outbox: hello.outbox,
-                draining: false,
-            },
-        );
+        let mut agent = Agent {
+            agent_id: hello.agent_id,
+            region: hello.region,
+            credential_id: hello.credential_id,
+            disconnect: hello.disconnect,
+            credits: hello.capacity,
+            outbox: hello.outbox,
+            draining: false,
+        };
+        if self.draining {
+            // This replica is stopping: the agent goes on to the next control plane it knows.
+            drain(&mut agent);
+        }
+        self.agents.insert(key, agent);
         // Work that waited for an agent of this region may go now.
         self.next_poll = Instant::now();
     }
@@ -580,8 +589,13 @@ impl Scheduler {
             }
             return false;
         }
-        let in_flight = self.load.get(subscription_id).map_or(0, |l| l.in_flight);
-        if in_flight >= subscription.max_concurrency {
+        let (in_flight, full_until) = self
+            .load
+            .get(subscription_id)
+            .map_or((0, None), |l| (l.in_flight, l.full_until));
+        if in_flight >= subscription.max_concurrency
+            || full_until.is_some_and(|until| until > Instant::now())
+        {
             return false;
         }
         let Some(agent_key) = self.agent_for(subscription.region.as_deref()) else {
@@ -637,32 +651,10 @@ impl Scheduler {
             }
             return;
         };
-        // Ordered deliveries wait while an earlier one of their entity is unfinished.
-        let mut ready = Vec::with_capacity(batch.len());
-        for (delivery, subscription) in batch {
-            if let Some(ordering_key) = &delivery.ordering_key {
-                match deliveries::ordered_blocked(
-                    &self.store.db,
-                    &delivery.subscription_id,
-                    ordering_key,
-                    &delivery.id,
-                )
-                .await
-                {
-                    Ok(false) => {}
-                    Ok(true) | Err(_) => {
-                        self.give_back_credit(key);
-                        self.give_back(delivery, true);
-                        continue;
-                    }
-                }
-            }
-            ready.push((delivery, subscription));
-        }
-        if ready.is_empty() {
+        if batch.is_empty() {
             return;
         }
-        let longest = ready
+        let longest = batch
             .iter()
             .map(|(_, s)| s.timeout)
             .max()
@@ -670,26 +662,53 @@ impl Scheduler {
         let expires_at = now
             + chrono::Duration::from_std(longest + self.settings.lease_grace).unwrap_or_default();
         let lease_id = ids::new(ids::LEASE);
-        let ids: Vec<String> = ready.iter().map(|(d, _)| d.id.clone()).collect();
-        let claimed = match deliveries::claim(
-            &self.store.writer,
-            &ids,
-            &lease_id,
-            &agent_id,
-            expires_at,
-            now,
-        )
-        .await
-        {
-            Ok(claimed) => claimed.into_iter().collect::<HashSet<_>>(),
+        let mut groups: Vec<deliveries::ClaimGroup> = Vec::new();
+        for (delivery, subscription) in &batch {
+            match groups
+                .iter_mut()
+                .find(|g| g.subscription_id == delivery.subscription_id)
+            {
+                Some(group) => group.ids.push(delivery.id.clone()),
+                None => groups.push(deliveries::ClaimGroup {
+                    subscription_id: delivery.subscription_id.clone(),
+                    max_concurrency: subscription.max_concurrency,
+                    ids: vec![delivery.id.clone()],
+                }),
+            }
+        }
+        let outcome = self
+            .claim(&groups, &lease_id, &agent_id, expires_at, now)
+            .await;
+        let (claimed, deferred): (HashMap<String, Delivery>, HashSet<String>) = match outcome {
+            Ok(outcome) => (
+                outcome
+                    .leased
+                    .into_iter()
+                    .map(|d| (d.id.clone(), d))
+                    .collect(),
+                outcome.deferred.into_iter().collect(),
+            ),
             Err(err) => {
                 tracing::warn!(error = %err, "could not lease deliveries");
-                HashSet::new()
+                (HashMap::new(), HashSet::new())
             }
         };
+        // Other replicas hold the subscription's every slot: it waits a moment before trying again.
+        let (ready, waiting): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|(d, _)| !deferred.contains(&d.id));
+        let retry_at = Instant::now() + CLUSTER_FULL_BACKOFF;
+        for (delivery, _) in waiting {
+            self.give_back_credit(key);
+            self.load
+                .entry(delivery.subscription_id.clone())
+                .or_default()
+                .full_until = Some(retry_at);
+            self.give_back(delivery, false);
+        }
         let event_ids: Vec<String> = ready
             .iter()
-            .filter(|(d, _)| claimed.contains(&d.id))
+            .filter(|(d, _)| claimed.contains_key(&d.id))
             .map(|(d, _)| d.event_id.clone())
             .collect();
         let payloads: HashMap<String, (Bytes, Option<String>)> = match events::get_many(
@@ -709,13 +728,16 @@ impl Scheduler {
         };
         let mut jobs = Vec::with_capacity(ready.len());
         for (delivery, subscription) in ready {
-            if !claimed.contains(&delivery.id) {
-                // Someone else holds it, or it is no longer due: not ours to send.
+            let Some(fresh) = claimed.get(&delivery.id) else {
+                // Someone else holds it, it is no longer due, or (ordered) an earlier event of
+                // its entity is unfinished: not ours to send now; the poller finds it again.
                 self.give_back_credit(key);
                 self.unload(&delivery);
                 self.known.remove(&delivery.id);
                 continue;
-            }
+            };
+            // The row as leased: its attempt count is the truth, whoever attempted it before.
+            let delivery = fresh.clone();
             let Some((body, traceparent)) = payloads.get(&delivery.event_id) else {
                 self.give_back_credit(key);
                 self.unload(&delivery);
@@ -779,6 +801,30 @@ impl Scheduler {
                 break;
             }
         }
+    }
+
+    /// Leases the groups in one transaction (see [`deliveries::claim_groups`]).
+    async fn claim(
+        &self,
+        groups: &[deliveries::ClaimGroup],
+        lease_id: &str,
+        agent_id: &str,
+        expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<deliveries::Claimed, storage::Error> {
+        let txn = self.store.begin_write().await?;
+        let claimed = deliveries::claim_groups(
+            &txn,
+            groups,
+            lease_id,
+            agent_id,
+            expires_at,
+            now,
+            self.store.shared(),
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(claimed)
     }
 
     fn give_back_credit(&mut self, key: u64) {
@@ -1076,7 +1122,6 @@ impl Scheduler {
                 disabled.push(subscription_id);
             }
         }
-        txn.commit().await?;
         for step in steps.iter_mut() {
             let killed = step.state == DeliveryState::Failed
                 && step
@@ -1091,6 +1136,18 @@ impl Scheduler {
                 }
             }
         }
+        if self.store.shared() {
+            // Watchers on the other replicas hear of these attempts once they are committed.
+            let recorded: Vec<(String, DeliveryState)> = steps
+                .iter()
+                .filter_map(|s| s.record.as_ref())
+                .map(|r| (r.attempt.id.clone(), r.state))
+                .collect();
+            for payload in watch::encode(&self.settings.replica_id, &recorded) {
+                storage::notify(&txn, watch::CHANNEL, &payload).await?;
+            }
+        }
+        txn.commit().await?;
         Ok(disabled)
     }
 }
@@ -1106,6 +1163,16 @@ struct Step {
     /// Whether the result moved its delivery (its lease was still valid).
     applied: bool,
     record: Option<AttemptRecord>,
+}
+
+/// Asks an agent to take nothing new, finish, report and close.
+fn drain(agent: &mut Agent) {
+    agent.draining = true;
+    let _ = agent.outbox.try_send(pb::ControlMessage {
+        message: Some(pb::control_message::Message::Drain(pb::Drain {
+            reason: "control plane shutting down".into(),
+        })),
+    });
 }
 
 /// Builds the ready-to-send request of one attempt, signed now with every valid secret.

@@ -215,6 +215,21 @@ pub struct Attempt {
     pub error_message: String,
 }
 
+/// A connected agent as `ListAgents` shows it: one stream to one control-plane replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    pub agent_id: String,
+    pub region: String,
+    pub capacity: u32,
+    pub in_flight: u32,
+    pub version: String,
+    pub identity: String,
+    /// The replica the agent is connected to.
+    pub replica_id: String,
+    pub connected_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+}
+
 /// A page of a list, with the token of the next page when there is one.
 #[derive(Debug, Clone)]
 pub struct Page<T> {

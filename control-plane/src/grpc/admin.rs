@@ -88,8 +88,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
         auth::caller(&self.0, &request).await?.require_admin()?;
         let agents = self
             .0
-            .agents
-            .list()
+            .list_agents()
+            .await?
             .into_iter()
             .map(convert::agent)
             .collect();

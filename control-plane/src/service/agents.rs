@@ -4,15 +4,35 @@
 use chrono::Utc;
 
 use super::{Error, Services, auth};
-use crate::dispatch::Command;
-use crate::domain::model::{Page, PageRequest};
+use crate::dispatch::{Command, presence};
+use crate::domain::model::{AgentInfo, Page, PageRequest};
 use crate::domain::{ids, validate};
 use crate::storage::agent_credentials::{self, AgentCredential};
+use crate::storage::agents;
 
 /// Prefix of agent credentials, so they are told apart from API tokens at a glance.
 pub const AGENT_TOKEN_PREFIX: &str = "hrla_";
 
 impl Services {
+    /// Returns the agents connected to every replica, by agent id: this replica's as they are
+    /// now, the others' as they published them (PostgreSQL; refreshed every few seconds).
+    pub async fn list_agents(&self) -> Result<Vec<AgentInfo>, Error> {
+        let mut list = self.agents.list();
+        if self.store.shared() {
+            let since =
+                Utc::now() - chrono::Duration::from_std(presence::ROW_TTL).unwrap_or_default();
+            list.extend(agents::list_live(&self.store.db, self.agents.replica_id(), since).await?);
+            list.sort_by(|a, b| {
+                (&a.agent_id, &a.replica_id, a.connected_at).cmp(&(
+                    &b.agent_id,
+                    &b.replica_id,
+                    b.connected_at,
+                ))
+            });
+        }
+        Ok(list)
+    }
+
     /// Creates a credential; returns it with its plaintext token (shown once).
     pub async fn create_agent_credential(
         &self,

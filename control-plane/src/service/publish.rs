@@ -268,6 +268,8 @@ async fn commit_together(
     let mut new_events: Vec<(Event, Option<String>)> = Vec::new();
     let mut new_deliveries: Vec<Delivery> = Vec::new();
     let mut replies = Vec::with_capacity(batch.len());
+    // The newest delivery id per (subscription, entity) of ordered subscriptions in this batch.
+    let mut newest_of_entity: HashMap<(String, String), String> = HashMap::new();
     // One look-up of earlier idempotency keys per tenant for the whole batch.
     let mut keys_of: HashMap<&str, Vec<String>> = HashMap::new();
     for call in batch {
@@ -346,12 +348,15 @@ async fn commit_together(
                 traceparent: event.traceparent.clone(),
                 occurred_at: now,
             };
-            let fanned_out = fan_out(
+            let mut fanned_out = fan_out(
                 &stored,
                 subscriptions,
                 matches!(call.target, Target::FanOut),
                 now,
             );
+            if store.shared() {
+                order_after_earlier(&txn, &mut fanned_out, &mut newest_of_entity).await?;
+            }
             let published = Published {
                 event_id: stored.id.clone(),
                 delivery_ids: fanned_out.iter().map(|d| d.id.clone()).collect(),
@@ -379,6 +384,46 @@ async fn commit_together(
     deliveries::insert_many(&txn, &new_deliveries).await?;
     txn.commit().await?;
     Ok((replies, new_deliveries, new_events.len()))
+}
+
+/// Gives each ordered delivery an id after every unfinished delivery of its entity, wherever it
+/// was published. An entity's deliveries go out in id order, and ids are time-ordered per
+/// process only: another replica's clock, or the same millisecond, could otherwise put an event
+/// published after an acknowledged one before it.
+async fn order_after_earlier(
+    txn: &storage::Transaction,
+    fanned_out: &mut [Delivery],
+    newest_of_entity: &mut HashMap<(String, String), String>,
+) -> Result<(), storage::Error> {
+    for delivery in fanned_out.iter_mut() {
+        let Some(ordering_key) = &delivery.ordering_key else {
+            continue;
+        };
+        let entity = (delivery.subscription_id.clone(), ordering_key.clone());
+        let newest = match newest_of_entity.get(&entity) {
+            Some(id) => Some(id.clone()),
+            None => deliveries::newest_unfinished_of_entity(txn, &entity.0, &entity.1).await?,
+        };
+        if let Some(newest) = newest.filter(|newest| *newest >= delivery.id)
+            && let Some(next) = id_after(&newest)
+        {
+            delivery.id = next;
+        }
+        newest_of_entity.insert(entity, delivery.id.clone());
+    }
+    Ok(())
+}
+
+/// Returns the smallest id after `id` (same prefix), or `None` if `id` is not an id.
+fn id_after(id: &str) -> Option<String> {
+    let (prefix, body) = id.split_once('_')?;
+    let next = ulid::Ulid::from_string(&body.to_ascii_uppercase())
+        .ok()?
+        .increment()?;
+    Some(format!(
+        "{prefix}_{}",
+        next.to_string().to_ascii_lowercase()
+    ))
 }
 
 /// Returns the deliveries of one event: one per receiving subscription (filters applied when
@@ -433,6 +478,16 @@ mod tests {
             action: None,
             traceparent: None,
         }
+    }
+
+    #[test]
+    fn the_id_after_an_id_sorts_right_after_it() {
+        let id = ids::new(ids::DELIVERY);
+        let next = id_after(&id).unwrap();
+        assert!(next > id, "{next} > {id}");
+        assert!(ids::has_prefix(&next, ids::DELIVERY), "{next}");
+        assert!(id_after(&next).unwrap() > next);
+        assert_eq!(id_after("nonsense"), None);
     }
 
     #[test]

@@ -230,44 +230,127 @@ fn claimable(now: i64) -> sea_orm::Condition {
         )
 }
 
-/// Leases the claimable deliveries among `ids` to `agent_id` under `lease_id`; returns the ids
-/// it leased. A delivery another replica or agent holds is left alone: the update is conditional.
-pub async fn claim(
-    db: &impl ConnectionTrait,
-    ids: &[String],
+/// Deliveries of one subscription to lease together, in the order they should go.
+#[derive(Debug, Clone)]
+pub struct ClaimGroup {
+    pub subscription_id: String,
+    /// How many of the subscription's deliveries may be in flight at once, across replicas.
+    pub max_concurrency: u32,
+    pub ids: Vec<String>,
+}
+
+/// What [`claim_groups`] did.
+#[derive(Debug, Clone, Default)]
+pub struct Claimed {
+    /// Leased now under the lease id, as they are after the claim (their attempt count may be
+    /// newer than the caller's copy: another replica may have attempted them meanwhile).
+    pub leased: Vec<Delivery>,
+    /// Not tried: their subscription had no free slot left across replicas. Still due.
+    pub deferred: Vec<String>,
+}
+
+/// The lock class of the per-subscription claim locks (`pg_advisory_xact_lock(class, key)`).
+const CLAIM_LOCK_CLASS: i32 = 4_242_002;
+
+/// Returns a subscription's claim lock key: FNV-1a of its id, stable across processes and
+/// versions (every replica must take the same lock).
+fn claim_lock_key(subscription_id: &str) -> i32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in subscription_id.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash as i32
+}
+
+/// An ordered delivery may go only when no earlier delivery of its entity to the same
+/// subscription is unfinished (pending, in flight or failed). Matches the partial index
+/// `deliveries_ordered_unfinished`.
+const NOT_BLOCKED_BY_EARLIER: &str = "(ordering_key IS NULL OR NOT EXISTS (\
+    SELECT 1 FROM deliveries AS earlier \
+    WHERE earlier.subscription_id = deliveries.subscription_id \
+    AND earlier.ordering_key = deliveries.ordering_key \
+    AND earlier.id < deliveries.id \
+    AND earlier.ordering_key IS NOT NULL AND earlier.state IN (1, 2, 4)))";
+
+/// Leases the claimable deliveries among each group's ids to `agent_id` under `lease_id`, in one
+/// transaction (`txn`). A delivery is claimable when it is due (pending or failed with its time
+/// come, or in flight under an expired lease) and, for an ordered subscription, no earlier
+/// delivery of its entity is unfinished; the update is conditional, so a delivery another
+/// replica or agent holds is left alone.
+///
+/// With `shared` (PostgreSQL, several replicas), each group first takes its subscription's
+/// advisory lock (in key order, so two replicas never wait on each other in a cycle), counts the
+/// subscription's deliveries in flight under unexpired leases, and tries only as many as
+/// `max_concurrency` leaves free; the rest are returned as deferred. Claims of one subscription
+/// are thus serialised across replicas until `txn` ends, and the limit holds cluster-wide.
+pub async fn claim_groups(
+    txn: &impl ConnectionTrait,
+    groups: &[ClaimGroup],
     lease_id: &str,
     agent_id: &str,
     expires_at: chrono::DateTime<chrono::Utc>,
     now: chrono::DateTime<chrono::Utc>,
-) -> Result<Vec<String>, Error> {
+    shared: bool,
+) -> Result<Claimed, Error> {
     use sea_orm::sea_query::Expr;
-    if ids.is_empty() {
-        return Ok(Vec::new());
+    use sea_orm::{PaginatorTrait, Statement};
+    let mut order: Vec<&ClaimGroup> = groups.iter().filter(|g| !g.ids.is_empty()).collect();
+    order.sort_by_key(|g| {
+        (
+            claim_lock_key(&g.subscription_id),
+            g.subscription_id.clone(),
+        )
+    });
+    let mut claimed = Claimed::default();
+    let mut locked = std::collections::HashSet::new();
+    for group in order {
+        let mut candidates = group.ids.as_slice();
+        if shared {
+            let key = claim_lock_key(&group.subscription_id);
+            if locked.insert(key) {
+                txn.execute_raw(Statement::from_sql_and_values(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT pg_advisory_xact_lock($1, $2)",
+                    [CLAIM_LOCK_CLASS.into(), key.into()],
+                ))
+                .await?;
+            }
+            // A new statement after the lock: its snapshot sees every claim committed before.
+            let in_flight = delivery::Entity::find()
+                .filter(delivery::Column::SubscriptionId.eq(group.subscription_id.clone()))
+                .filter(delivery::Column::State.eq(DeliveryState::InFlight as i32))
+                .filter(delivery::Column::LeaseExpiresAt.gt(ms(now)))
+                .count(txn)
+                .await?;
+            let free = u64::from(group.max_concurrency).saturating_sub(in_flight) as usize;
+            let take = free.min(candidates.len());
+            claimed.deferred.extend(candidates[take..].iter().cloned());
+            candidates = &candidates[..take];
+        }
+        if candidates.is_empty() {
+            continue;
+        }
+        let moved = delivery::Entity::update_many()
+            .col_expr(
+                delivery::Column::State,
+                Expr::value(DeliveryState::InFlight as i32),
+            )
+            .col_expr(delivery::Column::LeaseId, Expr::value(lease_id))
+            .col_expr(
+                delivery::Column::LeaseExpiresAt,
+                Expr::value(ms(expires_at)),
+            )
+            .col_expr(delivery::Column::AgentId, Expr::value(agent_id))
+            .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
+            .filter(delivery::Column::Id.is_in(candidates.iter().cloned()))
+            .filter(claimable(ms(now)))
+            .filter(Expr::cust(NOT_BLOCKED_BY_EARLIER))
+            .exec_with_returning(txn)
+            .await?;
+        claimed.leased.extend(moved.into_iter().map(from_model));
     }
-    delivery::Entity::update_many()
-        .col_expr(
-            delivery::Column::State,
-            Expr::value(DeliveryState::InFlight as i32),
-        )
-        .col_expr(delivery::Column::LeaseId, Expr::value(lease_id))
-        .col_expr(
-            delivery::Column::LeaseExpiresAt,
-            Expr::value(ms(expires_at)),
-        )
-        .col_expr(delivery::Column::AgentId, Expr::value(agent_id))
-        .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
-        .filter(delivery::Column::Id.is_in(ids.iter().cloned()))
-        .filter(claimable(ms(now)))
-        .exec(db)
-        .await?;
-    Ok(delivery::Entity::find()
-        .select_only()
-        .column(delivery::Column::Id)
-        .filter(delivery::Column::LeaseId.eq(lease_id))
-        .filter(delivery::Column::Id.is_in(ids.iter().cloned()))
-        .into_tuple()
-        .all(db)
-        .await?)
+    Ok(claimed)
 }
 
 /// The new state of deliveries after results that share an outcome.
@@ -390,29 +473,27 @@ pub async fn kill_waiting(
         .rows_affected)
 }
 
-/// Returns whether an ordered delivery must wait: an earlier delivery of the same entity to the
-/// same subscription is not finished yet (pending, in flight or failed).
-pub async fn ordered_blocked(
+/// Returns the newest id among the unfinished deliveries (pending, in flight or failed) of one
+/// entity to an ordered subscription.
+pub async fn newest_unfinished_of_entity(
     db: &impl ConnectionTrait,
     subscription_id: &str,
     ordering_key: &str,
-    id: &str,
-) -> Result<bool, Error> {
+) -> Result<Option<String>, Error> {
+    use sea_orm::sea_query::Expr;
     Ok(delivery::Entity::find()
         .select_only()
         .column(delivery::Column::Id)
         .filter(delivery::Column::SubscriptionId.eq(subscription_id))
         .filter(delivery::Column::OrderingKey.eq(ordering_key))
-        .filter(delivery::Column::Id.lt(id))
-        .filter(delivery::Column::State.is_in([
-            DeliveryState::Pending as i32,
-            DeliveryState::InFlight as i32,
-            DeliveryState::Failed as i32,
-        ]))
+        // As in `deliveries_ordered_unfinished`, so that index answers.
+        .filter(Expr::cust(
+            "ordering_key IS NOT NULL AND state IN (1, 2, 4)",
+        ))
+        .order_by_desc(delivery::Column::Id)
         .into_tuple::<String>()
         .one(db)
-        .await?
-        .is_some())
+        .await?)
 }
 
 /// Returns a delivery by id, whatever its tenant (the scheduler's view).
@@ -477,4 +558,39 @@ pub async fn complete_many(
         .exec_with_returning(db)
         .await?;
     Ok(moved.into_iter().map(|m| m.id).collect())
+}
+
+/// Returns attempts by id with their deliveries, for `WatchDeliveries` on another replica than
+/// the one that recorded them.
+pub async fn attempts_with_deliveries(
+    db: &impl ConnectionTrait,
+    ids: &[String],
+) -> Result<Vec<(Attempt, Delivery)>, Error> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let attempts: Vec<Attempt> = attempt::Entity::find()
+        .filter(attempt::Column::Id.is_in(ids.iter().cloned()))
+        .order_by_asc(attempt::Column::Id)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(attempt_from_model)
+        .collect();
+    let delivery_ids: std::collections::BTreeSet<String> =
+        attempts.iter().map(|a| a.delivery_id.clone()).collect();
+    let deliveries: std::collections::HashMap<String, Delivery> = delivery::Entity::find()
+        .filter(delivery::Column::Id.is_in(delivery_ids))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|m| (m.id.clone(), from_model(m)))
+        .collect();
+    Ok(attempts
+        .into_iter()
+        .filter_map(|a| {
+            let delivery = deliveries.get(&a.delivery_id)?.clone();
+            Some((a, delivery))
+        })
+        .collect())
 }

@@ -205,3 +205,29 @@ pub mod agent_credential {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod agent {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "agents")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub connection_id: String,
+        pub agent_id: String,
+        pub region: String,
+        pub capacity: i32,
+        pub in_flight: i32,
+        pub version: String,
+        pub identity: String,
+        pub replica_id: String,
+        pub connected_at: i64,
+        pub last_seen_at: i64,
+        pub refreshed_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -13,6 +13,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0001Initial),
             Box::new(M0002DeliveryLog),
             Box::new(M0003AgentCredentials),
+            Box::new(M0004Replicas),
         ]
     }
 }
@@ -175,6 +176,46 @@ CREATE TABLE agent_credentials (
 impl MigrationTrait for M0003AgentCredentials {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         run_statements(manager, M0003).await
+    }
+}
+
+struct M0004Replicas;
+
+impl MigrationName for M0004Replicas {
+    fn name(&self) -> &str {
+        "m0004_replicas"
+    }
+}
+
+/// Several replicas on one PostgreSQL database: the agents of every replica (for `ListAgents`),
+/// and two small partial indexes the claim reads under its per-subscription lock: the deliveries
+/// in flight per subscription (`max_concurrency` across replicas), and the unfinished deliveries
+/// of ordered subscriptions per entity (an entity's next event waits for the earlier ones).
+/// States: 1 pending, 2 in flight, 4 failed.
+const M0004: &str = r#"
+CREATE TABLE agents (
+    connection_id TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    region TEXT NOT NULL,
+    capacity INTEGER NOT NULL,
+    in_flight INTEGER NOT NULL,
+    version TEXT NOT NULL,
+    identity TEXT NOT NULL,
+    replica_id TEXT NOT NULL,
+    connected_at BIGINT NOT NULL,
+    last_seen_at BIGINT NOT NULL,
+    refreshed_at BIGINT NOT NULL
+);
+CREATE INDEX agents_replica ON agents (replica_id);
+CREATE INDEX deliveries_in_flight ON deliveries (subscription_id) WHERE state = 2;
+CREATE INDEX deliveries_ordered_unfinished ON deliveries (subscription_id, ordering_key, id)
+    WHERE ordering_key IS NOT NULL AND state IN (1, 2, 4)
+"#;
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0004Replicas {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run_statements(manager, M0004).await
     }
 }
 

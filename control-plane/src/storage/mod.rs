@@ -3,6 +3,7 @@
 //! outside this module sees sea-orm or an entity model.
 
 pub mod agent_credentials;
+pub mod agents;
 pub mod deliveries;
 mod entity;
 pub mod events;
@@ -78,6 +79,16 @@ pub enum OpenError {
     #[error("migrations failed: {0}")]
     Migrate(DbErr),
     #[error(
+        "HERALD_DATABASE_URL: {} is in use by another control plane (SQLite allows one replica; use PostgreSQL for several)",
+        path.display()
+    )]
+    InUse { path: std::path::PathBuf },
+    #[error("HERALD_DATABASE_URL: cannot lock {}: {source}", path.display())]
+    Lock {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
         "HERALD_MASTER_KEY: the stored secrets were written with a different master key (or with one, and none is set now); start with the key the data was written with"
     )]
     WrongMasterKey,
@@ -96,6 +107,50 @@ pub struct Store {
     pub(crate) sealer: Sealer,
     /// Transactions committed by the publish path (observable by tests and benchmarks).
     commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// On SQLite, the exclusive lock on the database file's `.lock` companion: one control plane
+    /// per file. Released by [`Store::close`], and by the kernel when the process dies.
+    file_lock: FileLock,
+}
+
+/// An exclusive `flock` held while the store is open.
+#[derive(Clone, Default)]
+struct FileLock(std::sync::Arc<std::sync::Mutex<Option<nix::fcntl::Flock<std::fs::File>>>>);
+
+impl FileLock {
+    /// Takes the lock on `<database file>.lock` without waiting; `InUse` when another process
+    /// holds it. An in-memory database needs none.
+    fn acquire(url: &str) -> Result<Self, OpenError> {
+        let Some(path) = parse_sqlite_path(url) else {
+            return Ok(Self::default());
+        };
+        if path.as_os_str() == ":memory:" || url.contains("mode=memory") {
+            return Ok(Self::default());
+        }
+        let mut lock_path = path.clone().into_os_string();
+        lock_path.push(".lock");
+        let lock_path = std::path::PathBuf::from(lock_path);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| OpenError::Lock {
+                path: lock_path.clone(),
+                source,
+            })?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Self(std::sync::Arc::new(std::sync::Mutex::new(Some(lock))))),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(OpenError::InUse { path }),
+            Err((_, errno)) => Err(OpenError::Lock {
+                path: lock_path,
+                source: errno.into(),
+            }),
+        }
+    }
+
+    fn release(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
 }
 
 /// A write transaction; storage functions take it as `&impl ConnectionTrait`.
@@ -116,7 +171,11 @@ impl Store {
             url: redact(&options.url),
             source,
         };
+        let mut file_lock = FileLock::default();
         let (db, writer) = if options.url.starts_with("sqlite:") {
+            // Before anything touches the file: a second control plane must not migrate it or
+            // release the first one's leases.
+            file_lock = FileLock::acquire(&options.url)?;
             let reader = Database::connect(sqlite_options(&options.url, options.max_connections))
                 .await
                 .map_err(connect_err)?;
@@ -146,6 +205,7 @@ impl Store {
             writer,
             sealer: Sealer::new(options.master_key),
             commits: Default::default(),
+            file_lock,
         };
         store.check_master_key().await?;
         Ok(store)
@@ -207,6 +267,18 @@ impl Store {
     }
 
     async fn check_master_key(&self) -> Result<(), OpenError> {
+        // Replicas starting together on an empty database race to write the check: the losers
+        // hit the unique key, and then read what the winner wrote.
+        let mut tries = 0;
+        loop {
+            match self.check_master_key_once().await {
+                Err(OpenError::Storage(Error::Conflict(_))) if tries < 3 => tries += 1,
+                result => return result,
+            }
+        }
+    }
+
+    async fn check_master_key_once(&self) -> Result<(), OpenError> {
         const KEY: &str = "master_key_check";
         let stored = entity::meta::Entity::find_by_id(KEY.to_owned())
             .one(&self.writer)
@@ -217,6 +289,8 @@ impl Store {
                 Ok(text) if text == seal::CHECK_PLAINTEXT => Ok(()),
                 _ => Err(OpenError::WrongMasterKey),
             },
+            // Nothing to record: no key then, none now.
+            Some(row) if row.value == "none" && !self.sealer.has_key() => Ok(()),
             // Data written without a key: with a key now, new secrets are sealed and old ones
             // still read; record the key so a later start with another key is refused.
             Some(_) | None => {
@@ -246,6 +320,13 @@ impl Store {
     pub async fn close(self) {
         let _ = self.db.close().await;
         let _ = self.writer.close().await;
+        // Clones may outlive this one (a task not yet dropped); the file is free now anyway.
+        self.file_lock.release();
+    }
+
+    /// Returns whether several replicas may share this database (PostgreSQL).
+    pub fn shared(&self) -> bool {
+        self.backend() == DbBackend::Postgres
     }
 }
 
@@ -289,6 +370,18 @@ async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
     } else {
         migration::Migrator::up(db, None).await
     }
+}
+
+/// Sends `payload` on a PostgreSQL notification channel; inside a transaction it goes out when
+/// (and only if) the transaction commits.
+pub async fn notify(db: &impl ConnectionTrait, channel: &str, payload: &str) -> Result<(), Error> {
+    db.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT pg_notify($1, $2)",
+        [channel.into(), payload.into()],
+    ))
+    .await?;
+    Ok(())
 }
 
 /// Converts stored milliseconds to a time.

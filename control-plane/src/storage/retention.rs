@@ -26,6 +26,11 @@ pub async fn purge_batch(
         return Ok(0);
     }
     let txn = store.begin_write().await?;
+    if store.shared() && !purge_lock(&txn).await? {
+        // Another replica is purging: one purger at a time, so they never delete the same
+        // rows in a different order (a deadlock) nor do the work twice.
+        return Ok(0);
+    }
     let delivery_ids: Vec<String> = delivery::Entity::find()
         .select_only()
         .column(delivery::Column::Id)
@@ -50,6 +55,19 @@ pub async fn purge_batch(
         .rows_affected;
     txn.commit().await?;
     Ok(removed)
+}
+
+/// Takes the cluster-wide purge lock for this transaction, without waiting (PostgreSQL).
+async fn purge_lock(txn: &impl ConnectionTrait) -> Result<bool, Error> {
+    let row = txn
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT pg_try_advisory_xact_lock(4242003)",
+        ))
+        .await?;
+    Ok(row
+        .and_then(|row| row.try_get_by_index::<bool>(0).ok())
+        .unwrap_or(false))
 }
 
 /// Purges everything older than `cutoff`, batch by batch, yielding between batches so

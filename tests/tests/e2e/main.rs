@@ -8,4 +8,5 @@ mod delivery;
 mod lifecycle;
 mod observability;
 mod pipeline;
+mod scale;
 mod tls;

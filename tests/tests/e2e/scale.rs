@@ -1,0 +1,850 @@
+//! Scale-out: several control-plane processes on one PostgreSQL database, agents spread over
+//! them, publishes spread over them; a replica killed with SIGKILL mid-run, a rolling restart
+//! under load, cluster-wide ListAgents and WatchDeliveries, limits and order across replicas,
+//! concurrent first starts; and SQLite's one replica per file.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use herald_client::{HeraldClient, Options, v1 as pb};
+use herald_tests::harness::{self, Backend, TestDatabase};
+use herald_tests::receiver::Reply;
+use herald_tests::{Received, Receiver, eventually};
+use sea_orm::ConnectionTrait as _;
+
+/// How long any single wait of these tests may take.
+const DEADLINE: Duration = Duration::from_secs(30);
+/// The lease margin of every replica: a dead replica's deliveries are taken over this long after
+/// their time-out.
+const LEASE_GRACE: &str = "2s";
+/// The time-out of the subscriptions these tests deliver to.
+const TIMEOUT_MS: u32 = 2_000;
+
+/// Control planes (child processes) on one fresh PostgreSQL database, each on a port of its
+/// own that it keeps across restarts (so agents find it again), and agents spread over them.
+struct Cluster {
+    database: TestDatabase,
+    ports: Vec<u16>,
+    replicas: Vec<Option<harness::Child>>,
+    agents: Vec<harness::Child>,
+}
+
+impl Cluster {
+    /// Starts `n` replicas at once on a fresh database.
+    async fn start(n: usize) -> Self {
+        let database = TestDatabase::new(Backend::Postgres).await;
+        let ports = free_ports(n);
+        let mut cluster = Self {
+            database,
+            ports,
+            replicas: (0..n).map(|_| None).collect(),
+            agents: Vec::new(),
+        };
+        let envs: Vec<_> = (0..n).map(|i| cluster.env(i)).collect();
+        let started =
+            futures::future::join_all(envs.iter().map(|env| harness::spawn_control_plane(env)))
+                .await;
+        for (slot, child) in cluster.replicas.iter_mut().zip(started) {
+            *slot = Some(child);
+        }
+        cluster
+    }
+
+    fn env(&self, i: usize) -> Vec<(&'static str, String)> {
+        vec![
+            ("HERALD_LISTEN", format!("127.0.0.1:{}", self.ports[i])),
+            ("HERALD_DATABASE_URL", self.database.url.clone()),
+            ("HERALD_ADMIN_TOKEN", harness::ADMIN_TOKEN.to_owned()),
+            ("HERALD_AGENT_TOKEN", harness::AGENT_TOKEN.to_owned()),
+            ("HERALD_BUILTIN_AGENT", "false".to_owned()),
+            ("HERALD_LEASE_GRACE", LEASE_GRACE.to_owned()),
+            ("HERALD_RETRY_SCHEDULE", "100ms".to_owned()),
+            ("HERALD_SHUTDOWN_GRACE", "10s".to_owned()),
+        ]
+    }
+
+    fn url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.ports[i])
+    }
+
+    /// Starts agent `agent_id` knowing the replicas `replicas`, in that order.
+    fn spawn_agent(&mut self, agent_id: &str, replicas: &[usize]) {
+        let addresses: Vec<String> = replicas.iter().map(|&i| self.url(i)).collect();
+        self.agents.push(harness::spawn_agent(&[
+            ("HERALD_CONTROL_PLANE", addresses.join(",")),
+            ("HERALD_AGENT_TOKEN", harness::AGENT_TOKEN.to_owned()),
+            ("HERALD_AGENT_ID", agent_id.to_owned()),
+            ("HERALD_CAPACITY", "16".to_owned()),
+            ("HERALD_ALLOW_DESTINATIONS", "127.0.0.0/8".to_owned()),
+        ]));
+    }
+
+    /// Starts one agent per replica, each knowing every replica (in a rotated order). An agent
+    /// starts at a random address of its list, so one that lands where another agent already is
+    /// is started again until it lands on a replica of its own: every run is alike.
+    async fn spawn_spread_agents(&mut self) {
+        let n = self.ports.len();
+        let mut taken: HashSet<String> = HashSet::new();
+        for k in 0..n {
+            let order: Vec<usize> = (0..n).map(|j| (k + j) % n).collect();
+            let agent_id = format!("agent-{k}");
+            for _ in 0..50 {
+                self.spawn_agent(&agent_id, &order);
+                let agents = self.agents_listed(0, k + 1).await;
+                let replica = agents
+                    .iter()
+                    .find(|a| a.agent_id == agent_id)
+                    .map(|a| a.replica_id.clone())
+                    .expect("the new agent is listed");
+                if taken.insert(replica) {
+                    break;
+                }
+                let mut crowded = self.agents.pop().expect("the agent just started");
+                crowded.kill().await;
+                self.agents_listed(0, k).await;
+            }
+        }
+        assert_eq!(taken.len(), n, "the agents spread over the replicas");
+    }
+
+    fn admin(&self, i: usize) -> HeraldClient {
+        client(&self.url(i), harness::ADMIN_TOKEN)
+    }
+
+    /// Creates a tenant and a token; returns one tenant client per replica.
+    async fn tenant(&self) -> Vec<HeraldClient> {
+        let admin = self.admin(0);
+        let tenant = admin
+            .admin()
+            .create_tenant(pb::CreateTenantRequest {
+                name: "acme".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let token = admin
+            .admin()
+            .create_token(pb::CreateTokenRequest {
+                tenant_id: tenant.id,
+                name: "scale".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .token;
+        (0..self.ports.len())
+            .map(|i| client(&self.url(i), &token))
+            .collect()
+    }
+
+    /// Waits until ListAgents on replica `i` shows `n` agents; returns them.
+    async fn agents_listed(&self, i: usize, n: usize) -> Vec<pb::AgentInfo> {
+        let admin = self.admin(i);
+        let what = format!("{n} agents listed by replica {i}");
+        eventually(&what, DEADLINE, || {
+            let admin = admin.clone();
+            async move {
+                let agents = admin
+                    .admin()
+                    .list_agents(pb::ListAgentsRequest::default())
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .agents;
+                (agents.len() == n).then_some(agents)
+            }
+        })
+        .await
+    }
+
+    fn replica(&mut self, i: usize) -> &mut harness::Child {
+        self.replicas[i].as_mut().expect("the replica is running")
+    }
+
+    /// Stops everything and drops the database.
+    async fn stop(mut self) {
+        for agent in &mut self.agents {
+            agent.kill().await;
+        }
+        for replica in self.replicas.iter_mut().flatten() {
+            replica.kill().await;
+        }
+        self.database.drop_database().await;
+    }
+}
+
+/// A client that tries once: the tests fail over to another replica themselves.
+fn client(url: &str, token: &str) -> HeraldClient {
+    HeraldClient::with_options(
+        url,
+        token,
+        Options {
+            max_attempts: 1,
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+            ..Options::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Returns `n` different ports nobody listens on now.
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+fn invoice(n: usize) -> pb::PublishEventRequest {
+    pb::PublishEventRequest {
+        event_type: "invoice.new".into(),
+        payload: format!(r#"{{"invoice":{n}}}"#),
+        ..Default::default()
+    }
+}
+
+/// Publishes `event` on replica `first`, and on the next ones while a replica fails, with one
+/// idempotency key throughout (so a publish committed before its reply was lost is not
+/// published twice); returns the reply once a replica acknowledged it, `None` if none did.
+async fn publish_anywhere(
+    clients: &[HeraldClient],
+    first: usize,
+    mut event: pb::PublishEventRequest,
+) -> Option<pb::PublishEventResponse> {
+    event.idempotency_key = herald_client::new_idempotency_key();
+    for round in 0..3 {
+        for j in 0..clients.len() {
+            let i = (first + j) % clients.len();
+            if let Ok(reply) = clients[i].publish(event.clone()).await {
+                return Some(reply);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100 * (round + 1))).await;
+    }
+    None
+}
+
+/// Publishers running in the background: `tasks` tasks publish invoice events, event `n` first
+/// on replica `n % replicas`, until stopped (or `limit` events).
+struct Load {
+    stop: Arc<AtomicBool>,
+    next: Arc<AtomicUsize>,
+    acknowledged: Arc<std::sync::Mutex<Vec<pb::PublishEventResponse>>>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Load {
+    fn start(clients: &[HeraldClient], tasks: usize, limit: usize, pause: Duration) -> Self {
+        let mut load = Self {
+            stop: Arc::default(),
+            next: Arc::default(),
+            acknowledged: Arc::default(),
+            tasks: tokio::task::JoinSet::new(),
+        };
+        for _ in 0..tasks {
+            let (stop, next, acknowledged) = (
+                load.stop.clone(),
+                load.next.clone(),
+                load.acknowledged.clone(),
+            );
+            let clients = clients.to_vec();
+            load.tasks.spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= limit {
+                        return;
+                    }
+                    if let Some(reply) =
+                        publish_anywhere(&clients, n % clients.len(), invoice(n)).await
+                    {
+                        acknowledged.lock().unwrap().push(reply);
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+            });
+        }
+        load
+    }
+
+    /// Stops publishing; returns every acknowledged publish.
+    async fn finish(self) -> Vec<pb::PublishEventResponse> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.complete().await
+    }
+
+    /// Waits until every event is published; returns every acknowledged publish.
+    async fn complete(mut self) -> Vec<pb::PublishEventResponse> {
+        while self.tasks.join_next().await.is_some() {}
+        self.acknowledged.lock().unwrap().clone()
+    }
+
+    fn attempted(&self) -> usize {
+        self.next.load(Ordering::Relaxed)
+    }
+}
+
+fn webhook_ids(received: &[Received]) -> HashSet<String> {
+    received
+        .iter()
+        .filter(|r| r.status == 200)
+        .filter_map(|r| r.header("webhook-id"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits until the receiver got every acknowledged event (answered 200).
+async fn every_event_delivered(receiver: &Receiver, acknowledged: &[pb::PublishEventResponse]) {
+    let expected: HashSet<String> = acknowledged.iter().map(|p| p.event_id.clone()).collect();
+    eventually("every acknowledged event delivered", DEADLINE, || {
+        let got = webhook_ids(&receiver.received());
+        let missing = expected.difference(&got).count();
+        async move { (missing == 0).then_some(()) }
+    })
+    .await;
+}
+
+/// Returns how many requests of the same event the receiver answered 200 beyond the first.
+fn duplicate_requests(receiver: &Receiver) -> usize {
+    let mut per_event: HashMap<String, usize> = HashMap::new();
+    for request in receiver.received().iter().filter(|r| r.status == 200) {
+        if let Some(id) = request.header("webhook-id") {
+            *per_event.entry(id.to_owned()).or_default() += 1;
+        }
+    }
+    per_event.values().map(|n| n - 1).sum()
+}
+
+/// What the attempt log says about a set of deliveries.
+#[derive(Debug, Default)]
+struct Log {
+    /// Deliveries with more than one 2xx attempt recorded.
+    recorded_twice: usize,
+    /// Attempts that did not answer 200 or were recorded with an error.
+    failed_attempts: usize,
+    states: HashMap<i32, usize>,
+}
+
+/// Reads every delivery's attempts and asserts that no two of them were in flight at once: each
+/// attempt starts at or after the end (`started_at + duration_ms`) of the one before.
+async fn check_attempt_log(client: &HeraldClient, deliveries: &[String]) -> Log {
+    let mut log = Log::default();
+    for id in deliveries {
+        let delivery = client
+            .deliveries()
+            .get_delivery(pb::GetDeliveryRequest {
+                id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        *log.states.entry(delivery.state).or_default() += 1;
+        let mut spans: Vec<(i64, i64)> = delivery
+            .attempts
+            .iter()
+            .map(|a| {
+                let started = a.started_at.as_ref().unwrap();
+                let start = started.seconds * 1000 + i64::from(started.nanos) / 1_000_000;
+                (start, start + i64::from(a.duration_ms))
+            })
+            .collect();
+        spans.sort_unstable();
+        for pair in spans.windows(2) {
+            assert!(
+                pair[1].0 >= pair[0].1,
+                "delivery {id} had two attempts in flight at once: {:?}",
+                delivery.attempts
+            );
+        }
+        let succeeded = delivery
+            .attempts
+            .iter()
+            .filter(|a| (200..300).contains(&a.status_code))
+            .count();
+        if succeeded > 1 {
+            log.recorded_twice += 1;
+        }
+        log.failed_attempts += delivery
+            .attempts
+            .iter()
+            .filter(|a| a.status_code != 200 || a.error != pb::AttemptError::None as i32)
+            .count();
+    }
+    log
+}
+
+async fn subscribe(
+    client: &HeraldClient,
+    receiver: &Receiver,
+    f: impl FnOnce(&mut pb::CreateSubscriptionRequest),
+) -> pb::Subscription {
+    let mut request = pb::CreateSubscriptionRequest {
+        name: "hook".into(),
+        url: receiver.url("/hook"),
+        timeout_ms: TIMEOUT_MS,
+        ..Default::default()
+    };
+    f(&mut request);
+    client
+        .subscriptions()
+        .create_subscription(request)
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Three replicas, agents and publishes spread over them; replica 0 is killed with SIGKILL
+/// mid-run. Every acknowledged event is delivered, the attempt log never shows two attempts of
+/// a delivery in flight at once, and the survivors take over the dead replica's deliveries once
+/// their leases expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_work_and_take_over_from_a_killed_one() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.spawn_spread_agents().await;
+    let agents = cluster.agents_listed(0, 3).await;
+    let replicas: HashSet<&str> = agents.iter().map(|a| a.replica_id.as_str()).collect();
+    assert_eq!(replicas.len(), 3, "one agent per replica: {agents:?}");
+    let clients = cluster.tenant().await;
+    let receiver = Receiver::start().await;
+    receiver.default_reply(Reply {
+        status: 200,
+        headers: vec![],
+        delay: Duration::from_millis(150),
+    });
+    subscribe(&clients[0], &receiver, |_| {}).await;
+
+    let total = 240;
+    let load = Load::start(&clients, 6, total, Duration::from_millis(40));
+    // Kill replica 0 a third of the way in, with requests open at the receiver.
+    eventually("a third of the events delivered", DEADLINE, || {
+        let progress = receiver.received().len();
+        let open = receiver.open_now();
+        async move { (progress >= total / 3 && open > 0).then_some(()) }
+    })
+    .await;
+    let acknowledged_before: Vec<pb::PublishEventResponse> =
+        load.acknowledged.lock().unwrap().clone();
+    cluster.replica(0).kill().await;
+    let killed_at = Instant::now();
+    assert!(
+        load.attempted() < total,
+        "the kill happened while publishing"
+    );
+
+    // Take-over: every delivery acknowledged before the kill is finished in the log, those the
+    // dead replica held included (once their leases expired).
+    let before: HashSet<String> = acknowledged_before
+        .iter()
+        .flat_map(|p| p.delivery_ids.clone())
+        .collect();
+    let client = &clients[1];
+    eventually("the dead replica's deliveries taken over", DEADLINE, || {
+        let before = &before;
+        async move {
+            for state in [
+                pb::DeliveryState::Pending,
+                pb::DeliveryState::InFlight,
+                pb::DeliveryState::Failed,
+            ] {
+                let unfinished = client
+                    .deliveries()
+                    .list_deliveries(pb::ListDeliveriesRequest {
+                        state: state as i32,
+                        page_size: 1000,
+                        ..Default::default()
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .deliveries;
+                if unfinished.iter().any(|d| before.contains(&d.id)) {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    let take_over = killed_at.elapsed();
+    let acknowledged = load.complete().await;
+    every_event_delivered(&receiver, &acknowledged).await;
+    let all_delivered = killed_at.elapsed();
+    assert!(
+        acknowledged.len() >= total * 9 / 10,
+        "most publishes were acknowledged ({} of {total})",
+        acknowledged.len()
+    );
+
+    let deliveries: Vec<String> = acknowledged
+        .iter()
+        .flat_map(|p| p.delivery_ids.clone())
+        .collect();
+    let log = eventually("every delivery succeeded", DEADLINE, || async {
+        let log = check_attempt_log(client, &deliveries).await;
+        (log.states.get(&(pb::DeliveryState::Succeeded as i32)) == Some(&deliveries.len()))
+            .then_some(log)
+    })
+    .await;
+    let duplicates = duplicate_requests(&receiver);
+    println!(
+        "scale: SIGKILL of 1 of 3 replicas: take-over of its work {take_over:?}, every \
+         acknowledged event delivered {all_delivered:?} after the kill; {} events acknowledged; \
+         {duplicates} duplicate requests (lease expired), {} deliveries with two successes recorded",
+        acknowledged.len(),
+        log.recorded_twice,
+    );
+    assert_eq!(
+        log.recorded_twice, 0,
+        "a dead replica's results are never recorded"
+    );
+    cluster.stop().await;
+}
+
+/// A rolling restart of three replicas, one by one under load: every replica stops gracefully
+/// (its agents drain and move to another), and nothing is lost, failed or sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_loses_and_fails_nothing() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.spawn_spread_agents().await;
+    let clients = cluster.tenant().await;
+    let receiver = Receiver::start().await;
+    receiver.default_reply(Reply {
+        status: 200,
+        headers: vec![],
+        delay: Duration::from_millis(50),
+    });
+    subscribe(&clients[0], &receiver, |_| {}).await;
+
+    let load = Load::start(&clients, 3, usize::MAX, Duration::from_millis(10));
+    for i in 0..3 {
+        let before = receiver.received().len();
+        eventually("deliveries flowing", DEADLINE, || {
+            let now = receiver.received().len();
+            async move { (now >= before + 20).then_some(()) }
+        })
+        .await;
+        let stopping = Instant::now();
+        let replica = cluster.replica(i);
+        let status = tokio::time::timeout(DEADLINE, replica.terminate())
+            .await
+            .expect("the replica stops within the deadline");
+        assert!(status.success(), "{status:?}\n{}", replica.logs());
+        let stopped = stopping.elapsed();
+        let env = cluster.env(i);
+        cluster.replicas[i] = Some(harness::spawn_control_plane(&env).await);
+        println!(
+            "scale: rolling restart: replica {i} stopped in {stopped:?}, serving again after {:?}",
+            stopping.elapsed()
+        );
+    }
+    let before = receiver.received().len();
+    eventually("deliveries flowing after the restarts", DEADLINE, || {
+        let now = receiver.received().len();
+        async move { (now >= before + 20).then_some(()) }
+    })
+    .await;
+    let acknowledged = load.finish().await;
+    every_event_delivered(&receiver, &acknowledged).await;
+
+    let deliveries: Vec<String> = acknowledged
+        .iter()
+        .flat_map(|p| p.delivery_ids.clone())
+        .collect();
+    let client = &clients[0];
+    let log = eventually("every delivery succeeded", DEADLINE, || async {
+        let log = check_attempt_log(client, &deliveries).await;
+        (log.states.get(&(pb::DeliveryState::Succeeded as i32)) == Some(&deliveries.len()))
+            .then_some(log)
+    })
+    .await;
+    println!(
+        "scale: rolling restart: {} events acknowledged and delivered",
+        acknowledged.len()
+    );
+    assert_eq!(log.failed_attempts, 0, "no attempt failed: {log:?}");
+    assert_eq!(log.recorded_twice, 0, "{log:?}");
+    assert_eq!(
+        duplicate_requests(&receiver),
+        0,
+        "a graceful hand-over sends nothing twice"
+    );
+    cluster.stop().await;
+}
+
+/// ListAgents on any replica shows every replica's agents with the replica they are connected
+/// to; WatchDeliveries on a replica with no agent streams the attempts other replicas record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_agents_and_watch_deliveries_are_cluster_wide() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.spawn_agent("left", &[0]);
+    cluster.spawn_agent("right", &[1]);
+    let mut views = Vec::new();
+    for i in 0..3 {
+        let mut agents: Vec<(String, String)> = cluster
+            .agents_listed(i, 2)
+            .await
+            .into_iter()
+            .map(|a| (a.agent_id, a.replica_id))
+            .collect();
+        agents.sort();
+        views.push(agents);
+    }
+    assert!(
+        views.iter().all(|v| *v == views[0]),
+        "every replica lists the same agents: {views:?}"
+    );
+    assert_ne!(
+        views[0][0].1, views[0][1].1,
+        "each agent with its own replica: {views:?}"
+    );
+
+    let clients = cluster.tenant().await;
+    let receiver = Receiver::start().await;
+    let sub = subscribe(&clients[0], &receiver, |_| {}).await;
+    // Replica 2 has no agent: whatever its watchers see was recorded elsewhere.
+    let mut stream = clients[2]
+        .deliveries()
+        .watch_deliveries(pb::WatchDeliveriesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut expected = HashSet::new();
+    for (i, n) in [(0, 1), (1, 2)] {
+        let published = clients[i].publish(invoice(n)).await.unwrap();
+        expected.insert(published.delivery_ids[0].clone());
+    }
+    let mut seen = HashMap::new();
+    tokio::time::timeout(DEADLINE, async {
+        while seen.len() < expected.len() {
+            let message = stream.message().await.unwrap().expect("the stream ended");
+            assert_eq!(message.subscription_id, sub.id);
+            if message.state() == pb::DeliveryState::Succeeded {
+                seen.insert(message.delivery_id.clone(), message);
+            }
+        }
+    })
+    .await
+    .expect("replica 2 streamed the attempts recorded by replicas 0 and 1");
+    assert_eq!(seen.keys().cloned().collect::<HashSet<_>>(), expected);
+    for message in seen.values() {
+        let attempt = message.attempt.as_ref().unwrap();
+        assert_eq!(attempt.status_code, 200);
+        assert!(
+            ["left", "right"].contains(&attempt.agent_id.as_str()),
+            "{attempt:?}"
+        );
+    }
+    drop(stream);
+
+    // A replica that stops takes its agents off every list at once ("right" knows no other).
+    let status = cluster.replica(1).terminate().await;
+    assert!(status.success());
+    cluster.replicas[1] = None;
+    let left = cluster.agents_listed(0, 1).await;
+    assert_eq!(left[0].agent_id, "left");
+    cluster.stop().await;
+}
+
+/// A subscription's `max_concurrency` holds across replicas, and an ordered subscription
+/// delivers each entity's events in publish order although they were published on (and
+/// delivered through) different replicas, retries included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_limits_and_entity_order_hold_across_replicas() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.spawn_spread_agents().await;
+    let clients = cluster.tenant().await;
+
+    let limited = Receiver::start().await;
+    limited.default_reply(Reply {
+        status: 200,
+        headers: vec![],
+        delay: Duration::from_millis(300),
+    });
+    subscribe(&clients[0], &limited, |r| {
+        r.event_types = vec!["invoice.new".into()];
+        r.max_concurrency = 2;
+    })
+    .await;
+    let ordered = Receiver::start().await;
+    ordered.script([500]);
+    subscribe(&clients[0], &ordered, |r| {
+        r.event_types = vec!["user.update".into()];
+        r.ordered = true;
+    })
+    .await;
+
+    // Twelve invoices at once, four on each replica.
+    let publishes = (0..12).map(|n| {
+        let clients = clients.clone();
+        async move { clients[n % 3].publish(invoice(n)).await.unwrap() }
+    });
+    futures::future::join_all(publishes).await;
+    // Three entities at once; each entity's events one after the other, each on the next replica.
+    let entities = (1..=3).map(|user: u32| {
+        let clients = clients.clone();
+        async move {
+            for seq in 1..=4u32 {
+                let event = pb::PublishEventRequest {
+                    event_type: "user.update".into(),
+                    payload: format!(r#"{{"entity":"user:{user}","seq":{seq}}}"#),
+                    entity_type: "user".into(),
+                    entity_id: user.to_string(),
+                    action: "update".into(),
+                    ..Default::default()
+                };
+                clients[(user + seq) as usize % 3]
+                    .publish(event)
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    futures::future::join_all(entities).await;
+
+    let got = limited.wait_for(12, DEADLINE).await;
+    assert_eq!(webhook_ids(&got).len(), 12);
+    assert!(
+        limited.max_concurrent() <= 2,
+        "{} requests were open at once across replicas",
+        limited.max_concurrent()
+    );
+
+    // Twelve successes and the one scripted failure.
+    let got = ordered.wait_for(13, DEADLINE).await;
+    let arrivals: Vec<(String, u64, u16)> = got
+        .iter()
+        .map(|r| {
+            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            (
+                body["entity"].as_str().unwrap().to_owned(),
+                body["seq"].as_u64().unwrap(),
+                r.status,
+            )
+        })
+        .collect();
+    for user in 1..=3 {
+        let entity = format!("user:{user}");
+        let of_entity: Vec<(u64, u16)> = arrivals
+            .iter()
+            .filter(|a| a.0 == entity)
+            .map(|a| (a.1, a.2))
+            .collect();
+        let succeeded: Vec<u64> = of_entity
+            .iter()
+            .filter(|a| a.1 == 200)
+            .map(|a| a.0)
+            .collect();
+        assert_eq!(
+            succeeded,
+            vec![1, 2, 3, 4],
+            "{entity} in publish order: {arrivals:?}"
+        );
+        assert!(
+            of_entity.windows(2).all(|pair| pair[0].0 <= pair[1].0),
+            "{entity}: an event went out before an earlier one succeeded: {arrivals:?}"
+        );
+    }
+    cluster.stop().await;
+}
+
+/// Three replicas starting at once on an empty database: the migrations run once, and every
+/// replica serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_migrate_an_empty_database_once() {
+    let cluster = Cluster::start(3).await;
+    let db = sea_orm::Database::connect(&cluster.database.url)
+        .await
+        .unwrap();
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT version FROM seaql_migrations ORDER BY version",
+        ))
+        .await
+        .unwrap();
+    let versions: Vec<String> = rows
+        .iter()
+        .map(|row| row.try_get_by_index::<String>(0).unwrap())
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            "m0001_initial",
+            "m0002_delivery_log",
+            "m0003_agent_credentials",
+            "m0004_replicas"
+        ],
+        "each migration ran once"
+    );
+    let _ = db.close().await;
+    for i in 0..3 {
+        cluster
+            .admin(i)
+            .admin()
+            .list_tenants(pb::ListTenantsRequest::default())
+            .await
+            .unwrap();
+    }
+    cluster.stop().await;
+}
+
+/// SQLite allows one control plane per file: a second one is refused with a message saying so;
+/// once the first is killed with SIGKILL, a new one starts at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_control_plane_on_one_sqlite_file_is_refused() {
+    let database = TestDatabase::new(Backend::Sqlite).await;
+    let env = vec![
+        ("HERALD_LISTEN", "127.0.0.1:0".to_owned()),
+        ("HERALD_DATABASE_URL", database.url.clone()),
+        ("HERALD_ADMIN_TOKEN", harness::ADMIN_TOKEN.to_owned()),
+        ("HERALD_AGENT_TOKEN", harness::AGENT_TOKEN.to_owned()),
+        ("HERALD_BUILTIN_AGENT", "false".to_owned()),
+        ("HERALD_CONSOLE_LISTEN", String::new()),
+    ];
+    let mut first = harness::spawn_control_plane(&env).await;
+    let output = tokio::time::timeout(
+        DEADLINE,
+        tokio::process::Command::new(harness::binary("herald-control-plane"))
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output(),
+    )
+    .await
+    .expect("the second control plane exits at once")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let path = database.sqlite_path().unwrap();
+    assert!(
+        stderr.contains(&format!(
+            "HERALD_DATABASE_URL: {} is in use by another control plane (SQLite allows one \
+             replica; use PostgreSQL for several)",
+            path.display()
+        )),
+        "{stderr}"
+    );
+    // The first one was not disturbed.
+    client(
+        &format!("http://{}", first.addr.unwrap()),
+        harness::ADMIN_TOKEN,
+    )
+    .admin()
+    .list_tenants(pb::ListTenantsRequest::default())
+    .await
+    .unwrap();
+
+    first.kill().await;
+    let restarting = Instant::now();
+    let mut second = harness::spawn_control_plane(&env).await;
+    assert!(
+        restarting.elapsed() < Duration::from_secs(10),
+        "the kernel released the lock with the killed process"
+    );
+    second.terminate().await;
+}
