@@ -40,6 +40,9 @@ struct Args {
     allow_destinations: Option<String>,
 }
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let settings = match config::load_from_process(args.into_overrides()) {

@@ -191,6 +191,7 @@ pub async fn start_with(
         records,
         stopping: watchers_stop.clone(),
         console: console::Sessions::new(config.tls_cert.is_some()),
+        known_tenants: Default::default(),
     };
 
     let api = grpc::Api::new(

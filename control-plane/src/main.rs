@@ -47,6 +47,9 @@ struct Overrides {
 /// Exit code for a configuration error (EX_USAGE / EX_CONFIG family).
 const EXIT_CONFIG: u8 = 64;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let config = match Config::load(

@@ -1,5 +1,7 @@
 //! Tenants and tokens (admin only).
 
+use std::sync::Arc;
+
 use chrono::Utc;
 
 use super::{Error, Services};
@@ -24,11 +26,15 @@ impl Services {
 
     /// Returns `NOT_FOUND` unless the tenant exists (an admin may name any id).
     pub async fn ensure_tenant(&self, tenant_id: &str) -> Result<(), Error> {
+        if self.known_tenants.contains(tenant_id) {
+            return Ok(());
+        }
         if !ids::has_prefix(tenant_id, ids::TENANT)
             || tenants::get(&self.store.db, tenant_id).await?.is_none()
         {
             return Err(Error::not_found("tenant", tenant_id));
         }
+        self.known_tenants.insert(tenant_id);
         Ok(())
     }
 
@@ -63,5 +69,29 @@ impl Services {
         }
         self.auth.forget_all();
         Ok(())
+    }
+}
+
+/// Tenant ids known to exist. Tenants are never deleted, so an entry never goes stale; the set
+/// is bounded (emptied when full) so a flood of tenants cannot grow it without limit.
+#[derive(Clone, Default)]
+pub struct KnownTenants(Arc<std::sync::RwLock<std::collections::HashSet<String>>>);
+
+impl KnownTenants {
+    const MAX: usize = 100_000;
+
+    fn contains(&self, tenant_id: &str) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(tenant_id)
+    }
+
+    fn insert(&self, tenant_id: &str) {
+        let mut known = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if known.len() >= Self::MAX {
+            known.clear();
+        }
+        known.insert(tenant_id.to_owned());
     }
 }

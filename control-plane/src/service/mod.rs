@@ -69,6 +69,8 @@ pub struct Services {
     pub stopping: tokio_util::sync::CancellationToken,
     /// The web console's sessions and sign-in links (`CreateConsoleSession` issues links).
     pub console: crate::console::Sessions,
+    /// Tenants seen to exist, so the publish path does not read the tenant for every call.
+    pub known_tenants: admin::KnownTenants,
 }
 
 impl Services {
