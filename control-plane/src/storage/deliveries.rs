@@ -180,52 +180,58 @@ fn attempt_from_model(m: attempt::Model) -> Attempt {
 
 /// Returns deliveries that are due: pending or failed with their time come, or in flight with
 /// an expired lease (the agent or the replica that held it is gone). Oldest due first.
+///
+/// One range scan of `deliveries_due` per state, each stopping at `limit`: a single query
+/// with `OR` made SQLite read (and sort) every due delivery, the whole backlog, at each poll.
 pub async fn due(
     db: &impl ConnectionTrait,
     now: chrono::DateTime<chrono::Utc>,
     limit: u64,
 ) -> Result<Vec<Delivery>, Error> {
-    use sea_orm::Condition;
     let now = ms(now);
-    let rows =
+    let mut rows = Vec::new();
+    for state in [DeliveryState::Pending, DeliveryState::Failed] {
+        rows.extend(
+            delivery::Entity::find()
+                .filter(delivery::Column::State.eq(state as i32))
+                .filter(delivery::Column::NextAttemptAt.lte(now))
+                .order_by_asc(delivery::Column::NextAttemptAt)
+                .limit(limit)
+                .all(db)
+                .await?,
+        );
+    }
+    rows.extend(
         delivery::Entity::find()
-            .filter(
-                Condition::any()
-                    .add(
-                        Condition::all()
-                            .add(delivery::Column::State.is_in([
-                                DeliveryState::Pending as i32,
-                                DeliveryState::Failed as i32,
-                            ]))
-                            .add(delivery::Column::NextAttemptAt.lte(now)),
-                    )
-                    .add(
-                        Condition::all()
-                            .add(delivery::Column::State.eq(DeliveryState::InFlight as i32))
-                            .add(delivery::Column::LeaseExpiresAt.lte(now)),
-                    ),
-            )
-            .order_by_asc(delivery::Column::NextAttemptAt)
+            .filter(delivery::Column::State.eq(DeliveryState::InFlight as i32))
+            .filter(delivery::Column::LeaseExpiresAt.lte(now))
             .limit(limit)
             .all(db)
-            .await?;
+            .await?,
+    );
+    rows.sort_by_key(|row| row.next_attempt_at);
+    rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     Ok(rows.into_iter().map(from_model).collect())
 }
 
+/// The state column as an expression no index can answer. Claims and completions name their
+/// deliveries by id; given an indexable `state` term next to the ids, SQLite's planner walked
+/// `deliveries_due` instead, which is every due delivery (the whole backlog) per statement.
+const STATE_UNINDEXED: &str = "(state + 0)";
+
 fn claimable(now: i64) -> sea_orm::Condition {
     use sea_orm::Condition;
+    use sea_orm::sea_query::{Expr, ExprTrait as _};
+    let state = || Expr::cust(STATE_UNINDEXED);
     Condition::any()
         .add(
             Condition::all()
-                .add(
-                    delivery::Column::State
-                        .is_in([DeliveryState::Pending as i32, DeliveryState::Failed as i32]),
-                )
+                .add(state().is_in([DeliveryState::Pending as i32, DeliveryState::Failed as i32]))
                 .add(delivery::Column::NextAttemptAt.lte(now)),
         )
         .add(
             Condition::all()
-                .add(delivery::Column::State.eq(DeliveryState::InFlight as i32))
+                .add(state().eq(DeliveryState::InFlight as i32))
                 .add(delivery::Column::LeaseExpiresAt.lte(now)),
         )
 }
@@ -553,7 +559,7 @@ pub async fn complete_many(
         )
         .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
         .filter(held)
-        .filter(delivery::Column::State.eq(DeliveryState::InFlight as i32))
+        .filter(Expr::cust(STATE_UNINDEXED).eq(DeliveryState::InFlight as i32))
         .filter(delivery::Column::LeaseExpiresAt.gt(ms(now)))
         .exec_with_returning(db)
         .await?;
