@@ -679,13 +679,9 @@ impl Scheduler {
         let outcome = self
             .claim(&groups, &lease_id, &agent_id, expires_at, now)
             .await;
-        let (claimed, deferred): (HashMap<String, Delivery>, HashSet<String>) = match outcome {
+        let (claimed, deferred): (HashMap<String, u32>, HashSet<String>) = match outcome {
             Ok(outcome) => (
-                outcome
-                    .leased
-                    .into_iter()
-                    .map(|d| (d.id.clone(), d))
-                    .collect(),
+                outcome.leased.into_iter().collect(),
                 outcome.deferred.into_iter().collect(),
             ),
             Err(err) => {
@@ -727,8 +723,8 @@ impl Scheduler {
             }
         };
         let mut jobs = Vec::with_capacity(ready.len());
-        for (delivery, subscription) in ready {
-            let Some(fresh) = claimed.get(&delivery.id) else {
+        for (mut delivery, subscription) in ready {
+            let Some(&attempt_count) = claimed.get(&delivery.id) else {
                 // Someone else holds it, it is no longer due, or (ordered) an earlier event of
                 // its entity is unfinished: not ours to send now; the poller finds it again.
                 self.give_back_credit(key);
@@ -737,7 +733,8 @@ impl Scheduler {
                 continue;
             };
             // The row as leased: its attempt count is the truth, whoever attempted it before.
-            let delivery = fresh.clone();
+            delivery.attempt_count = attempt_count;
+            delivery.state = DeliveryState::InFlight;
             let Some((body, traceparent)) = payloads.get(&delivery.event_id) else {
                 self.give_back_credit(key);
                 self.unload(&delivery);

@@ -248,9 +248,9 @@ pub struct ClaimGroup {
 /// What [`claim_groups`] did.
 #[derive(Debug, Clone, Default)]
 pub struct Claimed {
-    /// Leased now under the lease id, as they are after the claim (their attempt count may be
-    /// newer than the caller's copy: another replica may have attempted them meanwhile).
-    pub leased: Vec<Delivery>,
+    /// Leased now under the lease id: (delivery id, attempt count). The attempt count may be
+    /// newer than the caller's copy: another replica may have attempted it meanwhile.
+    pub leased: Vec<(String, u32)>,
     /// Not tried: their subscription had no free slot left across replicas. Still due.
     pub deferred: Vec<String>,
 }
@@ -337,7 +337,7 @@ pub async fn claim_groups(
         if candidates.is_empty() {
             continue;
         }
-        let moved = delivery::Entity::update_many()
+        let claim = delivery::Entity::update_many()
             .col_expr(
                 delivery::Column::State,
                 Expr::value(DeliveryState::InFlight as i32),
@@ -351,10 +351,15 @@ pub async fn claim_groups(
             .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
             .filter(delivery::Column::Id.is_in(candidates.iter().cloned()))
             .filter(claimable(ms(now)))
-            .filter(Expr::cust(NOT_BLOCKED_BY_EARLIER))
-            .exec_with_returning(txn)
-            .await?;
-        claimed.leased.extend(moved.into_iter().map(from_model));
+            .filter(Expr::cust(NOT_BLOCKED_BY_EARLIER));
+        for row in
+            update_returning(txn, claim, [delivery::Column::Id, delivery::Column::AttemptCount])
+                .await?
+        {
+            let id: String = row.try_get_by_index(0)?;
+            let attempts: i32 = row.try_get_by_index(1)?;
+            claimed.leased.push((id, attempts.max(0) as u32));
+        }
     }
     Ok(claimed)
 }
@@ -560,10 +565,26 @@ pub async fn complete_many(
         .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
         .filter(held)
         .filter(Expr::cust(STATE_UNINDEXED).eq(DeliveryState::InFlight as i32))
-        .filter(delivery::Column::LeaseExpiresAt.gt(ms(now)))
-        .exec_with_returning(db)
-        .await?;
-    Ok(moved.into_iter().map(|m| m.id).collect())
+        .filter(delivery::Column::LeaseExpiresAt.gt(ms(now)));
+    update_returning(db, moved, [delivery::Column::Id])
+        .await?
+        .iter()
+        .map(|row| Ok(row.try_get_by_index(0)?))
+        .collect()
+}
+
+/// Runs an update and returns only the named columns of the rows it changed (sea-orm's
+/// `exec_with_returning` reads and decodes whole rows).
+async fn update_returning(
+    db: &impl ConnectionTrait,
+    update: sea_orm::UpdateMany<delivery::Entity>,
+    columns: impl IntoIterator<Item = delivery::Column>,
+) -> Result<Vec<sea_orm::QueryResult>, Error> {
+    use sea_orm::QueryTrait;
+    use sea_orm::sea_query::Query;
+    let mut statement = update.into_query();
+    statement.returning(Query::returning().columns(columns));
+    Ok(db.query_all(&statement).await?)
 }
 
 /// Returns attempts by id with their deliveries, for `WatchDeliveries` on another replica than
