@@ -35,6 +35,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `AgentService.Connect` is part of the contract; the generated `connect(dst)` helper
         // would clash with it, so clients are built from a `Channel` instead.
         .build_transport(false)
+        // A job's body is the event's payload, shared (not copied) by every job of the event.
+        .bytes(".herald.v1.Job.body")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -564,7 +564,7 @@ mod tests {
             ("x-dup", "second"),
         ];
         let mut job = job("1", &receiver.url(), 5000);
-        job.body = body.clone();
+        job.body = body.clone().into();
         job.headers = headers
             .iter()
             .map(|(name, value)| pb::Header {

@@ -380,7 +380,7 @@ pub(crate) fn job(id: &str, url: &str, timeout_ms: u32) -> pb::Job {
             name: "content-type".into(),
             value: "application/json".into(),
         }],
-        body: format!("{{\"id\":\"{id}\"}}").into_bytes(),
+        body: format!("{{\"id\":\"{id}\"}}").into(),
         timeout_ms,
         attempt: 1,
         subscription_id: "sub_1".into(),

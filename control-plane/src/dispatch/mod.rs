@@ -7,6 +7,10 @@ pub mod registry;
 pub mod scheduler;
 pub mod watch;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::domain::model::Delivery;
@@ -16,6 +20,17 @@ pub use scheduler::Command;
 /// Called with deliveries committed just now, before they are handed to the scheduler;
 /// returning false drops the hand-off, as a crash at that point would (tests use it).
 pub type HandoffHook = std::sync::Arc<dyn Fn(&[Delivery]) -> bool + Send + Sync>;
+
+/// An event's payload and trace context as published: handed to the scheduler with the event's
+/// deliveries, so their jobs are built without reading the event back.
+#[derive(Debug)]
+pub struct EventBody {
+    pub payload: Bytes,
+    pub traceparent: Option<String>,
+}
+
+/// The bodies of the events of a hand-off, by event id.
+pub type EventBodies = HashMap<String, Arc<EventBody>>;
 
 /// A cheap handle to the scheduler.
 #[derive(Clone)]
@@ -35,8 +50,9 @@ impl Handle {
         }
     }
 
-    /// Hands deliveries committed just now to the scheduler (no polling needed for them).
-    pub fn submit(&self, deliveries: Vec<Delivery>) {
+    /// Hands deliveries committed just now, with their events' bodies, to the scheduler (no
+    /// polling needed for them).
+    pub fn submit(&self, deliveries: Vec<Delivery>, bodies: EventBodies) {
         if self
             .handoff_hook
             .as_ref()
@@ -45,7 +61,7 @@ impl Handle {
             return;
         }
         if !deliveries.is_empty() {
-            let _ = self.commands.send(Command::Submit(deliveries));
+            let _ = self.commands.send(Command::Submit { deliveries, bodies });
         }
     }
 

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::registry::{AgentInfo, Registry};
-use super::watch;
+use super::{EventBodies, EventBody, watch};
 use crate::config::RegionFallback;
 use crate::domain::model::{
     Attempt, AttemptError, Delivery, DeliveryState, LastDelivery, Subscription, SubscriptionStatus,
@@ -36,6 +36,8 @@ const POLL_INTERVAL: Duration = Duration::from_secs(1);
 const POLL_LIMIT: u64 = 2_000;
 /// Most commands handled between two assignment rounds.
 const MAX_COMMANDS_PER_TURN: usize = 1024;
+/// Most payload bytes kept in memory from hand-offs; beyond it, payloads are read back.
+const MAX_CARRIED_BYTES: usize = 64 << 20;
 /// Most jobs in one `Jobs` message.
 const MAX_JOBS_PER_MESSAGE: usize = 64;
 /// How long a subscription whose `max_concurrency` other replicas fill up waits before this
@@ -71,7 +73,10 @@ pub struct AgentHello {
 
 /// What the scheduler is told.
 pub enum Command {
-    Submit(Vec<Delivery>),
+    Submit {
+        deliveries: Vec<Delivery>,
+        bodies: EventBodies,
+    },
     SubscriptionChanged(String),
     Wake,
     AgentConnected {
@@ -150,6 +155,9 @@ pub struct Scheduler {
     agents: HashMap<u64, Agent>,
     /// Deliveries known in memory: queued or leased.
     known: HashSet<String>,
+    /// Bodies of handed-off events whose deliveries are queued, and their total payload bytes.
+    bodies: EventBodies,
+    carried_bytes: usize,
     /// Queued deliveries per subscription, in due order.
     queues: HashMap<String, VecDeque<Delivery>>,
     /// Tenants with queued work, in round-robin order, each with its subscriptions in turn.
@@ -192,6 +200,8 @@ impl Scheduler {
             subscriptions: HashMap::new(),
             agents: HashMap::new(),
             known: HashSet::new(),
+            bodies: HashMap::new(),
+            carried_bytes: 0,
             queues: HashMap::new(),
             tenants: VecDeque::new(),
             tenant_subscriptions: HashMap::new(),
@@ -244,7 +254,14 @@ impl Scheduler {
 
     async fn handle(&mut self, command: Command) {
         match command {
-            Command::Submit(deliveries) => {
+            Command::Submit { deliveries, bodies } => {
+                for (event_id, body) in bodies {
+                    if self.carried_bytes + body.payload.len() > MAX_CARRIED_BYTES {
+                        break;
+                    }
+                    self.carried_bytes += body.payload.len();
+                    self.bodies.insert(event_id, body);
+                }
                 for delivery in deliveries {
                     self.enqueue(delivery);
                 }
@@ -443,6 +460,7 @@ impl Scheduler {
             .retry_wakeups
             .peek()
             .map_or(tick + POLL_INTERVAL, |at| at.0.min(tick + POLL_INTERVAL));
+        self.drop_unneeded_bodies();
         match deliveries::due(&self.store.db, now, POLL_LIMIT).await {
             Ok(due) => {
                 for delivery in due {
@@ -451,6 +469,28 @@ impl Scheduler {
             }
             Err(err) => tracing::warn!(error = %err, "could not read due deliveries"),
         }
+    }
+
+    /// Forgets the bodies no queued delivery needs any more (all sent, or dropped from memory).
+    fn drop_unneeded_bodies(&mut self) {
+        if self.bodies.is_empty() {
+            return;
+        }
+        let needed: HashSet<&str> = self
+            .queues
+            .values()
+            .flatten()
+            .map(|d| d.event_id.as_str())
+            .collect();
+        let mut carried = 0;
+        self.bodies.retain(|event_id, body| {
+            let keep = needed.contains(event_id.as_str());
+            if keep {
+                carried += body.payload.len();
+            }
+            keep
+        });
+        self.carried_bytes = carried;
     }
 
     /// Returns the subscription, from the cache or the database; `None` if it was deleted.
@@ -702,26 +742,7 @@ impl Scheduler {
                 .full_until = Some(retry_at);
             self.give_back(delivery, false);
         }
-        let event_ids: Vec<String> = ready
-            .iter()
-            .filter(|(d, _)| claimed.contains_key(&d.id))
-            .map(|(d, _)| d.event_id.clone())
-            .collect();
-        let payloads: HashMap<String, (Bytes, Option<String>)> = match events::get_many(
-            &self.store.db,
-            &event_ids,
-        )
-        .await
-        {
-            Ok(events) => events
-                .into_iter()
-                .map(|e| (e.id, (Bytes::from(e.payload), e.traceparent)))
-                .collect(),
-            Err(err) => {
-                tracing::warn!(error = %err, "could not read event payloads; leases will expire");
-                HashMap::new()
-            }
-        };
+        let payloads = self.bodies_of(&ready, &claimed).await;
         let mut jobs = Vec::with_capacity(ready.len());
         for (mut delivery, subscription) in ready {
             let Some(&attempt_count) = claimed.get(&delivery.id) else {
@@ -735,7 +756,7 @@ impl Scheduler {
             // The row as leased: its attempt count is the truth, whoever attempted it before.
             delivery.attempt_count = attempt_count;
             delivery.state = DeliveryState::InFlight;
-            let Some((body, traceparent)) = payloads.get(&delivery.event_id) else {
+            let Some(body) = payloads.get(&delivery.event_id) else {
                 self.give_back_credit(key);
                 self.unload(&delivery);
                 self.known.remove(&delivery.id);
@@ -757,14 +778,15 @@ impl Scheduler {
                 attempt,
                 agent_id = %agent_id,
             );
-            if let Some(parent) = traceparent.as_deref() {
+            if let Some(parent) = body.traceparent.as_deref() {
                 telemetry::set_parent(&span, parent);
             }
-            let job_traceparent = telemetry::traceparent(&span).or_else(|| traceparent.clone());
+            let job_traceparent =
+                telemetry::traceparent(&span).or_else(|| body.traceparent.clone());
             jobs.push(build_job(
                 &delivery,
                 &subscription,
-                body.clone(),
+                &body.payload,
                 job_traceparent.as_deref(),
                 &lease_id,
                 attempt,
@@ -785,11 +807,11 @@ impl Scheduler {
         let Some(agent) = self.agents.get(&key) else {
             return;
         };
-        for chunk in jobs.chunks(MAX_JOBS_PER_MESSAGE) {
+        let mut jobs = jobs.into_iter().peekable();
+        while jobs.peek().is_some() {
+            let chunk: Vec<pb::Job> = jobs.by_ref().take(MAX_JOBS_PER_MESSAGE).collect();
             let message = pb::ControlMessage {
-                message: Some(pb::control_message::Message::Jobs(pb::Jobs {
-                    jobs: chunk.to_vec(),
-                })),
+                message: Some(pb::control_message::Message::Jobs(pb::Jobs { jobs: chunk })),
             };
             // The outbox holds at least `capacity` jobs; a full one means the stream is dying,
             // and its leases are re-queued when it closes.
@@ -798,6 +820,46 @@ impl Scheduler {
                 break;
             }
         }
+    }
+
+    /// Returns the bodies of the claimed deliveries' events: carried from the hand-off, or read
+    /// back (deliveries found by polling, retries).
+    async fn bodies_of(
+        &self,
+        ready: &[(Delivery, Arc<Subscription>)],
+        claimed: &HashMap<String, u32>,
+    ) -> EventBodies {
+        let mut bodies = EventBodies::new();
+        let mut missing = Vec::new();
+        for (delivery, _) in ready {
+            if !claimed.contains_key(&delivery.id) || bodies.contains_key(&delivery.event_id) {
+                continue;
+            }
+            match self.bodies.get(&delivery.event_id) {
+                Some(body) => {
+                    bodies.insert(delivery.event_id.clone(), body.clone());
+                }
+                None => missing.push(delivery.event_id.clone()),
+            }
+        }
+        if missing.is_empty() {
+            return bodies;
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        match events::get_many(&self.store.db, &missing).await {
+            Ok(events) => bodies.extend(events.into_iter().map(|e| {
+                let body = EventBody {
+                    payload: Bytes::from(e.payload),
+                    traceparent: e.traceparent,
+                };
+                (e.id, Arc::new(body))
+            })),
+            Err(err) => {
+                tracing::warn!(error = %err, "could not read event payloads; leases will expire");
+            }
+        }
+        bodies
     }
 
     /// Leases the groups in one transaction (see [`deliveries::claim_groups`]).
@@ -1176,7 +1238,7 @@ fn drain(agent: &mut Agent) {
 fn build_job(
     delivery: &Delivery,
     subscription: &Subscription,
-    body: Bytes,
+    body: &Bytes,
     traceparent: Option<&str>,
     lease_id: &str,
     attempt: u32,
@@ -1188,7 +1250,7 @@ fn build_job(
         .into_iter()
         .filter_map(|s| webhook::Secret::parse(s).ok())
         .collect();
-    let signature = webhook::signature_header(&secrets, &delivery.event_id, timestamp, &body);
+    let signature = webhook::signature_header(&secrets, &delivery.event_id, timestamp, body);
     let header = |name: &str, value: &str| pb::Header {
         name: name.to_owned(),
         value: value.to_owned(),
@@ -1211,7 +1273,7 @@ fn build_job(
         lease_id: lease_id.to_owned(),
         url: subscription.url.clone(),
         headers,
-        body: body.to_vec(),
+        body: body.clone(),
         timeout_ms: u32::try_from(subscription.timeout.as_millis()).unwrap_or(60_000),
         attempt,
         subscription_id: delivery.subscription_id.clone(),

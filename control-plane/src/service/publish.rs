@@ -210,9 +210,9 @@ async fn write_loop(
 async fn commit(store: &Store, dispatcher: &dispatch::Handle, metrics: &Metrics, batch: Vec<Call>) {
     let now = Utc::now();
     match commit_together(store, &batch, now).await {
-        Ok((replies, new, events)) => {
-            committed(store, metrics, events);
-            dispatcher.submit(new);
+        Ok((replies, new, bodies)) => {
+            committed(store, metrics, bodies.len());
+            dispatcher.submit(new, bodies);
             for (call, reply) in batch.into_iter().zip(replies) {
                 let _ = call.reply.send(reply);
             }
@@ -222,9 +222,9 @@ async fn commit(store: &Store, dispatcher: &dispatch::Handle, metrics: &Metrics,
             // conflict: read again, and answer as for a repeat.
             let reply = if matches!(err, storage::Error::Conflict(_)) {
                 match commit_together(store, &batch, Utc::now()).await {
-                    Ok((mut replies, new, events)) => {
-                        committed(store, metrics, events);
-                        dispatcher.submit(new);
+                    Ok((mut replies, new, bodies)) => {
+                        committed(store, metrics, bodies.len());
+                        dispatcher.submit(new, bodies);
                         replies.pop().unwrap_or(Err(Error::Storage(err)))
                     }
                     Err(err) => Err(err.into()),
@@ -256,11 +256,12 @@ type CallReplies = Vec<Result<Vec<Published>, Error>>;
 
 /// Writes every call of the batch in one transaction. Refusals (a reused idempotency key) are
 /// decided before anything of that call is written; a storage error fails the whole batch.
+/// Returns the replies, the new deliveries and the new events' bodies.
 async fn commit_together(
     store: &Store,
     batch: &[Call],
     now: DateTime<Utc>,
-) -> Result<(CallReplies, Vec<Delivery>, usize), storage::Error> {
+) -> Result<(CallReplies, Vec<Delivery>, dispatch::EventBodies), storage::Error> {
     let txn = store.begin_write().await?;
     let mut subscriptions_of: HashMap<&str, Vec<Subscription>> = HashMap::new();
     // Keys written earlier in this batch: (tenant, key) -> (request hash, reply).
@@ -383,7 +384,17 @@ async fn commit_together(
     events::insert_many(&txn, &new_events).await?;
     deliveries::insert_many(&txn, &new_deliveries).await?;
     txn.commit().await?;
-    Ok((replies, new_deliveries, new_events.len()))
+    let bodies = new_events
+        .into_iter()
+        .map(|(event, _)| {
+            let body = dispatch::EventBody {
+                payload: event.payload.into(),
+                traceparent: event.traceparent,
+            };
+            (event.id, std::sync::Arc::new(body))
+        })
+        .collect();
+    Ok((replies, new_deliveries, bodies))
 }
 
 /// Gives each ordered delivery an id after every unfinished delivery of its entity, wherever it

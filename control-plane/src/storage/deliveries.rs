@@ -352,9 +352,12 @@ pub async fn claim_groups(
             .filter(delivery::Column::Id.is_in(candidates.iter().cloned()))
             .filter(claimable(ms(now)))
             .filter(Expr::cust(NOT_BLOCKED_BY_EARLIER));
-        for row in
-            update_returning(txn, claim, [delivery::Column::Id, delivery::Column::AttemptCount])
-                .await?
+        for row in update_returning(
+            txn,
+            claim,
+            [delivery::Column::Id, delivery::Column::AttemptCount],
+        )
+        .await?
         {
             let id: String = row.try_get_by_index(0)?;
             let attempts: i32 = row.try_get_by_index(1)?;
