@@ -601,8 +601,8 @@ impl Scheduler {
             }
             idle_rounds = if picked { 0 } else { idle_rounds + 1 };
         }
-        for (key, batch) in picks {
-            self.dispatch(key, batch).await;
+        if !picks.is_empty() {
+            self.dispatch(picks).await;
         }
     }
 
@@ -682,53 +682,89 @@ impl Scheduler {
         true
     }
 
-    /// Leases a batch to one agent and sends it the signed jobs.
-    async fn dispatch(&mut self, key: u64, batch: Vec<(Delivery, Arc<Subscription>)>) {
+    /// Leases every pick of this round in one transaction, then sends each agent its jobs.
+    async fn dispatch(&mut self, picks: HashMap<u64, Vec<(Delivery, Arc<Subscription>)>>) {
         let now = Utc::now();
-        let Some(agent_id) = self.agents.get(&key).map(|a| a.agent_id.clone()) else {
-            for (delivery, _) in batch {
-                self.give_back(delivery, false);
-            }
-            return;
-        };
-        if batch.is_empty() {
-            return;
-        }
-        let longest = batch
-            .iter()
-            .map(|(_, s)| s.timeout)
-            .max()
-            .unwrap_or_default();
-        let expires_at = now
-            + chrono::Duration::from_std(longest + self.settings.lease_grace).unwrap_or_default();
-        let lease_id = ids::new(ids::LEASE);
         let mut groups: Vec<deliveries::ClaimGroup> = Vec::new();
-        for (delivery, subscription) in &batch {
-            match groups
-                .iter_mut()
-                .find(|g| g.subscription_id == delivery.subscription_id)
-            {
-                Some(group) => group.ids.push(delivery.id.clone()),
-                None => groups.push(deliveries::ClaimGroup {
-                    subscription_id: delivery.subscription_id.clone(),
-                    max_concurrency: subscription.max_concurrency,
-                    ids: vec![delivery.id.clone()],
-                }),
+        let mut batches = Vec::with_capacity(picks.len());
+        for (key, batch) in picks {
+            let Some(agent_id) = self.agents.get(&key).map(|a| a.agent_id.clone()) else {
+                for (delivery, _) in batch {
+                    self.give_back(delivery, false);
+                }
+                continue;
+            };
+            if batch.is_empty() {
+                continue;
             }
+            let longest = batch
+                .iter()
+                .map(|(_, s)| s.timeout)
+                .max()
+                .unwrap_or_default();
+            let expires_at = now
+                + chrono::Duration::from_std(longest + self.settings.lease_grace)
+                    .unwrap_or_default();
+            let lease_id = ids::new(ids::LEASE);
+            let first_group = groups.len();
+            for (delivery, subscription) in &batch {
+                match groups[first_group..]
+                    .iter_mut()
+                    .find(|g| g.subscription_id == delivery.subscription_id)
+                {
+                    Some(group) => group.ids.push(delivery.id.clone()),
+                    None => groups.push(deliveries::ClaimGroup {
+                        subscription_id: delivery.subscription_id.clone(),
+                        max_concurrency: subscription.max_concurrency,
+                        ids: vec![delivery.id.clone()],
+                        lease_id: lease_id.clone(),
+                        agent_id: agent_id.clone(),
+                        expires_at,
+                    }),
+                }
+            }
+            batches.push((key, agent_id, lease_id, batch));
         }
-        let outcome = self
-            .claim(&groups, &lease_id, &agent_id, expires_at, now)
-            .await;
-        let (claimed, deferred): (HashMap<String, u32>, HashSet<String>) = match outcome {
-            Ok(outcome) => (
-                outcome.leased.into_iter().collect(),
-                outcome.deferred.into_iter().collect(),
-            ),
-            Err(err) => {
-                tracing::warn!(error = %err, "could not lease deliveries");
-                (HashMap::new(), HashSet::new())
-            }
-        };
+        if batches.is_empty() {
+            return;
+        }
+        let (claimed, deferred): (HashMap<String, u32>, HashSet<String>) =
+            match self.claim(&groups, now).await {
+                Ok(outcome) => (
+                    outcome.leased.into_iter().collect(),
+                    outcome.deferred.into_iter().collect(),
+                ),
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not lease deliveries");
+                    (HashMap::new(), HashSet::new())
+                }
+            };
+        let leased = batches
+            .iter()
+            .flat_map(|(_, _, _, batch)| batch)
+            .map(|(delivery, _)| delivery)
+            .filter(|delivery| claimed.contains_key(&delivery.id));
+        let payloads = self.bodies_of(leased).await;
+        for (key, agent_id, lease_id, batch) in batches {
+            self.send_jobs(
+                key, &agent_id, &lease_id, batch, &claimed, &deferred, &payloads, now,
+            );
+        }
+    }
+
+    /// Sends one agent the signed jobs of the deliveries leased to it; gives the rest back.
+    #[allow(clippy::too_many_arguments)]
+    fn send_jobs(
+        &mut self,
+        key: u64,
+        agent_id: &str,
+        lease_id: &str,
+        batch: Vec<(Delivery, Arc<Subscription>)>,
+        claimed: &HashMap<String, u32>,
+        deferred: &HashSet<String>,
+        payloads: &EventBodies,
+        now: DateTime<Utc>,
+    ) {
         // Other replicas hold the subscription's every slot: it waits a moment before trying again.
         let (ready, waiting): (Vec<_>, Vec<_>) = batch
             .into_iter()
@@ -742,7 +778,6 @@ impl Scheduler {
                 .full_until = Some(retry_at);
             self.give_back(delivery, false);
         }
-        let payloads = self.bodies_of(&ready, &claimed).await;
         let mut jobs = Vec::with_capacity(ready.len());
         for (mut delivery, subscription) in ready {
             let Some(&attempt_count) = claimed.get(&delivery.id) else {
@@ -788,7 +823,7 @@ impl Scheduler {
                 &subscription,
                 &body.payload,
                 job_traceparent.as_deref(),
-                &lease_id,
+                lease_id,
                 attempt,
                 now,
             ));
@@ -796,7 +831,7 @@ impl Scheduler {
                 delivery.id.clone(),
                 Lease {
                     agent_key: key,
-                    lease_id: lease_id.clone(),
+                    lease_id: lease_id.to_owned(),
                     delivery,
                     attempt,
                 },
@@ -822,17 +857,13 @@ impl Scheduler {
         }
     }
 
-    /// Returns the bodies of the claimed deliveries' events: carried from the hand-off, or read
+    /// Returns the bodies of the leased deliveries' events: carried from the hand-off, or read
     /// back (deliveries found by polling, retries).
-    async fn bodies_of(
-        &self,
-        ready: &[(Delivery, Arc<Subscription>)],
-        claimed: &HashMap<String, u32>,
-    ) -> EventBodies {
+    async fn bodies_of(&self, leased: impl Iterator<Item = &Delivery>) -> EventBodies {
         let mut bodies = EventBodies::new();
         let mut missing = Vec::new();
-        for (delivery, _) in ready {
-            if !claimed.contains_key(&delivery.id) || bodies.contains_key(&delivery.event_id) {
+        for delivery in leased {
+            if bodies.contains_key(&delivery.event_id) {
                 continue;
             }
             match self.bodies.get(&delivery.event_id) {
@@ -866,22 +897,10 @@ impl Scheduler {
     async fn claim(
         &self,
         groups: &[deliveries::ClaimGroup],
-        lease_id: &str,
-        agent_id: &str,
-        expires_at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<deliveries::Claimed, storage::Error> {
-        let txn = self.store.begin_write().await?;
-        let claimed = deliveries::claim_groups(
-            &txn,
-            groups,
-            lease_id,
-            agent_id,
-            expires_at,
-            now,
-            self.store.shared(),
-        )
-        .await?;
+        let txn = self.store.begin_scheduler_write().await?;
+        let claimed = deliveries::claim_groups(&txn, groups, now, self.store.shared()).await?;
         txn.commit().await?;
         Ok(claimed)
     }
@@ -1065,7 +1084,7 @@ impl Scheduler {
         steps: &mut [Step],
         now: DateTime<Utc>,
     ) -> Result<Vec<String>, storage::Error> {
-        let txn = self.store.begin_write().await?;
+        let txn = self.store.begin_scheduler_write().await?;
         // The newest applied step per subscription decides its summary and health; a 410
         // anywhere in the batch disables it.
         let mut per_subscription: HashMap<String, (usize, bool)> = HashMap::new();

@@ -236,13 +236,17 @@ fn claimable(now: i64) -> sea_orm::Condition {
         )
 }
 
-/// Deliveries of one subscription to lease together, in the order they should go.
+/// Deliveries of one subscription to lease together to one agent, in the order they should go.
 #[derive(Debug, Clone)]
 pub struct ClaimGroup {
     pub subscription_id: String,
     /// How many of the subscription's deliveries may be in flight at once, across replicas.
     pub max_concurrency: u32,
     pub ids: Vec<String>,
+    /// The lease they are taken under, by which agent, until when.
+    pub lease_id: String,
+    pub agent_id: String,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// What [`claim_groups`] did.
@@ -279,77 +283,143 @@ const NOT_BLOCKED_BY_EARLIER: &str = "(ordering_key IS NULL OR NOT EXISTS (\
     AND earlier.id < deliveries.id \
     AND earlier.ordering_key IS NOT NULL AND earlier.state IN (1, 2, 4)))";
 
-/// Leases the claimable deliveries among each group's ids to `agent_id` under `lease_id`, in one
+/// Leases the claimable deliveries among each group's ids to its agent under its lease, in one
 /// transaction (`txn`). A delivery is claimable when it is due (pending or failed with its time
 /// come, or in flight under an expired lease) and, for an ordered subscription, no earlier
 /// delivery of its entity is unfinished; the update is conditional, so a delivery another
 /// replica or agent holds is left alone.
 ///
-/// With `shared` (PostgreSQL, several replicas), each group first takes its subscription's
-/// advisory lock (in key order, so two replicas never wait on each other in a cycle), counts the
-/// subscription's deliveries in flight under unexpired leases, and tries only as many as
+/// With `shared` (PostgreSQL, several replicas), the claim first takes every subscription's
+/// advisory lock (in key order, so two replicas never wait on each other in a cycle), counts
+/// their deliveries in flight under unexpired leases, and tries only as many as
 /// `max_concurrency` leaves free; the rest are returned as deferred. Claims of one subscription
 /// are thus serialised across replicas until `txn` ends, and the limit holds cluster-wide.
+///
+/// Whatever the number of groups: one statement for the locks, one for the counts, and one
+/// update per lease.
 pub async fn claim_groups(
     txn: &impl ConnectionTrait,
     groups: &[ClaimGroup],
-    lease_id: &str,
-    agent_id: &str,
-    expires_at: chrono::DateTime<chrono::Utc>,
     now: chrono::DateTime<chrono::Utc>,
     shared: bool,
 ) -> Result<Claimed, Error> {
-    use sea_orm::sea_query::Expr;
-    use sea_orm::{PaginatorTrait, Statement};
-    let mut order: Vec<&ClaimGroup> = groups.iter().filter(|g| !g.ids.is_empty()).collect();
-    order.sort_by_key(|g| {
-        (
-            claim_lock_key(&g.subscription_id),
-            g.subscription_id.clone(),
-        )
-    });
+    use std::collections::{BTreeMap, HashMap};
     let mut claimed = Claimed::default();
-    let mut locked = std::collections::HashSet::new();
-    for group in order {
+    // Per lease: the ids to try, and the group that names the lease.
+    let mut per_lease: BTreeMap<&str, (&ClaimGroup, Vec<String>)> = BTreeMap::new();
+    let mut free: HashMap<&str, u64> = HashMap::new();
+    if shared {
+        free = free_slots(txn, groups, now).await?;
+    }
+    for group in groups.iter().filter(|g| !g.ids.is_empty()) {
         let mut candidates = group.ids.as_slice();
         if shared {
-            let key = claim_lock_key(&group.subscription_id);
-            if locked.insert(key) {
-                txn.execute_raw(Statement::from_sql_and_values(
-                    sea_orm::DbBackend::Postgres,
-                    "SELECT pg_advisory_xact_lock($1, $2)",
-                    [CLAIM_LOCK_CLASS.into(), key.into()],
-                ))
-                .await?;
-            }
-            // A new statement after the lock: its snapshot sees every claim committed before.
-            let in_flight = delivery::Entity::find()
-                .filter(delivery::Column::SubscriptionId.eq(group.subscription_id.clone()))
-                .filter(delivery::Column::State.eq(DeliveryState::InFlight as i32))
-                .filter(delivery::Column::LeaseExpiresAt.gt(ms(now)))
-                .count(txn)
-                .await?;
-            let free = u64::from(group.max_concurrency).saturating_sub(in_flight) as usize;
-            let take = free.min(candidates.len());
+            let slots = free.entry(group.subscription_id.as_str()).or_default();
+            let take = (*slots as usize).min(candidates.len());
+            *slots -= take as u64;
             claimed.deferred.extend(candidates[take..].iter().cloned());
             candidates = &candidates[..take];
         }
         if candidates.is_empty() {
             continue;
         }
+        per_lease
+            .entry(group.lease_id.as_str())
+            .or_insert_with(|| (group, Vec::new()))
+            .1
+            .extend(candidates.iter().cloned());
+    }
+    for (group, ids) in per_lease.into_values() {
+        claimed
+            .leased
+            .extend(claim_ids(txn, group, ids, now).await?);
+    }
+    Ok(claimed)
+}
+
+/// Takes the claim locks of the groups' subscriptions and returns how many more deliveries each
+/// may have in flight across replicas.
+async fn free_slots<'g>(
+    txn: &impl ConnectionTrait,
+    groups: &'g [ClaimGroup],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<std::collections::HashMap<&'g str, u64>, Error> {
+    use sea_orm::Statement;
+    use sea_orm::sea_query::{Expr, ExprTrait as _};
+    let mut limits = std::collections::HashMap::new();
+    for group in groups {
+        limits.insert(group.subscription_id.as_str(), group.max_concurrency);
+    }
+    let mut keys: Vec<i32> = limits.keys().map(|id| claim_lock_key(id)).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    // The ordered subquery makes the locks be taken in key order.
+    let values: Vec<String> = (0..keys.len()).map(|i| format!("(${})", i + 2)).collect();
+    let sql = format!(
+        "SELECT pg_advisory_xact_lock($1, sorted.key) FROM \
+         (SELECT v.key FROM (VALUES {}) AS v(key) ORDER BY v.key) AS sorted",
+        values.join(", ")
+    );
+    let mut params: Vec<sea_orm::Value> = vec![CLAIM_LOCK_CLASS.into()];
+    params.extend(keys.iter().map(|&key| sea_orm::Value::from(key)));
+    txn.query_all_raw(Statement::from_sql_and_values(
+        sea_orm::DbBackend::Postgres,
+        sql,
+        params,
+    ))
+    .await?;
+    // A new statement after the locks: its snapshot sees every claim committed before.
+    let in_flight: Vec<(String, i64)> = delivery::Entity::find()
+        .select_only()
+        .column(delivery::Column::SubscriptionId)
+        .column_as(Expr::col(delivery::Column::Id).count(), "in_flight")
+        .filter(delivery::Column::SubscriptionId.is_in(limits.keys().map(|id| id.to_string())))
+        .filter(delivery::Column::State.eq(DeliveryState::InFlight as i32))
+        .filter(delivery::Column::LeaseExpiresAt.gt(ms(now)))
+        .group_by(delivery::Column::SubscriptionId)
+        .into_tuple()
+        .all(txn)
+        .await?;
+    let in_flight: std::collections::HashMap<String, i64> = in_flight.into_iter().collect();
+    Ok(limits
+        .into_iter()
+        .map(|(id, limit)| {
+            let busy = u64::try_from(in_flight.get(id).copied().unwrap_or(0)).unwrap_or(0);
+            (id, u64::from(limit).saturating_sub(busy))
+        })
+        .collect())
+}
+
+/// Leases the claimable ones among `ids` under the group's lease; returns (id, attempt count)
+/// of each leased delivery.
+async fn claim_ids(
+    txn: &impl ConnectionTrait,
+    group: &ClaimGroup,
+    ids: Vec<String>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<(String, u32)>, Error> {
+    use sea_orm::sea_query::Expr;
+    let mut leased = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(INSERT_CHUNK) {
         let claim = delivery::Entity::update_many()
             .col_expr(
                 delivery::Column::State,
                 Expr::value(DeliveryState::InFlight as i32),
             )
-            .col_expr(delivery::Column::LeaseId, Expr::value(lease_id))
+            .col_expr(
+                delivery::Column::LeaseId,
+                Expr::value(group.lease_id.as_str()),
+            )
             .col_expr(
                 delivery::Column::LeaseExpiresAt,
-                Expr::value(ms(expires_at)),
+                Expr::value(ms(group.expires_at)),
             )
-            .col_expr(delivery::Column::AgentId, Expr::value(agent_id))
+            .col_expr(
+                delivery::Column::AgentId,
+                Expr::value(group.agent_id.as_str()),
+            )
             .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
-            .filter(delivery::Column::Id.is_in(candidates.iter().cloned()))
+            .filter(delivery::Column::Id.is_in(chunk.iter().cloned()))
             .filter(claimable(ms(now)))
             .filter(Expr::cust(NOT_BLOCKED_BY_EARLIER));
         for row in update_returning(
@@ -361,10 +431,10 @@ pub async fn claim_groups(
         {
             let id: String = row.try_get_by_index(0)?;
             let attempts: i32 = row.try_get_by_index(1)?;
-            claimed.leased.push((id, attempts.max(0) as u32));
+            leased.push((id, attempts.max(0) as u32));
         }
     }
-    Ok(claimed)
+    Ok(leased)
 }
 
 /// The new state of deliveries after results that share an outcome.
@@ -518,62 +588,59 @@ pub async fn get_any(db: &impl ConnectionTrait, id: &str) -> Result<Option<Deliv
         .map(from_model))
 }
 
-/// Applies results that share their outcome to many deliveries at once (one statement), each
-/// only if its lease is still valid; returns the ids it moved.
+/// Applies results that share their outcome to many deliveries at once (one statement per
+/// lease), each only if its lease is still valid; returns the ids it moved.
 pub async fn complete_many(
     db: &impl ConnectionTrait,
     leases: &[(&str, &str)],
     outcome: &Completion,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Vec<String>, Error> {
-    use sea_orm::Condition;
     use sea_orm::sea_query::{Expr, ExprTrait as _};
-    if leases.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut held = Condition::any();
+    // A lease covers a batch of deliveries: `lease_id = ? AND id IN (…)` per lease is exact and
+    // cheap to plan, where one `(id = ? AND lease_id = ?) OR …` per pair was neither.
+    let mut by_lease: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
     for (id, lease_id) in leases {
-        held = held.add(
-            Condition::all()
-                .add(delivery::Column::Id.eq(*id))
-                .add(delivery::Column::LeaseId.eq(*lease_id)),
-        );
+        by_lease.entry(lease_id).or_default().push(id);
     }
-    let moved = delivery::Entity::update_many()
-        .col_expr(delivery::Column::State, Expr::value(outcome.state as i32))
-        .col_expr(
-            delivery::Column::AttemptCount,
-            Expr::col(delivery::Column::AttemptCount).add(1),
-        )
-        .col_expr(
-            delivery::Column::NextAttemptAt,
-            Expr::value(ms(outcome.next_attempt_at.unwrap_or(now))),
-        )
-        .col_expr(
-            delivery::Column::LeaseId,
-            Expr::value(Option::<String>::None),
-        )
-        .col_expr(
-            delivery::Column::LeaseExpiresAt,
-            Expr::value(Option::<i64>::None),
-        )
-        .col_expr(
-            delivery::Column::LastStatusCode,
-            Expr::value(outcome.status_code as i32),
-        )
-        .col_expr(
-            delivery::Column::LastError,
-            Expr::value(outcome.error as i32),
-        )
-        .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
-        .filter(held)
-        .filter(Expr::cust(STATE_UNINDEXED).eq(DeliveryState::InFlight as i32))
-        .filter(delivery::Column::LeaseExpiresAt.gt(ms(now)));
-    update_returning(db, moved, [delivery::Column::Id])
-        .await?
-        .iter()
-        .map(|row| Ok(row.try_get_by_index(0)?))
-        .collect()
+    let mut moved = Vec::with_capacity(leases.len());
+    for (lease_id, ids) in by_lease {
+        let update = delivery::Entity::update_many()
+            .col_expr(delivery::Column::State, Expr::value(outcome.state as i32))
+            .col_expr(
+                delivery::Column::AttemptCount,
+                Expr::col(delivery::Column::AttemptCount).add(1),
+            )
+            .col_expr(
+                delivery::Column::NextAttemptAt,
+                Expr::value(ms(outcome.next_attempt_at.unwrap_or(now))),
+            )
+            .col_expr(
+                delivery::Column::LeaseId,
+                Expr::value(Option::<String>::None),
+            )
+            .col_expr(
+                delivery::Column::LeaseExpiresAt,
+                Expr::value(Option::<i64>::None),
+            )
+            .col_expr(
+                delivery::Column::LastStatusCode,
+                Expr::value(outcome.status_code as i32),
+            )
+            .col_expr(
+                delivery::Column::LastError,
+                Expr::value(outcome.error as i32),
+            )
+            .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
+            .filter(delivery::Column::Id.is_in(ids))
+            .filter(delivery::Column::LeaseId.eq(lease_id))
+            .filter(Expr::cust(STATE_UNINDEXED).eq(DeliveryState::InFlight as i32))
+            .filter(delivery::Column::LeaseExpiresAt.gt(ms(now)));
+        for row in update_returning(db, update, [delivery::Column::Id]).await? {
+            moved.push(row.try_get_by_index(0)?);
+        }
+    }
+    Ok(moved)
 }
 
 /// Runs an update and returns only the named columns of the rows it changed (sea-orm's

@@ -216,6 +216,20 @@ impl Store {
         Ok(self.writer.begin().await?)
     }
 
+    /// Begins a transaction of the scheduler's leases and results. On PostgreSQL it commits
+    /// without waiting for the WAL flush (`synchronous_commit = off` for this transaction only):
+    /// a database crash may lose its last fraction of a second, which sends those deliveries
+    /// again (at least once) and never loses an acknowledged event; publishing stays synchronous.
+    /// SQLite cannot relax one transaction on the shared writer, so it is `begin_write` there.
+    pub async fn begin_scheduler_write(&self) -> Result<Transaction, Error> {
+        let txn = self.writer.begin().await?;
+        if self.shared() {
+            txn.execute_unprepared("SET LOCAL synchronous_commit = off")
+                .await?;
+        }
+        Ok(txn)
+    }
+
     /// Counts one committed publish transaction.
     pub fn count_commit(&self) {
         self.commits
