@@ -177,6 +177,10 @@ pub struct Scheduler {
     draining: bool,
     /// Results received but not yet recorded: (agent, results, credits handed back).
     pending_results: Vec<(u64, Vec<pb::JobResult>, u32)>,
+    /// Whether a results write is in flight; its outcome arrives on `written_rx`.
+    writing: bool,
+    written_tx: mpsc::UnboundedSender<Written>,
+    written_rx: mpsc::UnboundedReceiver<Written>,
     metrics: Metrics,
     rng: rand::rngs::StdRng,
 }
@@ -191,6 +195,7 @@ impl Scheduler {
         metrics: Metrics,
     ) -> Self {
         use rand::SeedableRng;
+        let (written_tx, written_rx) = mpsc::unbounded_channel();
         Self {
             store,
             settings,
@@ -213,6 +218,9 @@ impl Scheduler {
             drains: Vec::new(),
             draining: false,
             pending_results: Vec::new(),
+            writing: false,
+            written_tx,
+            written_rx,
             metrics,
             rng: rand::rngs::StdRng::from_os_rng(),
         }
@@ -235,6 +243,10 @@ impl Scheduler {
                     }
                     self.flush_results().await;
                 }
+                Some(written) = self.written_rx.recv() => {
+                    self.written(written);
+                    self.flush_results().await;
+                }
                 _ = tokio::time::sleep_until(self.next_poll) => {
                     self.poll().await;
                 }
@@ -247,6 +259,8 @@ impl Scheduler {
                 .deliveries_pending
                 .set(self.known.len().saturating_sub(self.leases.len()) as i64);
         }
+        // Results already received are recorded before the replica goes.
+        self.settle_results().await;
         for (_, done) in self.drains.drain(..) {
             let _ = done.send(());
         }
@@ -285,11 +299,11 @@ impl Scheduler {
             }
             Command::AgentGone { key } => {
                 // Its last results first: they arrived before the stream closed.
-                self.flush_results().await;
+                self.settle_results().await;
                 self.agent_gone(key).await
             }
             Command::RevokeCredential(id) => {
-                self.flush_results().await;
+                self.settle_results().await;
                 let revoked: Vec<u64> = self
                     .agents
                     .iter()
@@ -319,7 +333,7 @@ impl Scheduler {
             return;
         }
         let now = Instant::now();
-        let idle = self.leases.is_empty();
+        let idle = self.leases.is_empty() && !self.writing && self.pending_results.is_empty();
         let (done, waiting): (Vec<_>, Vec<_>) = self
             .drains
             .drain(..)
@@ -920,10 +934,12 @@ impl Scheduler {
         }
     }
 
-    /// Records every result received since the last flush in one transaction: the attempts
-    /// always, each delivery's new state only under a still-valid lease.
+    /// Starts recording every result received since the last flush, in one transaction written
+    /// in the background (the attempts always, each delivery's new state only under a
+    /// still-valid lease), while this task goes on leasing and sending. One write at a time:
+    /// results arriving meanwhile wait for the next, larger one.
     async fn flush_results(&mut self) {
-        if self.pending_results.is_empty() {
+        if self.pending_results.is_empty() || self.writing {
             return;
         }
         let now = Utc::now();
@@ -947,19 +963,67 @@ impl Scheduler {
                 planned.push(self.plan(result, lease, &agent_id, &region, now).await);
             }
         }
-        match self.write(&mut planned, now).await {
+        // The agent has finished these jobs: its credits are back now. The subscriptions' slots
+        // (and ordered entities) are freed once the results are recorded.
+        for (key, credits) in grants {
+            let in_flight = self.leases.values().filter(|l| l.agent_key == key).count() as u32;
+            self.registry.update(key, |a| {
+                a.in_flight = in_flight;
+                a.last_seen_at = now;
+            });
+            self.grant(key, credits);
+        }
+        self.writing = true;
+        let store = self.store.clone();
+        let replica_id = self.settings.replica_id.clone();
+        let disable_after = self.settings.disable_after;
+        let done = self.written_tx.clone();
+        tokio::spawn(async move {
+            let mut steps = planned;
+            let outcome = write(&store, &replica_id, disable_after, &mut steps, now).await;
+            // The scheduler is gone only at shutdown; its leases expire then.
+            let _ = done.send(Written {
+                steps,
+                outcome,
+                now,
+            });
+        });
+    }
+
+    /// Applies a finished results write to memory: frees slots, schedules retry wake-ups,
+    /// publishes the attempts to watchers.
+    fn written(&mut self, written: Written) {
+        self.writing = false;
+        let Written {
+            steps,
+            outcome,
+            now,
+        } = written;
+        let recorded = match outcome {
             Ok(disabled) => {
                 for id in disabled {
                     self.subscriptions.remove(&id);
                 }
+                true
             }
             Err(err) => {
-                // The leases stay in the database and expire; the deliveries are retried then.
-                tracing::warn!(error = %err, results = planned.len(), "could not record results");
-                planned.clear();
+                // The leases stay in the database and expire; the poller finds the deliveries then.
+                tracing::warn!(error = %err, results = steps.len(), "could not record results");
+                false
             }
-        }
-        for step in &planned {
+        };
+        for step in &steps {
+            if let Some(lease) = &step.lease {
+                self.unload(&lease.delivery);
+                self.known.remove(&lease.delivery.id);
+                if lease.delivery.ordering_key.is_some() {
+                    // The entity's next event may go now.
+                    self.next_poll = Instant::now();
+                }
+            }
+            if !recorded {
+                continue;
+            }
             let error = step.attempt.error;
             let error_name = format!("{error:?}");
             self.metrics
@@ -972,36 +1036,38 @@ impl Scheduler {
             if step.applied {
                 self.metrics.delivery_moved(step.state);
             }
-            if let Some(lease) = &step.lease {
-                self.unload(&lease.delivery);
-                self.known.remove(&lease.delivery.id);
-                if lease.delivery.ordering_key.is_some() {
-                    // The entity's next event may go now.
-                    self.next_poll = Instant::now();
-                }
-                if let Some(at) = step
-                    .next_attempt_at
-                    .filter(|_| step.applied && step.state == DeliveryState::Failed)
-                {
-                    let wait = (at - now).to_std().unwrap_or_default();
-                    let at = Instant::now() + wait;
-                    self.retry_wakeups.push(std::cmp::Reverse(at));
-                    self.next_poll = self.next_poll.min(at);
-                }
+            if let Some(at) = step.next_attempt_at.filter(|_| {
+                step.lease.is_some() && step.applied && step.state == DeliveryState::Failed
+            }) {
+                let wait = (at - now).to_std().unwrap_or_default();
+                let at = Instant::now() + wait;
+                self.retry_wakeups.push(std::cmp::Reverse(at));
+                self.next_poll = self.next_poll.min(at);
             }
         }
-        for (key, credits) in grants {
-            let in_flight = self.leases.values().filter(|l| l.agent_key == key).count() as u32;
-            self.registry.update(key, |a| {
-                a.in_flight = in_flight;
-                a.last_seen_at = now;
-            });
-            self.grant(key, credits);
+        if !recorded {
+            return;
         }
-        for step in planned {
+        for step in steps {
             if let Some(record) = step.record {
                 // No watcher is not an error.
                 let _ = self.records.send(record);
+            }
+        }
+    }
+
+    /// Records every result received so far and waits until it is written.
+    async fn settle_results(&mut self) {
+        loop {
+            if self.writing {
+                match self.written_rx.recv().await {
+                    Some(written) => self.written(written),
+                    None => return,
+                }
+            } else if !self.pending_results.is_empty() {
+                self.flush_results().await;
+            } else {
+                return;
             }
         }
     }
@@ -1076,158 +1142,166 @@ impl Scheduler {
             record: None,
         }
     }
+}
 
-    /// Writes a batch of planned results in one transaction; returns the subscriptions it
-    /// disabled.
-    async fn write(
-        &self,
-        steps: &mut [Step],
-        now: DateTime<Utc>,
-    ) -> Result<Vec<String>, storage::Error> {
-        let txn = self.store.begin_scheduler_write().await?;
-        // The newest applied step per subscription decides its summary and health; a 410
-        // anywhere in the batch disables it.
-        let mut per_subscription: HashMap<String, (usize, bool)> = HashMap::new();
-        // Results with the same outcome (most often: 200, succeeded) move their deliveries in
-        // one statement each; a lease that is no longer valid is simply not among those moved.
-        let mut groups: HashMap<(i32, Option<i64>, u32, i32), Vec<usize>> = HashMap::new();
-        for (index, step) in steps.iter().enumerate() {
-            if step.lease.is_some() {
-                let key = (
-                    step.state as i32,
-                    step.next_attempt_at.map(|at| at.timestamp_millis()),
-                    step.attempt.status_code,
-                    step.attempt.error as i32,
-                );
-                groups.entry(key).or_default().push(index);
-            }
-        }
-        for indices in groups.values() {
-            for chunk in indices.chunks(200) {
-                let first = &steps[chunk[0]];
-                let leases: Vec<(&str, &str)> = chunk
-                    .iter()
-                    .filter_map(|&i| steps[i].lease.as_ref())
-                    .map(|lease| (lease.delivery.id.as_str(), lease.lease_id.as_str()))
-                    .collect();
-                let outcome = deliveries::Completion {
-                    state: first.state,
-                    next_attempt_at: first.next_attempt_at,
-                    status_code: first.attempt.status_code,
-                    error: first.attempt.error,
-                };
-                let moved: std::collections::HashSet<String> =
-                    deliveries::complete_many(&txn, &leases, &outcome, now)
-                        .await?
-                        .into_iter()
-                        .collect();
-                for &i in chunk {
-                    let applied = steps[i]
-                        .lease
-                        .as_ref()
-                        .is_some_and(|lease| moved.contains(&lease.delivery.id));
-                    steps[i].applied = applied;
-                }
-            }
-        }
-        for (index, step) in steps.iter_mut().enumerate() {
-            let delivery = match &step.lease {
-                Some(lease) => lease.delivery.clone(),
-                // A result this replica did not lease, or no longer holds.
-                None => match deliveries::get_any(&txn, &step.attempt.delivery_id).await? {
-                    Some(delivery) => delivery,
-                    None => continue,
-                },
-            };
-            if !step.applied {
-                step.attempt.error = AttemptError::LeaseExpired;
-                step.state = delivery.state;
-            } else {
-                let gone = step.outcome == retry::Outcome::Gone;
-                let entry = per_subscription
-                    .entry(delivery.subscription_id.clone())
-                    .or_insert((index, gone));
-                if gone || !entry.1 {
-                    *entry = (index, gone);
-                }
-            }
-            step.record = Some(AttemptRecord {
-                tenant_id: delivery.tenant_id,
-                delivery_id: delivery.id,
-                subscription_id: delivery.subscription_id,
-                event_id: delivery.event_id,
-                attempt: step.attempt.clone(),
-                state: step.state,
-            });
-        }
-        let attempts: Vec<Attempt> = steps
-            .iter()
-            .filter(|s| s.record.is_some())
-            .map(|s| s.attempt.clone())
-            .collect();
-        deliveries::insert_attempts(&txn, &attempts).await?;
-        let mut disabled = Vec::new();
-        for (subscription_id, (index, _)) in per_subscription {
-            let step = &steps[index];
-            let last = LastDelivery {
-                state: step.state,
-                status_code: step.attempt.status_code,
-                at: now,
-            };
-            subscriptions::record_last_delivery(&txn, &subscription_id, &last).await?;
-            if step.subscription_disabled || step.outcome == retry::Outcome::Delivered {
-                continue;
-            }
-            let failing_since = subscriptions::failing_since(&txn, &subscription_id).await?;
-            if let Some(reason) = health::disable_reason(
-                &step.outcome,
+/// A results write, finished.
+struct Written {
+    steps: Vec<Step>,
+    outcome: Result<Vec<String>, storage::Error>,
+    now: DateTime<Utc>,
+}
+
+/// Writes a batch of planned results in one transaction; returns the subscriptions it disabled.
+async fn write(
+    store: &Store,
+    replica_id: &str,
+    disable_after: Duration,
+    steps: &mut [Step],
+    now: DateTime<Utc>,
+) -> Result<Vec<String>, storage::Error> {
+    let txn = store.begin_scheduler_write().await?;
+    // The newest applied step per subscription decides its summary and health; a 410
+    // anywhere in the batch disables it.
+    let mut per_subscription: HashMap<String, (usize, bool)> = HashMap::new();
+    // Results with the same outcome (most often: 200, succeeded) move their deliveries in
+    // one statement each; a lease that is no longer valid is simply not among those moved.
+    let mut groups: HashMap<(i32, Option<i64>, u32, i32), Vec<usize>> = HashMap::new();
+    for (index, step) in steps.iter().enumerate() {
+        if step.lease.is_some() {
+            let key = (
+                step.state as i32,
+                step.next_attempt_at.map(|at| at.timestamp_millis()),
                 step.attempt.status_code,
-                failing_since,
-                self.settings.disable_after,
-                now,
-            ) {
-                subscriptions::set_status(
-                    &txn,
-                    &subscription_id,
-                    SubscriptionStatus::Disabled,
-                    Some(&reason),
-                    now,
-                )
-                .await?;
-                // Waiting deliveries, the ones just made FAILED included, go DEAD (replayable).
-                deliveries::kill_waiting(&txn, &subscription_id, now).await?;
-                tracing::warn!(%subscription_id, %reason, "subscription disabled");
-                disabled.push(subscription_id);
-            }
+                step.attempt.error as i32,
+            );
+            groups.entry(key).or_default().push(index);
         }
-        for step in steps.iter_mut() {
-            let killed = step.state == DeliveryState::Failed
-                && step
-                    .record
-                    .as_ref()
-                    .is_some_and(|r| disabled.contains(&r.subscription_id));
-            if killed {
-                step.state = DeliveryState::Dead;
-                step.next_attempt_at = None;
-                if let Some(record) = &mut step.record {
-                    record.state = DeliveryState::Dead;
-                }
-            }
-        }
-        if self.store.shared() {
-            // Watchers on the other replicas hear of these attempts once they are committed.
-            let recorded: Vec<(String, DeliveryState)> = steps
-                .iter()
-                .filter_map(|s| s.record.as_ref())
-                .map(|r| (r.attempt.id.clone(), r.state))
-                .collect();
-            for payload in watch::encode(&self.settings.replica_id, &recorded) {
-                storage::notify(&txn, watch::CHANNEL, &payload).await?;
-            }
-        }
-        txn.commit().await?;
-        Ok(disabled)
     }
+    for indices in groups.values() {
+        for chunk in indices.chunks(200) {
+            let first = &steps[chunk[0]];
+            let leases: Vec<(&str, &str)> = chunk
+                .iter()
+                .filter_map(|&i| steps[i].lease.as_ref())
+                .map(|lease| (lease.delivery.id.as_str(), lease.lease_id.as_str()))
+                .collect();
+            let outcome = deliveries::Completion {
+                state: first.state,
+                next_attempt_at: first.next_attempt_at,
+                status_code: first.attempt.status_code,
+                error: first.attempt.error,
+            };
+            let moved: std::collections::HashSet<String> =
+                deliveries::complete_many(&txn, &leases, &outcome, now)
+                    .await?
+                    .into_iter()
+                    .collect();
+            for &i in chunk {
+                let applied = steps[i]
+                    .lease
+                    .as_ref()
+                    .is_some_and(|lease| moved.contains(&lease.delivery.id));
+                steps[i].applied = applied;
+            }
+        }
+    }
+    for (index, step) in steps.iter_mut().enumerate() {
+        let delivery = match &step.lease {
+            Some(lease) => lease.delivery.clone(),
+            // A result this replica did not lease, or no longer holds.
+            None => match deliveries::get_any(&txn, &step.attempt.delivery_id).await? {
+                Some(delivery) => delivery,
+                None => continue,
+            },
+        };
+        if !step.applied {
+            step.attempt.error = AttemptError::LeaseExpired;
+            step.state = delivery.state;
+        } else {
+            let gone = step.outcome == retry::Outcome::Gone;
+            let entry = per_subscription
+                .entry(delivery.subscription_id.clone())
+                .or_insert((index, gone));
+            if gone || !entry.1 {
+                *entry = (index, gone);
+            }
+        }
+        step.record = Some(AttemptRecord {
+            tenant_id: delivery.tenant_id,
+            delivery_id: delivery.id,
+            subscription_id: delivery.subscription_id,
+            event_id: delivery.event_id,
+            attempt: step.attempt.clone(),
+            state: step.state,
+        });
+    }
+    let attempts: Vec<Attempt> = steps
+        .iter()
+        .filter(|s| s.record.is_some())
+        .map(|s| s.attempt.clone())
+        .collect();
+    deliveries::insert_attempts(&txn, &attempts).await?;
+    let mut disabled = Vec::new();
+    for (subscription_id, (index, _)) in per_subscription {
+        let step = &steps[index];
+        let last = LastDelivery {
+            state: step.state,
+            status_code: step.attempt.status_code,
+            at: now,
+        };
+        subscriptions::record_last_delivery(&txn, &subscription_id, &last).await?;
+        if step.subscription_disabled || step.outcome == retry::Outcome::Delivered {
+            continue;
+        }
+        let failing_since = subscriptions::failing_since(&txn, &subscription_id).await?;
+        if let Some(reason) = health::disable_reason(
+            &step.outcome,
+            step.attempt.status_code,
+            failing_since,
+            disable_after,
+            now,
+        ) {
+            subscriptions::set_status(
+                &txn,
+                &subscription_id,
+                SubscriptionStatus::Disabled,
+                Some(&reason),
+                now,
+            )
+            .await?;
+            // Waiting deliveries, the ones just made FAILED included, go DEAD (replayable).
+            deliveries::kill_waiting(&txn, &subscription_id, now).await?;
+            tracing::warn!(%subscription_id, %reason, "subscription disabled");
+            disabled.push(subscription_id);
+        }
+    }
+    for step in steps.iter_mut() {
+        let killed = step.state == DeliveryState::Failed
+            && step
+                .record
+                .as_ref()
+                .is_some_and(|r| disabled.contains(&r.subscription_id));
+        if killed {
+            step.state = DeliveryState::Dead;
+            step.next_attempt_at = None;
+            if let Some(record) = &mut step.record {
+                record.state = DeliveryState::Dead;
+            }
+        }
+    }
+    if store.shared() {
+        // Watchers on the other replicas hear of these attempts once they are committed.
+        let recorded: Vec<(String, DeliveryState)> = steps
+            .iter()
+            .filter_map(|s| s.record.as_ref())
+            .map(|r| (r.attempt.id.clone(), r.state))
+            .collect();
+        for payload in watch::encode(replica_id, &recorded) {
+            storage::notify(&txn, watch::CHANNEL, &payload).await?;
+        }
+    }
+    txn.commit().await?;
+    Ok(disabled)
 }
 
 /// One result on its way to storage.
