@@ -165,7 +165,6 @@ pub async fn start_with(
         store.clone(),
         dispatcher.clone(),
         metrics.clone(),
-        if sqlite { 1 } else { 4 },
         &mut tasks,
     );
     let auth = service::auth::Auth::new(store.clone(), config.admin_token.as_deref());
