@@ -398,30 +398,9 @@ async fn claim_ids(
     ids: Vec<String>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Vec<(String, u32)>, Error> {
-    use sea_orm::sea_query::Expr;
     let mut leased = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(INSERT_CHUNK) {
-        let claim = delivery::Entity::update_many()
-            .col_expr(
-                delivery::Column::State,
-                Expr::value(DeliveryState::InFlight as i32),
-            )
-            .col_expr(
-                delivery::Column::LeaseId,
-                Expr::value(group.lease_id.as_str()),
-            )
-            .col_expr(
-                delivery::Column::LeaseExpiresAt,
-                Expr::value(ms(group.expires_at)),
-            )
-            .col_expr(
-                delivery::Column::AgentId,
-                Expr::value(group.agent_id.as_str()),
-            )
-            .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
-            .filter(delivery::Column::Id.is_in(chunk.iter().cloned()))
-            .filter(claimable(ms(now)))
-            .filter(Expr::cust(NOT_BLOCKED_BY_EARLIER));
+        let claim = claim_update(group, chunk, now);
         for row in update_returning(
             txn,
             claim,
@@ -435,6 +414,36 @@ async fn claim_ids(
         }
     }
     Ok(leased)
+}
+
+/// The conditional update that leases the claimable ones among `ids` under `group`'s lease.
+fn claim_update(
+    group: &ClaimGroup,
+    ids: &[String],
+    now: chrono::DateTime<chrono::Utc>,
+) -> sea_orm::UpdateMany<delivery::Entity> {
+    use sea_orm::sea_query::Expr;
+    delivery::Entity::update_many()
+        .col_expr(
+            delivery::Column::State,
+            Expr::value(DeliveryState::InFlight as i32),
+        )
+        .col_expr(
+            delivery::Column::LeaseId,
+            Expr::value(group.lease_id.as_str()),
+        )
+        .col_expr(
+            delivery::Column::LeaseExpiresAt,
+            Expr::value(ms(group.expires_at)),
+        )
+        .col_expr(
+            delivery::Column::AgentId,
+            Expr::value(group.agent_id.as_str()),
+        )
+        .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
+        .filter(delivery::Column::Id.is_in(ids.iter().cloned()))
+        .filter(claimable(ms(now)))
+        .filter(Expr::cust(NOT_BLOCKED_BY_EARLIER))
 }
 
 /// The new state of deliveries after results that share an outcome.
@@ -596,7 +605,6 @@ pub async fn complete_many(
     outcome: &Completion,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Vec<String>, Error> {
-    use sea_orm::sea_query::{Expr, ExprTrait as _};
     // A lease covers a batch of deliveries: `lease_id = ? AND id IN (…)` per lease is exact and
     // cheap to plan, where one `(id = ? AND lease_id = ?) OR …` per pair was neither.
     let mut by_lease: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
@@ -605,42 +613,53 @@ pub async fn complete_many(
     }
     let mut moved = Vec::with_capacity(leases.len());
     for (lease_id, ids) in by_lease {
-        let update = delivery::Entity::update_many()
-            .col_expr(delivery::Column::State, Expr::value(outcome.state as i32))
-            .col_expr(
-                delivery::Column::AttemptCount,
-                Expr::col(delivery::Column::AttemptCount).add(1),
-            )
-            .col_expr(
-                delivery::Column::NextAttemptAt,
-                Expr::value(ms(outcome.next_attempt_at.unwrap_or(now))),
-            )
-            .col_expr(
-                delivery::Column::LeaseId,
-                Expr::value(Option::<String>::None),
-            )
-            .col_expr(
-                delivery::Column::LeaseExpiresAt,
-                Expr::value(Option::<i64>::None),
-            )
-            .col_expr(
-                delivery::Column::LastStatusCode,
-                Expr::value(outcome.status_code as i32),
-            )
-            .col_expr(
-                delivery::Column::LastError,
-                Expr::value(outcome.error as i32),
-            )
-            .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
-            .filter(delivery::Column::Id.is_in(ids))
-            .filter(delivery::Column::LeaseId.eq(lease_id))
-            .filter(Expr::cust(STATE_UNINDEXED).eq(DeliveryState::InFlight as i32))
-            .filter(delivery::Column::LeaseExpiresAt.gt(ms(now)));
+        let update = completion_update(lease_id, &ids, outcome, now);
         for row in update_returning(db, update, [delivery::Column::Id]).await? {
             moved.push(row.try_get_by_index(0)?);
         }
     }
     Ok(moved)
+}
+
+/// The conditional update that applies one outcome to deliveries still leased under `lease_id`.
+fn completion_update(
+    lease_id: &str,
+    ids: &[&str],
+    outcome: &Completion,
+    now: chrono::DateTime<chrono::Utc>,
+) -> sea_orm::UpdateMany<delivery::Entity> {
+    use sea_orm::sea_query::{Expr, ExprTrait as _};
+    delivery::Entity::update_many()
+        .col_expr(delivery::Column::State, Expr::value(outcome.state as i32))
+        .col_expr(
+            delivery::Column::AttemptCount,
+            Expr::col(delivery::Column::AttemptCount).add(1),
+        )
+        .col_expr(
+            delivery::Column::NextAttemptAt,
+            Expr::value(ms(outcome.next_attempt_at.unwrap_or(now))),
+        )
+        .col_expr(
+            delivery::Column::LeaseId,
+            Expr::value(Option::<String>::None),
+        )
+        .col_expr(
+            delivery::Column::LeaseExpiresAt,
+            Expr::value(Option::<i64>::None),
+        )
+        .col_expr(
+            delivery::Column::LastStatusCode,
+            Expr::value(outcome.status_code as i32),
+        )
+        .col_expr(
+            delivery::Column::LastError,
+            Expr::value(outcome.error as i32),
+        )
+        .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
+        .filter(delivery::Column::Id.is_in(ids.iter().copied()))
+        .filter(delivery::Column::LeaseId.eq(lease_id))
+        .filter(Expr::cust(STATE_UNINDEXED).eq(DeliveryState::InFlight as i32))
+        .filter(delivery::Column::LeaseExpiresAt.gt(ms(now)))
 }
 
 /// Runs an update and returns only the named columns of the rows it changed (sea-orm's
@@ -690,4 +709,67 @@ pub async fn attempts_with_deliveries(
             Some((a, delivery))
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    //! SQLite's planner picks an index from the terms it is given, without statistics: these
+    //! check that claims and completions go by primary key. When they walked `deliveries_due`
+    //! instead, each statement read every due delivery, and fanout-10 ran at a third of its
+    //! speed. (PostgreSQL plans from statistics; its plans are covered by the benchmark.)
+    use super::*;
+    use crate::storage::{Store, StoreOptions};
+    use sea_orm::{QueryTrait, Statement};
+
+    async fn plan_of(store: &Store, update: sea_orm::UpdateMany<delivery::Entity>) -> String {
+        let built = store.backend().build(&update.into_query());
+        let explain = Statement {
+            sql: format!("EXPLAIN QUERY PLAN {}", built.sql),
+            ..built
+        };
+        let rows = store.db.query_all_raw(explain).await.unwrap();
+        rows.iter()
+            .map(|row| row.try_get::<String>("", "detail").unwrap())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    fn by_primary_key(plan: &str) -> bool {
+        plan.contains("sqlite_autoindex_deliveries_1 (id=?)") && !plan.contains("deliveries_due")
+    }
+
+    #[tokio::test]
+    async fn claims_and_completions_go_by_primary_key_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreOptions {
+            url: format!("sqlite://{}?mode=rwc", dir.path().join("plan.db").display()),
+            max_connections: 1,
+            master_key: None,
+        })
+        .await
+        .unwrap();
+        let now = chrono::Utc::now();
+        let ids: Vec<String> = (0..200).map(|i| format!("dlv_{i:04}")).collect();
+        let group = ClaimGroup {
+            subscription_id: "sub_1".into(),
+            max_concurrency: 64,
+            ids: ids.clone(),
+            lease_id: "lease_1".into(),
+            agent_id: "agent".into(),
+            expires_at: now,
+        };
+        let claim = plan_of(&store, claim_update(&group, &ids, now)).await;
+        assert!(by_primary_key(&claim), "claim plan: {claim}");
+
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let outcome = Completion {
+            state: DeliveryState::Succeeded,
+            next_attempt_at: None,
+            status_code: 200,
+            error: AttemptError::None,
+        };
+        let completion = plan_of(&store, completion_update("lease_1", &refs, &outcome, now)).await;
+        assert!(by_primary_key(&completion), "completion plan: {completion}");
+        store.close().await;
+    }
 }
