@@ -350,6 +350,9 @@ async fn free_slots<'g>(
     for group in groups {
         limits.insert(group.subscription_id.as_str(), group.max_concurrency);
     }
+    if limits.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
     let mut keys: Vec<i32> = limits.keys().map(|id| claim_lock_key(id)).collect();
     keys.sort_unstable();
     keys.dedup();
