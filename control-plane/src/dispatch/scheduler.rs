@@ -699,7 +699,7 @@ impl Scheduler {
     /// Leases every pick of this round in one transaction, then sends each agent its jobs.
     async fn dispatch(&mut self, picks: HashMap<u64, Vec<(Delivery, Arc<Subscription>)>>) {
         let now = Utc::now();
-        let mut groups: Vec<deliveries::ClaimGroup> = Vec::new();
+        let mut claims: Vec<deliveries::LeaseClaim> = Vec::with_capacity(picks.len());
         let mut batches = Vec::with_capacity(picks.len());
         for (key, batch) in picks {
             let Some(agent_id) = self.agents.get(&key).map(|a| a.agent_id.clone()) else {
@@ -719,10 +719,9 @@ impl Scheduler {
             let expires_at = now
                 + chrono::Duration::from_std(longest + self.settings.lease_grace)
                     .unwrap_or_default();
-            let lease_id = ids::new(ids::LEASE);
-            let first_group = groups.len();
+            let mut groups: Vec<deliveries::ClaimGroup> = Vec::new();
             for (delivery, subscription) in &batch {
-                match groups[first_group..]
+                match groups
                     .iter_mut()
                     .find(|g| g.subscription_id == delivery.subscription_id)
                 {
@@ -731,54 +730,63 @@ impl Scheduler {
                         subscription_id: delivery.subscription_id.clone(),
                         max_concurrency: subscription.max_concurrency,
                         ids: vec![delivery.id.clone()],
-                        lease_id: lease_id.clone(),
-                        agent_id: agent_id.clone(),
-                        expires_at,
                     }),
                 }
             }
-            batches.push((key, agent_id, lease_id, batch));
+            claims.push(deliveries::LeaseClaim {
+                lease_id: ids::new(ids::LEASE),
+                agent_id,
+                expires_at,
+                groups,
+            });
+            batches.push((key, batch));
         }
-        if batches.is_empty() {
+        if claims.is_empty() {
             return;
         }
-        let (claimed, deferred): (HashMap<String, u32>, HashSet<String>) =
-            match self.claim(&groups, now).await {
-                Ok(outcome) => (
-                    outcome.leased.into_iter().collect(),
-                    outcome.deferred.into_iter().collect(),
-                ),
-                Err(err) => {
-                    tracing::warn!(error = %err, "could not lease deliveries");
-                    (HashMap::new(), HashSet::new())
-                }
-            };
+        let (claimed, deferred) = match self.claim(&claims, now).await {
+            Ok(outcome) => (
+                outcome.leased.into_iter().collect(),
+                outcome.deferred.into_iter().collect(),
+            ),
+            Err(err) => {
+                tracing::warn!(error = %err, "could not lease deliveries");
+                (HashMap::new(), HashSet::new())
+            }
+        };
         let leased = batches
             .iter()
-            .flat_map(|(_, _, _, batch)| batch)
+            .flat_map(|(_, batch)| batch)
             .map(|(delivery, _)| delivery)
             .filter(|delivery| claimed.contains_key(&delivery.id));
         let payloads = self.bodies_of(leased).await;
-        for (key, agent_id, lease_id, batch) in batches {
-            self.send_jobs(
-                key, &agent_id, &lease_id, batch, &claimed, &deferred, &payloads, now,
-            );
+        let round = Round {
+            claimed,
+            deferred,
+            payloads,
+            now,
+        };
+        for ((key, batch), claim) in batches.into_iter().zip(&claims) {
+            self.send_jobs(key, claim, batch, &round);
         }
     }
 
     /// Sends one agent the signed jobs of the deliveries leased to it; gives the rest back.
-    #[allow(clippy::too_many_arguments)]
     fn send_jobs(
         &mut self,
         key: u64,
-        agent_id: &str,
-        lease_id: &str,
+        claim: &deliveries::LeaseClaim,
         batch: Vec<(Delivery, Arc<Subscription>)>,
-        claimed: &HashMap<String, u32>,
-        deferred: &HashSet<String>,
-        payloads: &EventBodies,
-        now: DateTime<Utc>,
+        round: &Round,
     ) {
+        let Round {
+            claimed,
+            deferred,
+            payloads,
+            now,
+        } = round;
+        let now = *now;
+        let (agent_id, lease_id) = (claim.agent_id.as_str(), claim.lease_id.as_str());
         // Other replicas hold the subscription's every slot: it waits a moment before trying again.
         let (ready, waiting): (Vec<_>, Vec<_>) = batch
             .into_iter()
@@ -907,14 +915,14 @@ impl Scheduler {
         bodies
     }
 
-    /// Leases the groups in one transaction (see [`deliveries::claim_groups`]).
+    /// Takes the leases in one transaction (see [`deliveries::claim_leases`]).
     async fn claim(
         &self,
-        groups: &[deliveries::ClaimGroup],
+        claims: &[deliveries::LeaseClaim],
         now: DateTime<Utc>,
     ) -> Result<deliveries::Claimed, storage::Error> {
         let txn = self.store.begin_scheduler_write().await?;
-        let claimed = deliveries::claim_groups(&txn, groups, now, self.store.shared()).await?;
+        let claimed = deliveries::claim_leases(&txn, claims, now, self.store.shared()).await?;
         txn.commit().await?;
         Ok(claimed)
     }
@@ -1142,6 +1150,15 @@ impl Scheduler {
             record: None,
         }
     }
+}
+
+/// What one dispatch round leased: attempt counts of the leased deliveries, the ones deferred
+/// for lack of cluster-wide slots, and their events' bodies.
+struct Round {
+    claimed: HashMap<String, u32>,
+    deferred: HashSet<String>,
+    payloads: EventBodies,
+    now: DateTime<Utc>,
 }
 
 /// A results write, finished.

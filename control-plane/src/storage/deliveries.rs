@@ -236,20 +236,25 @@ fn claimable(now: i64) -> sea_orm::Condition {
         )
 }
 
-/// Deliveries of one subscription to lease together to one agent, in the order they should go.
+/// Deliveries of one subscription to lease together, in the order they should go.
 #[derive(Debug, Clone)]
 pub struct ClaimGroup {
     pub subscription_id: String,
     /// How many of the subscription's deliveries may be in flight at once, across replicas.
     pub max_concurrency: u32,
     pub ids: Vec<String>,
-    /// The lease they are taken under, by which agent, until when.
+}
+
+/// One lease to take: which agent, until when, over which subscriptions' deliveries.
+#[derive(Debug, Clone)]
+pub struct LeaseClaim {
     pub lease_id: String,
     pub agent_id: String,
     pub expires_at: chrono::DateTime<chrono::Utc>,
+    pub groups: Vec<ClaimGroup>,
 }
 
-/// What [`claim_groups`] did.
+/// What [`claim_leases`] did.
 #[derive(Debug, Clone, Default)]
 pub struct Claimed {
     /// Leased now under the lease id: (delivery id, attempt count). The attempt count may be
@@ -283,8 +288,8 @@ const NOT_BLOCKED_BY_EARLIER: &str = "(ordering_key IS NULL OR NOT EXISTS (\
     AND earlier.id < deliveries.id \
     AND earlier.ordering_key IS NOT NULL AND earlier.state IN (1, 2, 4)))";
 
-/// Leases the claimable deliveries among each group's ids to its agent under its lease, in one
-/// transaction (`txn`). A delivery is claimable when it is due (pending or failed with its time
+/// Leases the claimable deliveries among each claim's groups to its agent under its lease, in
+/// one transaction (`txn`). A delivery is claimable when it is due (pending or failed with its time
 /// come, or in flight under an expired lease) and, for an ordered subscription, no earlier
 /// delivery of its entity is unfinished; the update is conditional, so a delivery another
 /// replica or agent holds is left alone.
@@ -297,42 +302,35 @@ const NOT_BLOCKED_BY_EARLIER: &str = "(ordering_key IS NULL OR NOT EXISTS (\
 ///
 /// Whatever the number of groups: one statement for the locks, one for the counts, and one
 /// update per lease.
-pub async fn claim_groups(
+pub async fn claim_leases(
     txn: &impl ConnectionTrait,
-    groups: &[ClaimGroup],
+    claims: &[LeaseClaim],
     now: chrono::DateTime<chrono::Utc>,
     shared: bool,
 ) -> Result<Claimed, Error> {
-    use std::collections::{BTreeMap, HashMap};
     let mut claimed = Claimed::default();
-    // Per lease: the ids to try, and the group that names the lease.
-    let mut per_lease: BTreeMap<&str, (&ClaimGroup, Vec<String>)> = BTreeMap::new();
-    let mut free: HashMap<&str, u64> = HashMap::new();
+    let mut free = std::collections::HashMap::new();
     if shared {
-        free = free_slots(txn, groups, now).await?;
+        free = free_slots(txn, claims.iter().flat_map(|c| &c.groups), now).await?;
     }
-    for group in groups.iter().filter(|g| !g.ids.is_empty()) {
-        let mut candidates = group.ids.as_slice();
-        if shared {
-            let slots = free.entry(group.subscription_id.as_str()).or_default();
-            let take = (*slots as usize).min(candidates.len());
-            *slots -= take as u64;
-            claimed.deferred.extend(candidates[take..].iter().cloned());
-            candidates = &candidates[..take];
+    for claim in claims {
+        let mut ids = Vec::new();
+        for group in &claim.groups {
+            let mut candidates = group.ids.as_slice();
+            if shared {
+                let slots = free.entry(group.subscription_id.as_str()).or_default();
+                let take = (*slots as usize).min(candidates.len());
+                *slots -= take as u64;
+                claimed.deferred.extend(candidates[take..].iter().cloned());
+                candidates = &candidates[..take];
+            }
+            ids.extend(candidates.iter().cloned());
         }
-        if candidates.is_empty() {
-            continue;
+        if !ids.is_empty() {
+            claimed
+                .leased
+                .extend(claim_ids(txn, claim, ids, now).await?);
         }
-        per_lease
-            .entry(group.lease_id.as_str())
-            .or_insert_with(|| (group, Vec::new()))
-            .1
-            .extend(candidates.iter().cloned());
-    }
-    for (group, ids) in per_lease.into_values() {
-        claimed
-            .leased
-            .extend(claim_ids(txn, group, ids, now).await?);
     }
     Ok(claimed)
 }
@@ -341,7 +339,7 @@ pub async fn claim_groups(
 /// may have in flight across replicas.
 async fn free_slots<'g>(
     txn: &impl ConnectionTrait,
-    groups: &'g [ClaimGroup],
+    groups: impl Iterator<Item = &'g ClaimGroup>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<std::collections::HashMap<&'g str, u64>, Error> {
     use sea_orm::Statement;
@@ -393,20 +391,20 @@ async fn free_slots<'g>(
         .collect())
 }
 
-/// Leases the claimable ones among `ids` under the group's lease; returns (id, attempt count)
+/// Leases the claimable ones among `ids` under `claim`'s lease; returns (id, attempt count)
 /// of each leased delivery.
 async fn claim_ids(
     txn: &impl ConnectionTrait,
-    group: &ClaimGroup,
+    claim: &LeaseClaim,
     ids: Vec<String>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Vec<(String, u32)>, Error> {
     let mut leased = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(INSERT_CHUNK) {
-        let claim = claim_update(group, chunk, now);
+        let update = claim_update(claim, chunk, now);
         for row in update_returning(
             txn,
-            claim,
+            update,
             [delivery::Column::Id, delivery::Column::AttemptCount],
         )
         .await?
@@ -421,7 +419,7 @@ async fn claim_ids(
 
 /// The conditional update that leases the claimable ones among `ids` under `group`'s lease.
 fn claim_update(
-    group: &ClaimGroup,
+    claim: &LeaseClaim,
     ids: &[String],
     now: chrono::DateTime<chrono::Utc>,
 ) -> sea_orm::UpdateMany<delivery::Entity> {
@@ -433,15 +431,15 @@ fn claim_update(
         )
         .col_expr(
             delivery::Column::LeaseId,
-            Expr::value(group.lease_id.as_str()),
+            Expr::value(claim.lease_id.as_str()),
         )
         .col_expr(
             delivery::Column::LeaseExpiresAt,
-            Expr::value(ms(group.expires_at)),
+            Expr::value(ms(claim.expires_at)),
         )
         .col_expr(
             delivery::Column::AgentId,
-            Expr::value(group.agent_id.as_str()),
+            Expr::value(claim.agent_id.as_str()),
         )
         .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
         .filter(delivery::Column::Id.is_in(ids.iter().cloned()))
@@ -753,15 +751,13 @@ mod tests {
         .unwrap();
         let now = chrono::Utc::now();
         let ids: Vec<String> = (0..200).map(|i| format!("dlv_{i:04}")).collect();
-        let group = ClaimGroup {
-            subscription_id: "sub_1".into(),
-            max_concurrency: 64,
-            ids: ids.clone(),
+        let lease = LeaseClaim {
             lease_id: "lease_1".into(),
             agent_id: "agent".into(),
             expires_at: now,
+            groups: Vec::new(),
         };
-        let claim = plan_of(&store, claim_update(&group, &ids, now)).await;
+        let claim = plan_of(&store, claim_update(&lease, &ids, now)).await;
         assert!(by_primary_key(&claim), "claim plan: {claim}");
 
         let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
