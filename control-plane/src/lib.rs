@@ -61,6 +61,11 @@ impl Running {
 pub struct Hooks {
     /// See [`dispatch::HandoffHook`].
     pub handoff: Option<dispatch::HandoffHook>,
+    /// `PRAGMA max_page_count` for every SQLite write, changeable while running: a disk that
+    /// fills up and is freed again.
+    pub sqlite_page_limit: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// Runs in every publish transaction just before its `COMMIT` (a fault injected there).
+    pub before_publish_commit: Option<service::publish::CommitHook>,
 }
 
 /// Runs a control plane until `shutdown` is cancelled.
@@ -92,6 +97,7 @@ pub async fn start_with(
         url: config.database_url.clone(),
         max_connections: if sqlite { 4 } else { 16 },
         master_key: config.master_key,
+        sqlite_page_limit: hooks.sqlite_page_limit.clone(),
     })
     .await?;
     if !store.sealer.has_key() {
@@ -131,6 +137,14 @@ pub async fn start_with(
     let registry = dispatch::registry::Registry::new(&replica_id);
     let prometheus = metrics::Registry::default();
     let metrics = metrics::Metrics::register(&prometheus);
+    let storage_errors = store.error_counts();
+    prometheus.register(|r| {
+        r.register(
+            "storage_errors",
+            "Failed database statements and commits, by kind (full, unavailable, conflict, internal)",
+            storage_errors,
+        )
+    });
     let scheduler = Scheduler::new(
         store.clone(),
         Settings {
@@ -165,6 +179,7 @@ pub async fn start_with(
         store.clone(),
         dispatcher.clone(),
         metrics.clone(),
+        hooks.before_publish_commit.clone(),
         &mut tasks,
     );
     let auth = service::auth::Auth::new(store.clone(), config.admin_token.as_deref());
@@ -256,6 +271,11 @@ pub async fn start_with(
         }
     };
 
+    tasks.spawn(follow_write_health(
+        store.clone(),
+        health_reporter,
+        scheduler_stop.clone(),
+    ));
     tasks.spawn(retention_loop(
         store.clone(),
         config.retention,
@@ -371,6 +391,44 @@ pub async fn start_with(
         shutdown,
         done,
     })
+}
+
+/// How often a control plane whose writes fail tries one, so that it notices the storage is back
+/// even when nothing else writes (a load balancer sends no traffic to a `NOT_SERVING` replica).
+const WRITE_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Serves `NOT_SERVING` while writes fail (a full disk, an unreachable database) and `SERVING`
+/// again once they succeed; probes the storage meanwhile.
+async fn follow_write_health(
+    store: Store,
+    reporter: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) {
+    use tonic_health::ServingStatus;
+    let mut health = store.write_health();
+    loop {
+        let status = if health.ok() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        reporter.set_service_status("", status).await;
+        reporter
+            .set_service_status(
+                <herald_proto::v1::event_service_server::EventServiceServer<grpc::EventApi> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = health.changed() => if changed.is_none() { return },
+            _ = tokio::time::sleep(WRITE_PROBE_INTERVAL), if !health.ok() => {
+                if let Err(err) = store.probe_writes().await {
+                    tracing::debug!(error = %err, "storage write probe failed");
+                }
+            }
+        }
+    }
 }
 
 /// Events (and their deliveries and attempts) per purge transaction.

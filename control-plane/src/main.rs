@@ -158,6 +158,7 @@ async fn reset_admin_token(config: Config) -> anyhow::Result<()> {
             url: config.database_url.clone(),
             max_connections: 1,
             master_key: config.master_key,
+            sqlite_page_limit: None,
         })
         .await?;
     let auth = herald_control_plane::service::auth::Auth::new(store.clone(), None);

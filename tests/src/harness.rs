@@ -181,6 +181,42 @@ impl HeraldBuilder {
         self.start_on(database).await
     }
 
+    /// Starts the control plane on a runtime of its own, on an existing database:
+    /// [`Herald::crash`] then drops that runtime with every task of the control plane at once
+    /// (no drain, no last write, no close), which leaves the database as a SIGKILL would.
+    pub async fn start_crashable_on(
+        self,
+        database: TestDatabase,
+    ) -> (Herald, tokio::runtime::Runtime) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let url = database.url.clone();
+        let started = runtime.spawn(async move {
+            let builder = self;
+            let mut config = builder.config;
+            config.database_url = url;
+            config.builtin_agent = builder.builtin_agent;
+            let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+            let running = herald_control_plane::start_with(config.clone(), listener, builder.hooks)
+                .await
+                .unwrap();
+            (running, config)
+        });
+        let (running, config) = started.await.unwrap();
+        let herald = Herald {
+            addr: running.addr,
+            admin_token: ADMIN_TOKEN.into(),
+            agent_token: AGENT_TOKEN.into(),
+            database,
+            running: Some(running),
+            config,
+        };
+        (herald, runtime)
+    }
+
     /// Starts the control plane in this process on an existing database.
     pub async fn start_on(self, database: TestDatabase) -> Herald {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -241,6 +277,37 @@ impl Herald {
             .unwrap()
             .into_inner();
         (tenant.id, self.client(&token.token))
+    }
+
+    /// Stops a control plane started by [`HeraldBuilder::start_crashable_on`] the way SIGKILL
+    /// would, and returns its database.
+    pub async fn crash(mut self, runtime: tokio::runtime::Runtime) -> TestDatabase {
+        runtime.shutdown_background();
+        drop(self.running.take());
+        // The runtime's threads drop its tasks (and the SQLite file's lock with them) on their
+        // way out; the file is free once its lock can be taken.
+        if let Some(path) = self.database.sqlite_path() {
+            let mut lock_path = path.into_os_string();
+            lock_path.push(".lock");
+            crate::eventually(
+                "the crashed control plane's file lock",
+                Duration::from_secs(10),
+                || {
+                    let lock_path = lock_path.clone();
+                    async move {
+                        let file = std::fs::OpenOptions::new()
+                            .write(true)
+                            .open(&lock_path)
+                            .ok()?;
+                        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                            .ok()
+                            .map(drop)
+                    }
+                },
+            )
+            .await;
+        }
+        self.database
     }
 
     /// Stops the control plane gracefully and returns its database, to start another on it.

@@ -371,6 +371,9 @@ fn service_failure(signed: &Signed, err: crate::service::Error) -> Response {
             tracing::error!(error_id = %id, error = %detail, "console: internal error");
             format!("internal error (id {id})")
         }
+        E::Storage(crate::storage::Error::Full(_)) => {
+            "storage full: free space on the database volume; retry later".to_owned()
+        }
         E::Storage(_) => "storage unavailable; retry later".to_owned(),
         _ => err.to_string(),
     };

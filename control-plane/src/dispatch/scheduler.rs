@@ -43,6 +43,8 @@ const MAX_JOBS_PER_MESSAGE: usize = 64;
 /// How long a subscription whose `max_concurrency` other replicas fill up waits before this
 /// replica tries to lease its deliveries again.
 const CLUSTER_FULL_BACKOFF: Duration = Duration::from_millis(100);
+/// How long after a failed results write the next one starts.
+const RESULTS_REWRITE_DELAY: Duration = Duration::from_secs(1);
 /// The version sent in `User-Agent`.
 const USER_AGENT: &str = concat!("Herald/", env!("CARGO_PKG_VERSION"));
 
@@ -179,6 +181,12 @@ pub struct Scheduler {
     pending_results: Vec<(u64, Vec<pb::JobResult>, u32)>,
     /// Whether a results write is in flight; its outcome arrives on `written_rx`.
     writing: bool,
+    /// Results whose write failed (a full disk, an unreachable database), written again with
+    /// the next batch from `rewrite_at` on. Their slots stay taken and their deliveries known
+    /// meanwhile; their leases stay in the database, so if the write never succeeds they expire
+    /// and the poller hands the deliveries out again.
+    unwritten: Vec<Step>,
+    rewrite_at: Option<Instant>,
     written_tx: mpsc::UnboundedSender<Written>,
     written_rx: mpsc::UnboundedReceiver<Written>,
     metrics: Metrics,
@@ -218,6 +226,8 @@ impl Scheduler {
             drains: Vec::new(),
             draining: false,
             pending_results: Vec::new(),
+            unwritten: Vec::new(),
+            rewrite_at: None,
             writing: false,
             written_tx,
             written_rx,
@@ -249,6 +259,8 @@ impl Scheduler {
                 }
                 _ = tokio::time::sleep_until(self.next_poll) => {
                     self.poll().await;
+                    // Results whose write failed go again once their delay is over.
+                    self.flush_results().await;
                 }
                 _ = rate_tick.tick(), if !self.queues.is_empty() => {}
             }
@@ -333,7 +345,10 @@ impl Scheduler {
             return;
         }
         let now = Instant::now();
-        let idle = self.leases.is_empty() && !self.writing && self.pending_results.is_empty();
+        let idle = self.leases.is_empty()
+            && !self.writing
+            && self.pending_results.is_empty()
+            && self.unwritten.is_empty();
         let (done, waiting): (Vec<_>, Vec<_>) = self
             .drains
             .drain(..)
@@ -947,12 +962,20 @@ impl Scheduler {
     /// still-valid lease), while this task goes on leasing and sending. One write at a time:
     /// results arriving meanwhile wait for the next, larger one.
     async fn flush_results(&mut self) {
-        if self.pending_results.is_empty() || self.writing {
+        if (self.pending_results.is_empty() && self.unwritten.is_empty()) || self.writing {
             return;
         }
+        if self.rewrite_at.is_some_and(|at| Instant::now() < at) {
+            // The last write failed: the storage gets a moment before the next one.
+            return;
+        }
+        self.rewrite_at = None;
         let now = Utc::now();
         let batch = std::mem::take(&mut self.pending_results);
-        let mut planned = Vec::new();
+        let mut planned = std::mem::take(&mut self.unwritten);
+        for step in &mut planned {
+            step.reset();
+        }
         let mut grants = Vec::with_capacity(batch.len());
         for (key, results, credits) in batch {
             grants.push((key, credits));
@@ -1015,9 +1038,13 @@ impl Scheduler {
                 true
             }
             Err(err) => {
-                // The leases stay in the database and expire; the poller finds the deliveries then.
-                tracing::warn!(error = %err, results = steps.len(), "could not record results");
-                false
+                // Kept and written again in a moment (see `unwritten`).
+                tracing::warn!(error = %err, results = steps.len(), "could not record results; retrying in {RESULTS_REWRITE_DELAY:?}");
+                let at = Instant::now() + RESULTS_REWRITE_DELAY;
+                self.rewrite_at = Some(at);
+                self.next_poll = self.next_poll.min(at);
+                self.unwritten.extend(steps);
+                return;
             }
         };
         for step in &steps {
@@ -1064,15 +1091,19 @@ impl Scheduler {
         }
     }
 
-    /// Records every result received so far and waits until it is written.
+    /// Records every result received so far and waits until it is written; makes one more try
+    /// for results whose write failed.
     async fn settle_results(&mut self) {
+        let mut retried = false;
         loop {
             if self.writing {
                 match self.written_rx.recv().await {
                     Some(written) => self.written(written),
                     None => return,
                 }
-            } else if !self.pending_results.is_empty() {
+            } else if !self.pending_results.is_empty() || (!retried && !self.unwritten.is_empty()) {
+                retried = true;
+                self.rewrite_at = None;
                 self.flush_results().await;
             } else {
                 return;
@@ -1140,6 +1171,7 @@ impl Scheduler {
             }
         }
         Step {
+            planned: (state, next_attempt_at, attempt.error),
             lease,
             outcome,
             attempt,
@@ -1323,6 +1355,9 @@ async fn write(
 
 /// One result on its way to storage.
 struct Step {
+    /// The state, next attempt and error planned from the result, before a write changed them
+    /// (a write that failed is done again from these).
+    planned: (DeliveryState, Option<DateTime<Utc>>, AttemptError),
     lease: Option<Lease>,
     outcome: retry::Outcome,
     attempt: Attempt,
@@ -1332,6 +1367,15 @@ struct Step {
     /// Whether the result moved its delivery (its lease was still valid).
     applied: bool,
     record: Option<AttemptRecord>,
+}
+
+impl Step {
+    /// Back to the step as planned, for another write.
+    fn reset(&mut self) {
+        (self.state, self.next_attempt_at, self.attempt.error) = self.planned;
+        self.applied = false;
+        self.record = None;
+    }
 }
 
 /// Asks an agent to take nothing new, finish, report and close.

@@ -35,8 +35,12 @@ impl From<service::Error> for Status {
             E::Storage(crate::storage::Error::Conflict(_)) => Status::already_exists(
                 "conflict: a concurrent request changed the same record; retry",
             ),
+            // The writer logs the episode (and what to do) once; not every refused call.
+            E::Storage(crate::storage::Error::Full(_)) => Status::resource_exhausted(
+                "storage full: free space on the database volume; retry later with the same idempotency key",
+            ),
             E::Storage(crate::storage::Error::Unavailable(detail)) => {
-                tracing::warn!(error = %detail, "storage unavailable");
+                tracing::debug!(error = %detail, "storage unavailable");
                 Status::unavailable("storage unavailable; retry later")
             }
             E::Storage(crate::storage::Error::Internal(detail)) => internal(&detail),

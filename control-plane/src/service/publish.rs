@@ -70,10 +70,11 @@ impl Publisher {
         store: Store,
         dispatcher: dispatch::Handle,
         metrics: Metrics,
+        before_commit: Option<CommitHook>,
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Self {
         let (writer, calls) = mpsc::channel(4096);
-        tasks.spawn(write_loop(store, dispatcher, metrics, calls));
+        tasks.spawn(write_loop(store, dispatcher, metrics, before_commit, calls));
         Self { writer }
     }
 
@@ -173,8 +174,15 @@ async fn write_loop(
     store: Store,
     dispatcher: dispatch::Handle,
     metrics: Metrics,
+    before_commit: Option<CommitHook>,
     mut calls: mpsc::Receiver<Call>,
 ) {
+    let writer = Writer {
+        store,
+        dispatcher,
+        metrics,
+        before_commit,
+    };
     while let Some(first) = calls.recv().await {
         let mut batch = vec![first];
         let mut events = batch[0].events.len();
@@ -187,68 +195,171 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        commit(&store, &dispatcher, &metrics, batch).await;
+        writer.commit(batch).await;
     }
 }
 
-/// Commits a batch; if the transaction fails, commits each call alone so that one caller's
-/// failure never becomes another's.
-async fn commit(store: &Store, dispatcher: &dispatch::Handle, metrics: &Metrics, batch: Vec<Call>) {
-    let now = Utc::now();
-    match commit_together(store, &batch, now).await {
-        Ok((replies, new, bodies)) => {
-            committed(store, metrics, bodies.len());
-            dispatcher.submit(new, bodies);
-            for (call, reply) in batch.into_iter().zip(replies) {
-                let _ = call.reply.send(reply);
-            }
-        }
-        Err(err) if batch.len() == 1 => {
-            // A racing insert of the same idempotency key (another replica) is a
-            // conflict: read again, and answer as for a repeat.
-            let reply = if matches!(err, storage::Error::Conflict(_)) {
-                match commit_together(store, &batch, Utc::now()).await {
-                    Ok((mut replies, new, bodies)) => {
-                        committed(store, metrics, bodies.len());
-                        dispatcher.submit(new, bodies);
-                        replies.pop().unwrap_or(Err(Error::Storage(err)))
-                    }
-                    Err(err) => Err(err.into()),
+/// Runs in every publish transaction just before its `COMMIT` (tests inject faults there).
+pub type CommitHook =
+    std::sync::Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// The group-commit writer's parts.
+struct Writer {
+    store: Store,
+    dispatcher: dispatch::Handle,
+    metrics: Metrics,
+    before_commit: Option<CommitHook>,
+}
+
+/// How many times the writer reads back a batch whose `COMMIT` outcome is unknown before it
+/// gives up and answers `UNAVAILABLE`.
+const READ_BACK_TRIES: u32 = 5;
+
+impl Writer {
+    /// Commits a batch and answers its callers. Only a `COMMIT` that returned success, or one
+    /// whose events were read back afterwards, is answered OK. A batch that failed before its
+    /// `COMMIT` because of the storage (full, unreachable) fails every caller; one that failed
+    /// for another reason is committed call by call, so that one caller's failure never becomes
+    /// another's.
+    async fn commit(&self, batch: Vec<Call>) {
+        match self.write(&batch).await {
+            Ok(written) => self.answer(batch, written),
+            Err(Failed::AtCommit(err, written)) => match self.read_back(&written).await {
+                Ok(true) => {
+                    tracing::warn!(error = %err, "publish COMMIT failed but its events are in the database");
+                    self.answer(batch, written)
                 }
-            } else {
-                Err(err.into())
-            };
-            if let Some(call) = batch.into_iter().next() {
-                let _ = call.reply.send(reply);
+                Ok(false) if batch.len() > 1 => self.one_by_one(batch).await,
+                Ok(false) => fail(batch, err),
+                Err(read_err) => {
+                    tracing::error!(error = %err, read_back = %read_err, "publish COMMIT outcome unknown");
+                    fail(
+                        batch,
+                        storage::Error::Unavailable(
+                            "publish: the commit's outcome could not be established; retry with the same idempotency key".into(),
+                        ),
+                    )
+                }
+            },
+            Err(Failed::BeforeCommit(
+                err @ (storage::Error::Full(_) | storage::Error::Unavailable(_)),
+            )) => fail(batch, err),
+            Err(Failed::BeforeCommit(err)) if batch.len() > 1 => {
+                tracing::debug!(error = %err, calls = batch.len(), "group commit failed; committing calls one by one");
+                self.one_by_one(batch).await
+            }
+            Err(Failed::BeforeCommit(storage::Error::Conflict(_))) => {
+                // A racing insert of the same idempotency key (another replica): read again,
+                // and answer as for a repeat.
+                match self.write(&batch).await {
+                    Ok(written) => self.answer(batch, written),
+                    Err(Failed::BeforeCommit(err) | Failed::AtCommit(err, _)) => fail(batch, err),
+                }
+            }
+            Err(Failed::BeforeCommit(err)) => fail(batch, err),
+        }
+    }
+
+    async fn one_by_one(&self, batch: Vec<Call>) {
+        for call in batch {
+            Box::pin(self.commit(vec![call])).await;
+        }
+    }
+
+    /// Hands a committed batch to the scheduler and answers its callers.
+    fn answer(&self, batch: Vec<Call>, written: Written) {
+        self.store.count_commit();
+        self.metrics.publish_commits.inc();
+        self.metrics
+            .events_published
+            .inc_by(written.bodies.len() as u64);
+        self.dispatcher.submit(written.deliveries, written.bodies);
+        for (call, reply) in batch.into_iter().zip(written.replies) {
+            let _ = call.reply.send(reply);
+        }
+    }
+
+    /// Reads a batch's new events back after a `COMMIT` whose outcome is unknown: whether they
+    /// are all in the database (`false`: none is). Retries for a moment while the database is
+    /// unreachable.
+    async fn read_back(&self, written: &Written) -> Result<bool, storage::Error> {
+        let ids: Vec<String> = written.bodies.keys().cloned().collect();
+        if ids.is_empty() {
+            // Nothing new was written: only repeats and refusals, which stand as they are.
+            return Ok(true);
+        }
+        let mut tries = 0;
+        loop {
+            match events::count_present(&self.store.db, &ids).await {
+                Ok(n) if n == ids.len() as u64 => return Ok(true),
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    return Err(storage::Error::Internal(format!(
+                        "{n} of {} events of one transaction are stored",
+                        ids.len()
+                    )));
+                }
+                Err(err) if tries + 1 >= READ_BACK_TRIES => return Err(err),
+                Err(_) => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(200 << tries)).await;
+                }
             }
         }
-        Err(err) => {
-            tracing::debug!(error = %err, calls = batch.len(), "group commit failed; committing calls one by one");
-            for call in batch {
-                Box::pin(commit(store, dispatcher, metrics, vec![call])).await;
-            }
+    }
+
+    /// Writes every call of the batch in one transaction. Refusals (a reused idempotency key) are
+    /// decided before anything of that call is written.
+    async fn write(&self, batch: &[Call]) -> Result<Written, Failed> {
+        let txn = self
+            .store
+            .begin_write()
+            .await
+            .map_err(Failed::BeforeCommit)?;
+        let written = stage(&self.store, &txn, batch, Utc::now())
+            .await
+            .map_err(Failed::BeforeCommit)?;
+        if let Some(hook) = &self.before_commit {
+            hook().await;
+        }
+        match txn.commit().await {
+            Ok(()) => Ok(written),
+            Err(err) => Err(Failed::AtCommit(err, written)),
         }
     }
 }
 
-/// Counts a committed publish transaction and its new events.
-fn committed(store: &Store, metrics: &Metrics, events: usize) {
-    store.count_commit();
-    metrics.publish_commits.inc();
-    metrics.events_published.inc_by(events as u64);
+/// Answers every caller of a batch with the same error.
+fn fail(batch: Vec<Call>, err: storage::Error) {
+    for call in batch {
+        let _ = call.reply.send(Err(Error::Storage(err.clone())));
+    }
+}
+
+/// Why a batch was not committed.
+enum Failed {
+    /// Before `COMMIT`: nothing of the batch is in the database.
+    BeforeCommit(storage::Error),
+    /// `COMMIT` failed: the batch may or may not be in the database.
+    AtCommit(storage::Error, Written),
 }
 
 type CallReplies = Vec<Result<Vec<Published>, Error>>;
 
-/// Writes every call of the batch in one transaction. Refusals (a reused idempotency key) are
-/// decided before anything of that call is written; a storage error fails the whole batch.
-/// Returns the replies, the new deliveries and the new events' bodies.
-async fn commit_together(
+/// A batch written in a transaction: the replies, the new deliveries and the new events' bodies.
+struct Written {
+    replies: CallReplies,
+    deliveries: Vec<Delivery>,
+    bodies: dispatch::EventBodies,
+}
+
+/// Writes every call of the batch into `txn`.
+async fn stage(
     store: &Store,
+    txn: &storage::Transaction,
     batch: &[Call],
     now: DateTime<Utc>,
-) -> Result<(CallReplies, Vec<Delivery>, dispatch::EventBodies), storage::Error> {
-    let txn = store.begin_write().await?;
+) -> Result<Written, storage::Error> {
     let mut subscriptions_of: HashMap<&str, Vec<Subscription>> = HashMap::new();
     // Keys written earlier in this batch: (tenant, key) -> (request hash, reply).
     let mut batch_keys: HashMap<(String, String), (String, Published)> = HashMap::new();
@@ -265,7 +376,7 @@ async fn commit_together(
     }
     let mut stored_keys_of = HashMap::with_capacity(keys_of.len());
     for (tenant_id, keys) in keys_of {
-        stored_keys_of.insert(tenant_id, events::find_keys(&txn, tenant_id, &keys).await?);
+        stored_keys_of.insert(tenant_id, events::find_keys(txn, tenant_id, &keys).await?);
     }
     let no_keys = HashMap::new();
     for call in batch {
@@ -285,7 +396,7 @@ async fn commit_together(
                         record.request_hash.clone(),
                         Published {
                             event_id: record.event_id.clone(),
-                            delivery_ids: deliveries::ids_for_event(&txn, &record.event_id).await?,
+                            delivery_ids: deliveries::ids_for_event(txn, &record.event_id).await?,
                         },
                     )),
                     None => batch_keys
@@ -314,7 +425,7 @@ async fn commit_together(
                 Target::FanOut => {
                     if !subscriptions_of.contains_key(call.tenant_id.as_str()) {
                         let list =
-                            subscriptions::receiving(&txn, &store.sealer, &call.tenant_id).await?;
+                            subscriptions::receiving(txn, &store.sealer, &call.tenant_id).await?;
                         subscriptions_of.insert(call.tenant_id.as_str(), list);
                     }
                     subscriptions_of
@@ -342,7 +453,7 @@ async fn commit_together(
                 now,
             );
             if store.shared() {
-                order_after_earlier(&txn, &mut fanned_out, &mut newest_of_entity).await?;
+                order_after_earlier(txn, &mut fanned_out, &mut newest_of_entity).await?;
             }
             let published = Published {
                 event_id: stored.id.clone(),
@@ -367,9 +478,8 @@ async fn commit_together(
             }
         }
     }
-    events::insert_many(&txn, &new_events).await?;
-    deliveries::insert_many(&txn, &new_deliveries).await?;
-    txn.commit().await?;
+    events::insert_many(txn, &new_events).await?;
+    deliveries::insert_many(txn, &new_deliveries).await?;
     let bodies = new_events
         .into_iter()
         .map(|(event, _)| {
@@ -380,7 +490,11 @@ async fn commit_together(
             (event.id, std::sync::Arc::new(body))
         })
         .collect();
-    Ok((replies, new_deliveries, bodies))
+    Ok(Written {
+        replies,
+        deliveries: new_deliveries,
+        bodies,
+    })
 }
 
 /// Gives each ordered delivery an id after every unfinished delivery of its entity, wherever it

@@ -133,7 +133,14 @@ pub async fn insert_attempts(db: &impl ConnectionTrait, attempts: &[Attempt]) ->
             error: Set(a.error as i32),
             error_message: Set(a.error_message.clone()),
         });
+        // A results write whose COMMIT outcome was unknown is written again: attempts already
+        // stored stay as they are.
         attempt::Entity::insert_many(rows)
+            .on_conflict(
+                sea_orm::sea_query::OnConflict::column(attempt::Column::Id)
+                    .do_nothing()
+                    .to_owned(),
+            )
             .exec_without_returning(db)
             .await?;
     }
@@ -746,6 +753,7 @@ mod tests {
             url: format!("sqlite://{}?mode=rwc", dir.path().join("plan.db").display()),
             max_connections: 1,
             master_key: None,
+            sqlite_page_limit: None,
         })
         .await
         .unwrap();

@@ -151,6 +151,19 @@ pub async fn type_counts(
         .collect())
 }
 
+/// Counts how many of these events are stored (a publish whose `COMMIT` outcome is unknown).
+pub async fn count_present(db: &impl ConnectionTrait, ids: &[String]) -> Result<u64, Error> {
+    use sea_orm::PaginatorTrait;
+    let mut present = 0;
+    for chunk in ids.chunks(1_000) {
+        present += event::Entity::find()
+            .filter(event::Column::Id.is_in(chunk.iter().cloned()))
+            .count(db)
+            .await?;
+    }
+    Ok(present)
+}
+
 /// Counts a tenant's events (tests and benchmarks use it).
 pub async fn count(db: &impl ConnectionTrait) -> Result<u64, Error> {
     use sea_orm::PaginatorTrait;

@@ -13,6 +13,7 @@ pub mod seal;
 pub mod subscriptions;
 pub mod tenants;
 pub mod tokens;
+mod writer;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -26,42 +27,117 @@ use sea_orm::{
 use sea_orm_migration::MigratorTrait;
 
 pub use seal::Sealer;
+pub use writer::{ErrorKind, Transaction, WriteHealth, Writer};
 
 /// A storage failure, classified once for the layers above.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// A unique constraint refused the write (a racing insert won).
     #[error("conflict: {0}")]
     Conflict(String),
-    /// The database is unreachable or overloaded; the call is safe to retry.
+    /// The database volume (or PostgreSQL's disk) is full: nothing can be written until space is
+    /// freed. Reads still work.
+    #[error("storage full: free space on the database volume ({0})")]
+    Full(String),
+    /// The database is unreachable, busy or overloaded; the call is safe to retry.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
-    /// Stored data Herald cannot read back: a bug or a tampered database.
+    /// Stored data Herald cannot read back, or a statement Herald got wrong: a bug or a tampered
+    /// database.
     #[error("storage: {0}")]
     Internal(String),
 }
 
-impl From<DbErr> for Error {
-    fn from(err: DbErr) -> Self {
+impl Error {
+    /// Classifies a database error: by SQLite result code or PostgreSQL SQLSTATE where the
+    /// database gave one, by the kind of failure otherwise.
+    pub fn of(err: &DbErr) -> Self {
+        use sea_orm::{RuntimeErr, sqlx};
         if let Some(sea_orm::SqlErr::UniqueConstraintViolation(what)) = err.sql_err() {
             return Self::Conflict(what);
         }
-        match &err {
-            DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => Self::Unavailable(err.to_string()),
-            _ => {
-                let text = err.to_string();
-                // SQLite reports a writer it waited too long for as "database is locked", and a
-                // broken PostgreSQL connection as an I/O error: both pass, so callers may retry.
-                if text.contains("database is locked")
-                    || text.contains("connection")
-                    || text.contains("I/O")
-                {
-                    Self::Unavailable(text)
-                } else {
-                    Self::Internal(text)
+        let text = err.to_string();
+        let sqlx_err = match err {
+            DbErr::ConnectionAcquire(_) => return Self::Unavailable(text),
+            DbErr::Conn(RuntimeErr::SqlxError(e))
+            | DbErr::Exec(RuntimeErr::SqlxError(e))
+            | DbErr::Query(RuntimeErr::SqlxError(e)) => e.as_ref(),
+            DbErr::Conn(_) => return Self::Unavailable(text),
+            _ => return Self::Internal(text),
+        };
+        match sqlx_err {
+            sqlx::Error::Database(db) => {
+                let code = db.code().unwrap_or_default();
+                match classify_code(
+                    db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                        .is_some(),
+                    &code,
+                ) {
+                    Some(Kind::Full) => Self::Full(text),
+                    Some(Kind::Unavailable) => Self::Unavailable(text),
+                    None => Self::Internal(text),
                 }
             }
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => Self::Unavailable(text),
+            _ => Self::Internal(text),
         }
+    }
+
+    /// The kind, as `herald_storage_errors_total` labels it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Conflict(_) => "conflict",
+            Self::Full(_) => "full",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+/// What a database's own error code says about the storage.
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    Full,
+    Unavailable,
+}
+
+/// Classifies a PostgreSQL SQLSTATE or a SQLite (extended) result code; `None`: Herald's own
+/// fault (a statement it got wrong, a constraint).
+fn classify_code(postgres: bool, code: &str) -> Option<Kind> {
+    if postgres {
+        return match code {
+            // disk_full
+            "53100" => Some(Kind::Full),
+            // insufficient resources (out of memory, too many connections), connection
+            // exceptions, the server shutting down or starting, serialization failures and
+            // deadlocks (the transaction was rolled back; retrying is safe), read-only standby.
+            c if c.starts_with("53") || c.starts_with("08") || c.starts_with("57P") => {
+                Some(Kind::Unavailable)
+            }
+            "40001" | "40P01" | "25006" => Some(Kind::Unavailable),
+            _ => None,
+        };
+    }
+    // SQLite reports extended codes; the primary code is the low byte.
+    let primary = code.parse::<i32>().ok()? & 0xff;
+    match primary {
+        // SQLITE_FULL
+        13 => Some(Kind::Full),
+        // SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_IOERR, SQLITE_CANTOPEN,
+        // SQLITE_PROTOCOL, SQLITE_NOLFS
+        5 | 6 | 8 | 10 | 14 | 15 | 22 => Some(Kind::Unavailable),
+        _ => None,
+    }
+}
+
+impl From<DbErr> for Error {
+    fn from(err: DbErr) -> Self {
+        Self::of(&err)
     }
 }
 
@@ -103,7 +179,7 @@ pub struct Store {
     pub(crate) db: DatabaseConnection,
     /// On SQLite, a pool of one connection: every write goes through it, so writers queue in
     /// the pool instead of failing with "database is locked". On PostgreSQL, the same pool as `db`.
-    pub(crate) writer: DatabaseConnection,
+    pub(crate) writer: Writer,
     pub(crate) sealer: Sealer,
     /// Transactions committed by the publish path (observable by tests and benchmarks).
     commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -153,15 +229,15 @@ impl FileLock {
     }
 }
 
-/// A write transaction; storage functions take it as `&impl ConnectionTrait`.
-pub type Transaction = sea_orm::DatabaseTransaction;
-
 /// Options for [`Store::open`].
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     pub url: String,
     pub max_connections: u32,
     pub master_key: Option<[u8; 32]>,
+    /// Tests: the most pages an SQLite database may have, read at every write (a disk that
+    /// fills up and is freed again).
+    pub sqlite_page_limit: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Store {
@@ -172,6 +248,7 @@ impl Store {
             source,
         };
         let mut file_lock = FileLock::default();
+        let writer_state = writer::WriterState::new(options.sqlite_page_limit.clone());
         let (db, writer) = if options.url.starts_with("sqlite:") {
             // Before anything touches the file: a second control plane must not migrate it or
             // release the first one's leases.
@@ -179,7 +256,17 @@ impl Store {
             let reader = Database::connect(sqlite_options(&options.url, options.max_connections))
                 .await
                 .map_err(connect_err)?;
-            let writer = Database::connect(sqlite_options(&options.url, 1))
+            let mut writer_options = sqlite_options(&options.url, 1);
+            let state = writer_state.clone();
+            writer_options.map_sqlx_sqlite_pool_opts(move |pool| {
+                // A connection whose transaction failed is closed, not reused (see `writer`).
+                let state = state.clone();
+                pool.after_release(move |_, _| {
+                    let keep = !state.take_discard();
+                    Box::pin(async move { Ok(keep) })
+                })
+            });
+            let writer = Database::connect(writer_options)
                 .await
                 .map_err(connect_err)?;
             (reader, writer)
@@ -202,7 +289,10 @@ impl Store {
         migrate(&writer).await.map_err(OpenError::Migrate)?;
         let store = Self {
             db,
-            writer,
+            writer: Writer {
+                db: writer,
+                state: writer_state,
+            },
             sealer: Sealer::new(options.master_key),
             commits: Default::default(),
             file_lock,
@@ -213,7 +303,7 @@ impl Store {
 
     /// Begins a transaction on the writer.
     pub async fn begin_write(&self) -> Result<Transaction, Error> {
-        Ok(self.writer.begin().await?)
+        self.writer.begin().await
     }
 
     /// Begins a transaction of the scheduler's leases and results. On PostgreSQL it commits
@@ -228,6 +318,26 @@ impl Store {
                 .await?;
         }
         Ok(txn)
+    }
+
+    /// Whether writes succeed, for the health service.
+    pub fn write_health(&self) -> WriteHealth {
+        self.writer.health()
+    }
+
+    /// Storage errors by kind, for `herald_storage_errors_total`.
+    pub fn error_counts(
+        &self,
+    ) -> prometheus_client::metrics::family::Family<
+        ErrorKind,
+        prometheus_client::metrics::counter::Counter,
+    > {
+        self.writer.errors()
+    }
+
+    /// Tries a small write and rolls it back; marks the write health with the outcome.
+    pub async fn probe_writes(&self) -> Result<(), Error> {
+        self.writer.probe().await
     }
 
     /// Counts one committed publish transaction.
@@ -265,7 +375,7 @@ impl Store {
             _ => format!("SHOW {name}"),
         };
         let mut values = Vec::new();
-        for conn in [&self.db, &self.writer] {
+        for conn in [&self.db, &self.writer.db] {
             let row = conn
                 .query_one_raw(Statement::from_string(self.backend(), sql.clone()))
                 .await?
@@ -313,7 +423,7 @@ impl Store {
                 } else {
                     "none".to_owned()
                 };
-                let txn = self.writer.begin().await.map_err(Error::from)?;
+                let txn = self.writer.begin().await?;
                 entity::meta::Entity::delete_by_id(KEY.to_owned())
                     .exec(&txn)
                     .await
@@ -325,7 +435,7 @@ impl Store {
                 .exec(&txn)
                 .await
                 .map_err(Error::from)?;
-                txn.commit().await.map_err(Error::from)?;
+                txn.commit().await?;
                 Ok(())
             }
         }
@@ -333,7 +443,7 @@ impl Store {
 
     pub async fn close(self) {
         let _ = self.db.close().await;
-        let _ = self.writer.close().await;
+        let _ = self.writer.db.close().await;
         // Clones may outlive this one (a task not yet dropped); the file is free now anyway.
         self.file_lock.release();
     }

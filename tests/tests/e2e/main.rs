@@ -9,4 +9,5 @@ mod lifecycle;
 mod observability;
 mod pipeline;
 mod scale;
+mod storage_faults;
 mod tls;

@@ -157,7 +157,7 @@ async fn free_port() -> u16 {
 
 /// Scrapes `/metrics`, checks it parses as Prometheus text, and returns samples by
 /// `name{label="value"}` (labels sorted), summed.
-async fn scrape(port: u16) -> std::collections::HashMap<String, f64> {
+pub async fn scrape(port: u16) -> std::collections::HashMap<String, f64> {
     let body = reqwest_get(port).await;
     let lines = body.lines().map(|l| Ok(l.to_owned()));
     let parsed =

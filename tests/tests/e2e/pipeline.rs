@@ -70,6 +70,7 @@ async fn a_lost_hand_off_still_delivers_after_restart(backend: Backend) {
             counter.fetch_add(deliveries.len(), std::sync::atomic::Ordering::SeqCst);
             false
         })),
+        ..Default::default()
     };
     let herald = Herald::builder(backend)
         .no_builtin_agent()
