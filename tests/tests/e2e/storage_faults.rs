@@ -57,8 +57,10 @@ async fn health(herald: &Herald) -> i32 {
 const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
 const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
 
-/// Publishes `count` events from 8 concurrent publishers; returns the acknowledged event ids
-/// and the status codes of the refusals.
+/// Publishes `count` events from 8 concurrent publishers, half of them one event per call and
+/// half three per `PublishEvents` call (SQLite rolls a failed single-row insert back with its
+/// whole transaction, a failed multi-row one only to the statement: both must be survived);
+/// returns the acknowledged event ids and the status codes of the refusals.
 async fn publish_many(
     client: &herald_client::HeraldClient,
     from: u32,
@@ -66,17 +68,31 @@ async fn publish_many(
     payload_bytes: usize,
 ) -> (Vec<String>, Vec<tonic::Code>) {
     let next = Arc::new(AtomicU32::new(from));
-    let publishers = (0..8).map(|_| {
+    let publishers = (0..8).map(|publisher| {
         let (client, next) = (client.clone(), next.clone());
+        let per_call = if publisher % 2 == 0 { 1 } else { 3 };
         async move {
             let (mut acknowledged, mut refused) = (Vec::new(), Vec::new());
             loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= from + count {
+                let first = next.fetch_add(per_call, Ordering::Relaxed);
+                if first >= from + count {
                     return (acknowledged, refused);
                 }
-                match client.publish(event(i, payload_bytes)).await {
-                    Ok(reply) => acknowledged.push(reply.event_id),
+                let last = (first + per_call).min(from + count);
+                let reply = if per_call == 1 {
+                    client
+                        .publish(event(first, payload_bytes))
+                        .await
+                        .map(|reply| vec![reply.event_id])
+                } else {
+                    let events = (first..last).map(|i| event(i, payload_bytes)).collect();
+                    client
+                        .publish_many(pb::PublishEventsRequest { events })
+                        .await
+                        .map(|reply| reply.results.into_iter().map(|r| r.event_id).collect())
+                };
+                match reply {
+                    Ok(ids) => acknowledged.extend(ids),
                     Err(status) => refused.push(status.code()),
                 }
             }
