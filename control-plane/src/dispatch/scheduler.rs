@@ -443,7 +443,7 @@ impl Scheduler {
             .map(|lease| (lease.delivery.id.clone(), lease.lease_id.clone()))
             .collect();
         // Re-queued at once: the agent's results can no longer arrive on its closed stream.
-        match deliveries::release(&self.store.writer, &pairs, Utc::now()).await {
+        match release(&self.store, &pairs).await {
             Ok(_) => {
                 for lease in released {
                     self.known.remove(&lease.delivery.id);
@@ -1376,6 +1376,14 @@ impl Step {
         self.applied = false;
         self.record = None;
     }
+}
+
+/// Makes a departed agent's leased deliveries pending again, in one transaction.
+async fn release(store: &Store, leases: &[(String, String)]) -> Result<u64, storage::Error> {
+    let txn = store.begin_scheduler_write().await?;
+    let released = deliveries::release(&txn, leases, Utc::now()).await?;
+    txn.commit().await?;
+    Ok(released)
 }
 
 /// Asks an agent to take nothing new, finish, report and close.

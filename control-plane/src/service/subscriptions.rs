@@ -6,7 +6,7 @@ use rand::RngCore;
 use super::{Error, Services};
 use crate::domain::model::{Page, PageRequest, PreviousSecret, Subscription, SubscriptionStatus};
 use crate::domain::{ids, validate};
-use crate::storage::{events, subscriptions};
+use crate::storage::{deliveries, events, subscriptions};
 
 /// The fields of a new subscription, as sent (validated by [`Services::create_subscription`]).
 #[derive(Debug, Clone, Default)]
@@ -120,6 +120,7 @@ impl Services {
         if let Some(event_types) = patch.event_types {
             s.event_types = validate::filters(&event_types)?;
         }
+        let deactivated = patch.active == Some(false) && s.active;
         if let Some(active) = patch.active {
             s.active = active;
         }
@@ -148,17 +149,31 @@ impl Services {
             s.ordered = ordered;
         }
         s.updated_at = Utc::now();
-        subscriptions::update(&self.store.writer, &self.store.sealer, &s).await?;
+        let txn = self.store.begin_write().await?;
+        subscriptions::update(&txn, &self.store.sealer, &s).await?;
+        if deactivated {
+            // Nothing of an inactive subscription stays due; `ReplayDeliveries` after
+            // re-activation brings it back.
+            deliveries::kill_waiting(&txn, &s.id, s.updated_at).await?;
+        }
+        txn.commit().await?;
         self.dispatcher.subscription_changed(&s.id);
         Ok(s)
     }
 
+    /// Deletes a subscription; its waiting deliveries become `DEAD` in the same transaction (they
+    /// stay in the delivery log until retention).
     pub async fn delete_subscription(&self, tenant_id: &str, id: &str) -> Result<(), Error> {
-        if !ids::has_prefix(id, ids::SUBSCRIPTION)
-            || !subscriptions::delete(&self.store.writer, tenant_id, id).await?
-        {
+        if !ids::has_prefix(id, ids::SUBSCRIPTION) {
             return Err(Error::not_found("subscription", id));
         }
+        let txn = self.store.begin_write().await?;
+        if !subscriptions::delete(&txn, tenant_id, id).await? {
+            txn.rollback().await?;
+            return Err(Error::not_found("subscription", id));
+        }
+        deliveries::kill_waiting(&txn, id, Utc::now()).await?;
+        txn.commit().await?;
         self.dispatcher.subscription_changed(id);
         Ok(())
     }

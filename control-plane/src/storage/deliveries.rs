@@ -483,18 +483,24 @@ fn back_to_pending(now: chrono::DateTime<chrono::Utc>) -> sea_orm::UpdateMany<de
         .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
 }
 
-/// Gives leased deliveries back (their agent went away): pending again at once.
+/// Gives leased deliveries back (their agent went away): pending again at once. One statement
+/// per 500 leases: a delivery is in flight under one lease at a time, so `id IN (…) AND
+/// lease_id IN (…)` matches exactly the pairs given.
 pub async fn release(
     db: &impl ConnectionTrait,
     leases: &[(String, String)],
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<u64, Error> {
+    use sea_orm::sea_query::{Expr, ExprTrait as _};
     let mut released = 0;
-    for (id, lease_id) in leases {
+    for chunk in leases.chunks(500) {
+        let mut lease_ids: Vec<&str> = chunk.iter().map(|(_, lease)| lease.as_str()).collect();
+        lease_ids.sort_unstable();
+        lease_ids.dedup();
         released += back_to_pending(now)
-            .filter(delivery::Column::Id.eq(id.clone()))
-            .filter(delivery::Column::LeaseId.eq(lease_id.clone()))
-            .filter(delivery::Column::State.eq(DeliveryState::InFlight as i32))
+            .filter(delivery::Column::Id.is_in(chunk.iter().map(|(id, _)| id.clone())))
+            .filter(delivery::Column::LeaseId.is_in(lease_ids))
+            .filter(Expr::cust(STATE_UNINDEXED).eq(DeliveryState::InFlight as i32))
             .exec(db)
             .await?
             .rows_affected;

@@ -1,5 +1,5 @@
 //! Retention: events older than `HERALD_RETENTION` are removed with their deliveries and
-//! attempts, in small batches so that a purge never holds the writer for long.
+//! attempts, except events with a delivery still pending, in flight or failing, in small batches so that a purge never holds the writer for long.
 
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 
@@ -17,6 +17,12 @@ pub async fn purge_batch(
         .select_only()
         .column(event::Column::Id)
         .filter(event::Column::OccurredAt.lt(ms(cutoff)))
+        // An event with a delivery still to be made (pending, in flight or failing) stays,
+        // however old: retention never removes work.
+        .filter(sea_orm::sea_query::Expr::cust(
+            "NOT EXISTS (SELECT 1 FROM deliveries AS unfinished \
+             WHERE unfinished.event_id = events.id AND unfinished.state IN (1, 2, 4))",
+        ))
         .order_by_asc(event::Column::Id)
         .limit(batch)
         .into_tuple()

@@ -5,6 +5,7 @@ mod api;
 mod cli;
 mod console;
 mod delivery;
+mod dispatch;
 mod lifecycle;
 mod observability;
 mod pipeline;
