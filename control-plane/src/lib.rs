@@ -153,6 +153,7 @@ pub async fn start_with(
             lease_grace: config.lease_grace,
             disable_after: config.disable_after,
             region_fallback: config.region_fallback,
+            silence_limit: 3 * grpc::agent::HEARTBEAT_INTERVAL,
         },
         command_rx,
         registry.clone(),

@@ -17,6 +17,11 @@ pub struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Region {
     pub region: String,
 }
@@ -33,6 +38,8 @@ pub struct Metrics {
     pub leases_in_flight: Gauge,
     pub agents_connected: Family<Region, Gauge>,
     pub publish_commits: Counter,
+    pub leases_expired: Counter,
+    pub agent_disconnects: Family<Reason, Counter>,
 }
 
 impl Metrics {
@@ -48,6 +55,8 @@ impl Metrics {
             leases_in_flight: Gauge::default(),
             agents_connected: Family::default(),
             publish_commits: Counter::default(),
+            leases_expired: Counter::default(),
+            agent_disconnects: Family::default(),
         };
         registry.register(|r| {
             r.register(
@@ -94,6 +103,16 @@ impl Metrics {
                 "publish_commits",
                 "Transactions committed by the publish path (group commit)",
                 metrics.publish_commits.clone(),
+            );
+            r.register(
+                "leases_expired",
+                "Leases that ended at their expiry without a result (recorded as TIMEOUT attempts)",
+                metrics.leases_expired.clone(),
+            );
+            r.register(
+                "agent_disconnects",
+                "Agents this replica disconnected, by reason (leases_expired, silent)",
+                metrics.agent_disconnects.clone(),
             );
         });
         metrics

@@ -2,8 +2,11 @@
 //! their results, the registry of connected agents, and (PostgreSQL, several replicas) the
 //! tasks that share agents and recorded attempts between replicas.
 
+mod jobs;
+pub mod model;
 pub mod presence;
 pub mod registry;
+mod results;
 pub mod scheduler;
 pub mod watch;
 

@@ -221,6 +221,95 @@ pub async fn due(
     Ok(rows.into_iter().map(from_model).collect())
 }
 
+/// Returns the subscriptions that have deliveries waiting (pending or failed, due now or
+/// later): a skip scan of `deliveries_waiting`, one index probe per such subscription in one
+/// statement, whatever the size of their backlogs.
+pub async fn subscriptions_with_waiting_work(
+    db: &impl ConnectionTrait,
+) -> Result<Vec<String>, Error> {
+    const SQL: &str = "WITH RECURSIVE waiting(subscription_id) AS (\
+        SELECT (SELECT subscription_id FROM deliveries WHERE state IN (1, 4) \
+                ORDER BY subscription_id LIMIT 1) \
+        UNION ALL \
+        SELECT (SELECT d.subscription_id FROM deliveries AS d WHERE d.state IN (1, 4) \
+                AND d.subscription_id > waiting.subscription_id \
+                ORDER BY d.subscription_id LIMIT 1) \
+        FROM waiting WHERE waiting.subscription_id IS NOT NULL) \
+        SELECT subscription_id FROM waiting WHERE subscription_id IS NOT NULL";
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            SQL,
+        ))
+        .await?;
+    rows.iter()
+        .map(|row| {
+            row.try_get_by_index::<String>(0)
+                .map_err(|err| Error::Internal(err.to_string()))
+        })
+        .collect()
+}
+
+/// Returns each subscription's oldest due deliveries (pending or failed with their time come),
+/// at most the given number per subscription: one range scan of `deliveries_waiting` each, a
+/// statement per 64 subscriptions.
+pub async fn due_of(
+    db: &impl ConnectionTrait,
+    now: chrono::DateTime<chrono::Utc>,
+    wanted: &[(String, u64)],
+) -> Result<Vec<Delivery>, Error> {
+    let backend = db.get_database_backend();
+    let placeholder = |n: usize| match backend {
+        sea_orm::DbBackend::Postgres => format!("${n}"),
+        _ => "?".to_owned(),
+    };
+    let mut found = Vec::new();
+    for chunk in wanted.chunks(64) {
+        let mut arms = Vec::with_capacity(chunk.len());
+        let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 3);
+        for (subscription_id, limit) in chunk {
+            let n = values.len();
+            arms.push(format!(
+                "SELECT * FROM (SELECT * FROM deliveries WHERE subscription_id = {} \
+                 AND state IN (1, 4) AND next_attempt_at <= {} \
+                 ORDER BY next_attempt_at LIMIT {}) AS due{n}",
+                placeholder(n + 1),
+                placeholder(n + 2),
+                placeholder(n + 3),
+            ));
+            values.push(subscription_id.clone().into());
+            values.push(ms(now).into());
+            values.push(i64::try_from(*limit).unwrap_or(i64::MAX).into());
+        }
+        let sql = arms.join(" UNION ALL ");
+        let rows = delivery::Entity::find()
+            .from_raw_sql(sea_orm::Statement::from_sql_and_values(
+                backend, sql, values,
+            ))
+            .all(db)
+            .await?;
+        found.extend(rows.into_iter().map(from_model));
+    }
+    Ok(found)
+}
+
+/// Returns deliveries in flight under an expired lease (their agent or replica is gone).
+pub async fn under_expired_lease(
+    db: &impl ConnectionTrait,
+    now: chrono::DateTime<chrono::Utc>,
+    limit: u64,
+) -> Result<Vec<Delivery>, Error> {
+    Ok(delivery::Entity::find()
+        .filter(delivery::Column::State.eq(DeliveryState::InFlight as i32))
+        .filter(delivery::Column::LeaseExpiresAt.lte(ms(now)))
+        .limit(limit)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(from_model)
+        .collect())
+}
+
 /// The state column as an expression no index can answer. Claims and completions name their
 /// deliveries by id; given an indexable `state` term next to the ids, SQLite's planner walked
 /// `deliveries_due` instead, which is every due delivery (the whole backlog) per statement.
@@ -461,6 +550,9 @@ pub struct Completion {
     pub next_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
     pub status_code: u32,
     pub error: AttemptError,
+    /// The lease ended at its expiry (no result came: a `TIMEOUT`). It applies as long as no
+    /// one else leased the delivery since, past the lease's expiry too.
+    pub at_expiry: bool,
 }
 
 /// Starts an update that makes deliveries due again now: `PENDING`, no lease.
@@ -643,7 +735,7 @@ fn completion_update(
     now: chrono::DateTime<chrono::Utc>,
 ) -> sea_orm::UpdateMany<delivery::Entity> {
     use sea_orm::sea_query::{Expr, ExprTrait as _};
-    delivery::Entity::update_many()
+    let update = delivery::Entity::update_many()
         .col_expr(delivery::Column::State, Expr::value(outcome.state as i32))
         .col_expr(
             delivery::Column::AttemptCount,
@@ -672,8 +764,12 @@ fn completion_update(
         .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
         .filter(delivery::Column::Id.is_in(ids.iter().copied()))
         .filter(delivery::Column::LeaseId.eq(lease_id))
-        .filter(Expr::cust(STATE_UNINDEXED).eq(DeliveryState::InFlight as i32))
-        .filter(delivery::Column::LeaseExpiresAt.gt(ms(now)))
+        .filter(Expr::cust(STATE_UNINDEXED).eq(DeliveryState::InFlight as i32));
+    if outcome.at_expiry {
+        update
+    } else {
+        update.filter(delivery::Column::LeaseExpiresAt.gt(ms(now)))
+    }
 }
 
 /// Runs an update and returns only the named columns of the rows it changed (sea-orm's
@@ -780,6 +876,7 @@ mod tests {
             next_attempt_at: None,
             status_code: 200,
             error: AttemptError::None,
+            at_expiry: false,
         };
         let completion = plan_of(&store, completion_update("lease_1", &refs, &outcome, now)).await;
         assert!(by_primary_key(&completion), "completion plan: {completion}");

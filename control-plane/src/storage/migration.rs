@@ -14,6 +14,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0002DeliveryLog),
             Box::new(M0003AgentCredentials),
             Box::new(M0004Replicas),
+            Box::new(M0005WaitingBySubscription),
         ]
     }
 }
@@ -211,6 +212,29 @@ CREATE INDEX deliveries_in_flight ON deliveries (subscription_id) WHERE state = 
 CREATE INDEX deliveries_ordered_unfinished ON deliveries (subscription_id, ordering_key, id)
     WHERE ordering_key IS NOT NULL AND state IN (1, 2, 4)
 "#;
+
+struct M0005WaitingBySubscription;
+
+impl MigrationName for M0005WaitingBySubscription {
+    fn name(&self) -> &str {
+        "m0005_waiting_by_subscription"
+    }
+}
+
+/// Fair discovery: the poller pages due work per subscription, and finds the subscriptions
+/// with waiting work by skipping through this index (one probe per subscription). Partial:
+/// only pending (1) and failed (4) deliveries, the backlog, not the history.
+const M0005: &str = r#"
+CREATE INDEX deliveries_waiting ON deliveries (subscription_id, next_attempt_at)
+    WHERE state IN (1, 4)
+"#;
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0005WaitingBySubscription {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run_statements(manager, M0005).await
+    }
+}
 
 #[async_trait::async_trait]
 impl MigrationTrait for M0004Replicas {
