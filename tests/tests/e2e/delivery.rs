@@ -88,7 +88,7 @@ fn user_update(user: u32, seq: u32) -> pb::PublishEventRequest {
 }
 
 /// A reply held open for `delay`.
-fn held(status: u16, delay: Duration) -> Reply {
+pub(crate) fn held(status: u16, delay: Duration) -> Reply {
     Reply {
         status,
         headers: Vec::new(),
@@ -96,7 +96,7 @@ fn held(status: u16, delay: Duration) -> Reply {
     }
 }
 
-async fn get_delivery(client: &HeraldClient, id: &str) -> pb::Delivery {
+pub(crate) async fn get_delivery(client: &HeraldClient, id: &str) -> pb::Delivery {
     client
         .deliveries()
         .get_delivery(pb::GetDeliveryRequest {
@@ -166,7 +166,7 @@ async fn list_agents(herald: &Herald) -> Vec<pb::AgentInfo> {
 }
 
 /// Waits until `n` agents are connected.
-async fn agents_connected(herald: &Herald, n: usize) -> Vec<pb::AgentInfo> {
+pub(crate) async fn agents_connected(herald: &Herald, n: usize) -> Vec<pb::AgentInfo> {
     eventually(&format!("{n} connected agents"), DEADLINE, || async {
         let agents = list_agents(herald).await;
         (agents.len() == n).then_some(agents)
@@ -175,7 +175,7 @@ async fn agents_connected(herald: &Herald, n: usize) -> Vec<pb::AgentInfo> {
 }
 
 /// The environment of a `herald-agent` process connected to `herald`.
-fn agent_env(
+pub(crate) fn agent_env(
     herald: &Herald,
     agent_id: &str,
     region: &str,
@@ -190,7 +190,7 @@ fn agent_env(
     ]
 }
 
-fn webhook_ids(received: &[Received]) -> HashSet<String> {
+pub(crate) fn webhook_ids(received: &[Received]) -> HashSet<String> {
     received
         .iter()
         .filter_map(|r| r.header("webhook-id"))

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use herald_client::v1 as pb;
-use herald_tests::{Backend, Herald, Receiver, both_backends, eventually};
+use herald_tests::{Backend, Herald, Receiver, both_backends, eventually, harness};
 
 use crate::delivery::{subscribe, user_new};
 
@@ -153,3 +153,278 @@ async fn retention_keeps_an_event_whose_delivery_is_failing(backend: Backend) {
     herald.stop().await;
 }
 both_backends!(retention_keeps_an_event_whose_delivery_is_failing);
+
+/// Subscriptions with a 2 s timeout; leases last 2 s more (`HERALD_LEASE_GRACE=2s`).
+fn short_leases(builder: herald_tests::HeraldBuilder) -> herald_tests::HeraldBuilder {
+    builder.configure(|c| {
+        c.lease_grace = Duration::from_secs(2);
+        c.retry_schedule = vec![Duration::from_secs(1)];
+    })
+}
+
+/// Connects as an agent that takes jobs and never reports them, while its stream stays open
+/// and its heartbeats keep coming. Returns the delivery ids it was sent and whether the control
+/// plane closed its stream.
+fn silent_agent(
+    herald: &Herald,
+    capacity: u32,
+) -> (
+    tokio::sync::watch::Receiver<Vec<String>>,
+    tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio_stream::StreamExt as _;
+    let (jobs_tx, jobs) = tokio::sync::watch::channel(Vec::new());
+    let (closed_tx, closed) = tokio::sync::watch::channel(false);
+    let channel = herald.admin().channel();
+    let token = herald.agent_token.clone();
+    tokio::spawn(async move {
+        let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+        let hello = pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Hello(pb::Hello {
+                agent_id: "silent".into(),
+                region: "local".into(),
+                capacity,
+                version: "test".into(),
+            })),
+        };
+        let heartbeats = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(
+            Duration::from_millis(200),
+        ))
+        .map(|_| pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Heartbeat(
+                pb::Heartbeat::default(),
+            )),
+        });
+        let mut request = tonic::Request::new(tokio_stream::iter(vec![hello]).chain(heartbeats));
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let mut stream = client.connect(request).await.unwrap().into_inner();
+        while let Ok(Some(message)) = stream.message().await {
+            if let Some(pb::control_message::Message::Jobs(batch)) = message.message {
+                jobs_tx
+                    .send_modify(|ids| ids.extend(batch.jobs.into_iter().map(|j| j.delivery_id)));
+            }
+        }
+        let _ = closed_tx.send(true);
+    });
+    (jobs, closed)
+}
+
+/// Every delivery SUCCEEDED, with a `TIMEOUT` attempt before its success.
+async fn timed_out_then_delivered(client: &herald_client::HeraldClient, ids: &[String]) {
+    for id in ids {
+        let delivery = eventually(
+            "the delivery SUCCEEDED",
+            Duration::from_secs(30),
+            || async {
+                let d = crate::delivery::get_delivery(client, id).await;
+                (d.state == pb::DeliveryState::Succeeded as i32).then_some(d)
+            },
+        )
+        .await;
+        let errors: Vec<i32> = delivery.attempts.iter().map(|a| a.error).collect();
+        assert_eq!(
+            errors.first(),
+            Some(&(pb::AttemptError::Timeout as i32)),
+            "{id}: {:?}",
+            delivery.attempts
+        );
+        assert!(
+            delivery.attempts[0]
+                .error_message
+                .contains("no result from agent"),
+            "{:?}",
+            delivery.attempts[0]
+        );
+    }
+}
+
+/// An agent that takes jobs and never reports them (its stream open, heartbeats coming) does
+/// not hold them past timeout + grace: they end as `TIMEOUT` attempts and a healthy agent
+/// delivers them; after three expired leases in a row the silent agent is disconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_does_not_keep_its_jobs() {
+    let herald = short_leases(Herald::builder(Backend::Sqlite).no_builtin_agent())
+        .start()
+        .await;
+    let receiver = Receiver::start().await;
+    let (_, client) = herald.tenant("acme").await;
+    subscribe(&client, receiver.url("/hook"), |s| s.timeout_ms = 2_000).await;
+    let (mut jobs, mut closed) = silent_agent(&herald, 5);
+    crate::delivery::agents_connected(&herald, 1).await;
+    // One call: the five jobs go out in one round, under leases that expire together.
+    let ids: Vec<String> = client
+        .publish_many(pb::PublishEventsRequest {
+            events: (0..5).map(user_new).collect(),
+        })
+        .await
+        .unwrap()
+        .results
+        .into_iter()
+        .flat_map(|r| r.delivery_ids)
+        .collect();
+    let taken = tokio::time::timeout(
+        Duration::from_secs(20),
+        jobs.wait_for(|jobs| jobs.len() == 5),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .clone();
+    assert_eq!(taken.len(), 5);
+    // A healthy agent in the same region.
+    let _healthy = harness::spawn_agent(&crate::delivery::agent_env(
+        &herald,
+        "healthy",
+        "local",
+        "127.0.0.0/8",
+    ));
+    receiver.wait_for(5, Duration::from_secs(30)).await;
+    timed_out_then_delivered(&client, &ids).await;
+    tokio::time::timeout(Duration::from_secs(10), closed.wait_for(|closed| *closed))
+        .await
+        .expect("the silent agent was disconnected")
+        .unwrap();
+    herald.stop().await;
+}
+
+/// A stopped agent (`SIGSTOP`: no results, no heartbeats, its connection left open) does not
+/// keep its jobs either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_agent_does_not_keep_its_jobs() {
+    let herald = short_leases(Herald::builder(Backend::Sqlite).no_builtin_agent())
+        .start()
+        .await;
+    let receiver = Receiver::start().await;
+    // The requests arrive; the answers come after the agent is stopped.
+    receiver.default_reply(crate::delivery::held(200, Duration::from_millis(500)));
+    let (_, client) = herald.tenant("acme").await;
+    subscribe(&client, receiver.url("/hook"), |s| s.timeout_ms = 2_000).await;
+    let mut stopped = harness::spawn_agent(&crate::delivery::agent_env(
+        &herald,
+        "stopped",
+        "local",
+        "127.0.0.0/8",
+    ));
+    crate::delivery::agents_connected(&herald, 1).await;
+    // One call: the five jobs go out in one round, under leases that expire together.
+    let ids: Vec<String> = client
+        .publish_many(pb::PublishEventsRequest {
+            events: (0..5).map(user_new).collect(),
+        })
+        .await
+        .unwrap()
+        .results
+        .into_iter()
+        .flat_map(|r| r.delivery_ids)
+        .collect();
+    receiver.wait_for(5, Duration::from_secs(20)).await;
+    let pid = nix::unistd::Pid::from_raw(stopped.child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    receiver.default_reply(200);
+    let _healthy = harness::spawn_agent(&crate::delivery::agent_env(
+        &herald,
+        "healthy",
+        "local",
+        "127.0.0.0/8",
+    ));
+    timed_out_then_delivered(&client, &ids).await;
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+    stopped.kill().await;
+    herald.stop().await;
+}
+
+/// One tenant's backlog of 3,000 due deliveries (a receiver at `max_concurrency` 1) does not
+/// starve another tenant's retry: it goes out before the first tenant's receiver got 50 more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_retry_is_not_starved_by_another_tenants_backlog() {
+    let herald = Herald::builder(Backend::Sqlite)
+        .configure(|c| c.retry_schedule = vec![Duration::from_secs(1)])
+        .start()
+        .await;
+    let slow = Receiver::start().await;
+    slow.default_reply(crate::delivery::held(200, Duration::from_millis(100)));
+    let (_, a) = herald.tenant("a").await;
+    subscribe(&a, slow.url("/a"), |s| s.max_concurrency = 1).await;
+    for chunk in 0..30 {
+        let events = (0..100).map(|i| user_new(chunk * 100 + i)).collect();
+        a.publish_many(pb::PublishEventsRequest { events })
+            .await
+            .unwrap();
+    }
+    slow.wait_for(1, Duration::from_secs(20)).await;
+
+    let other = Receiver::start().await;
+    other.script([500]);
+    let (_, b) = herald.tenant("b").await;
+    subscribe(&b, other.url("/b"), |_| {}).await;
+    b.publish(user_new(1)).await.unwrap();
+    other.wait_for(1, Duration::from_secs(20)).await;
+    let before = slow.received().len();
+    other.wait_for(2, Duration::from_secs(60)).await;
+    let during = slow.received().len() - before;
+    assert!(
+        during < 50,
+        "the retry went out after {during} more deliveries of the other tenant"
+    );
+    herald.stop().await;
+}
+
+/// Ten subscriptions whose receivers answer after 5 s do not delay a healthy one on the same
+/// 256-credit agent: it is delivered while every slow request is still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_subscriptions_do_not_take_every_credit() {
+    let herald = Herald::builder(Backend::Sqlite).start().await;
+    let (_, client) = herald.tenant("acme").await;
+    let slow = Receiver::start().await;
+    slow.default_reply(crate::delivery::held(200, Duration::from_secs(5)));
+    let mut slow_subscriptions = Vec::new();
+    for i in 0..10 {
+        let sub = subscribe(&client, slow.url(&format!("/slow{i}")), |s| {
+            s.event_types = vec!["slow.*".into()];
+            s.timeout_ms = 10_000;
+        })
+        .await;
+        slow_subscriptions.push(sub);
+    }
+    let healthy = Receiver::start().await;
+    subscribe(&client, healthy.url("/healthy"), |s| {
+        s.event_types = vec!["healthy.*".into()];
+    })
+    .await;
+    for chunk in 0..2 {
+        let events = (0..50)
+            .map(|i| pb::PublishEventRequest {
+                event_type: "slow.event".into(),
+                payload: format!(r#"{{"n":{}}}"#, chunk * 50 + i),
+                ..Default::default()
+            })
+            .collect();
+        client
+            .publish_many(pb::PublishEventsRequest { events })
+            .await
+            .unwrap();
+    }
+    // The slow receivers hold as many requests as they will get.
+    let held = eventually("slow requests held", Duration::from_secs(20), || async {
+        let open = slow.open_now();
+        (open >= 200).then_some(open)
+    })
+    .await;
+    client
+        .publish(pb::PublishEventRequest {
+            event_type: "healthy.event".into(),
+            payload: "{}".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    healthy.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(
+        slow.open_now() as usize,
+        slow.received().len(),
+        "delivered while every slow request ({held} and more) was still open"
+    );
+    herald.stop().await;
+}
