@@ -161,7 +161,8 @@ pub async fn start_with(
         metrics.clone(),
     );
     let scheduler_stop = CancellationToken::new();
-    tasks.spawn(scheduler.run(scheduler_stop.clone()));
+    // Awaited on its own at shutdown: it records the last results before the store closes.
+    let scheduler_task = tokio::spawn(scheduler.run(scheduler_stop.clone()));
     if let Some(listener) = attempt_listener {
         tasks.spawn(dispatch::watch::relay(
             listener,
@@ -239,6 +240,7 @@ pub async fn start_with(
 
     let server_stop = CancellationToken::new();
     let router = tonic::transport::Server::builder()
+        .layer(grpc::RefuseWhenStopping(shutdown.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -275,6 +277,7 @@ pub async fn start_with(
     tasks.spawn(follow_write_health(
         store.clone(),
         health_reporter,
+        shutdown.clone(),
         scheduler_stop.clone(),
     ));
     tasks.spawn(retention_loop(
@@ -368,6 +371,11 @@ pub async fn start_with(
         server_stop.cancel();
         let served = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
         scheduler_stop.cancel();
+        // The scheduler records what it received (and waits for its last write) before
+        // anything else stops.
+        if tokio::time::timeout(grace, scheduler_task).await.is_err() {
+            tracing::warn!("the scheduler did not stop within HERALD_SHUTDOWN_GRACE");
+        }
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
         if store.shared() {
@@ -399,16 +407,18 @@ pub async fn start_with(
 const WRITE_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Serves `NOT_SERVING` while writes fail (a full disk, an unreachable database) and `SERVING`
-/// again once they succeed; probes the storage meanwhile.
+/// again once they succeed, probing the storage meanwhile; `NOT_SERVING` for good once the
+/// control plane is `stopping`.
 async fn follow_write_health(
     store: Store,
     reporter: tonic_health::server::HealthReporter,
+    stopping: CancellationToken,
     stop: CancellationToken,
 ) {
     use tonic_health::ServingStatus;
     let mut health = store.write_health();
     loop {
-        let status = if health.ok() {
+        let status = if health.ok() && !stopping.is_cancelled() {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
@@ -422,6 +432,7 @@ async fn follow_write_health(
             .await;
         tokio::select! {
             _ = stop.cancelled() => return,
+            _ = stopping.cancelled(), if !stopping.is_cancelled() => {}
             changed = health.changed() => if changed.is_none() { return },
             _ = tokio::time::sleep(WRITE_PROBE_INTERVAL), if !health.ok() => {
                 if let Err(err) = store.probe_writes().await {

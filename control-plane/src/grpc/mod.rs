@@ -48,6 +48,57 @@ impl From<service::Error> for Status {
     }
 }
 
+/// A layer on the gRPC server that refuses every new call with `UNAVAILABLE` once the control
+/// plane is stopping (calls already running go on; health still answers, `NOT_SERVING`), so
+/// publishers and agents move to another replica at once.
+#[derive(Clone)]
+pub struct RefuseWhenStopping(pub tokio_util::sync::CancellationToken);
+
+impl<S> tower::Layer<S> for RefuseWhenStopping {
+    type Service = Refusing<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Refusing {
+            inner,
+            stopping: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Refusing<S> {
+    inner: S,
+    stopping: tokio_util::sync::CancellationToken,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Refusing<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let health = request.uri().path().starts_with("/grpc.health.v1.Health/");
+        if self.stopping.is_cancelled() && !health {
+            let status =
+                Status::unavailable("the control plane is shutting down; retry on another replica");
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        }
+        Box::pin(self.inner.call(request))
+    }
+}
+
 /// Returns an `INTERNAL` status whose message carries an id that is also logged.
 pub fn internal(detail: &str) -> Status {
     let id = ulid::Ulid::new().to_string().to_ascii_lowercase();

@@ -428,3 +428,130 @@ async fn slow_subscriptions_do_not_take_every_credit() {
     );
     herald.stop().await;
 }
+
+/// SIGTERM under load (`HERALD_SHUTDOWN_GRACE` well above the receiver's latency), then a
+/// restart: every delivery has exactly one attempt and every `webhook-id` arrived once. The
+/// stopping control plane refuses new publishes with `UNAVAILABLE`, records the results its
+/// agent reports while draining, and closes the database only after its last write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_loses_and_repeats_nothing() {
+    let database = harness::TestDatabase::new(Backend::Sqlite).await;
+    let env = vec![
+        ("HERALD_LISTEN", "127.0.0.1:0".to_owned()),
+        ("HERALD_DATABASE_URL", database.url.clone()),
+        ("HERALD_ADMIN_TOKEN", harness::ADMIN_TOKEN.to_owned()),
+        ("HERALD_AGENT_TOKEN", harness::AGENT_TOKEN.to_owned()),
+        ("HERALD_SHUTDOWN_GRACE", "10s".to_owned()),
+    ];
+    let mut cp = harness::spawn_control_plane(&env).await;
+    let url = format!("http://{}", cp.addr.unwrap());
+    let admin = herald_client::HeraldClient::connect(&url, harness::ADMIN_TOKEN).unwrap();
+    let tenant = admin
+        .admin()
+        .create_tenant(pb::CreateTenantRequest {
+            name: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let receiver = Receiver::start().await;
+    receiver.default_reply(crate::delivery::held(200, Duration::from_millis(200)));
+    admin
+        .subscriptions()
+        .create_subscription(pb::CreateSubscriptionRequest {
+            tenant_id: tenant.id.clone(),
+            name: "hook".into(),
+            url: receiver.url("/hook"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let publishers: Vec<_> = (0..4)
+        .map(|p| {
+            let (admin, tenant_id, stop) = (admin.clone(), tenant.id.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut acknowledged = Vec::new();
+                for i in 0..2_000 {
+                    if stop.is_cancelled() {
+                        break;
+                    }
+                    let mut request = user_new(p * 10_000 + i);
+                    request.tenant_id = tenant_id.clone();
+                    match admin.publish(request).await {
+                        Ok(reply) => acknowledged.push(reply.event_id),
+                        Err(status) => {
+                            assert!(
+                                matches!(status.code(), tonic::Code::Unavailable),
+                                "a stopping control plane refuses with UNAVAILABLE: {status:?}"
+                            );
+                            break;
+                        }
+                    }
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    receiver.wait_for(50, Duration::from_secs(30)).await;
+    let status = cp.terminate().await;
+    assert!(status.success(), "{status:?}: {}", cp.logs());
+    stop.cancel();
+    let mut acknowledged = Vec::new();
+    for publisher in publishers {
+        acknowledged.extend(publisher.await.unwrap());
+    }
+
+    let mut cp = harness::spawn_control_plane(&env).await;
+    let got = receiver
+        .wait_for(acknowledged.len(), Duration::from_secs(60))
+        .await;
+    let mut arrivals: std::collections::HashMap<String, u32> = Default::default();
+    for request in &got {
+        *arrivals
+            .entry(request.header("webhook-id").unwrap().to_owned())
+            .or_default() += 1;
+    }
+    for id in &acknowledged {
+        assert_eq!(
+            arrivals.get(id),
+            Some(&1),
+            "webhook-id {id} arrived {:?} times",
+            arrivals.get(id)
+        );
+    }
+    let path = database.sqlite_path().unwrap();
+    let db = sea_orm::Database::connect(format!("sqlite://{}?mode=ro", path.display()))
+        .await
+        .unwrap();
+    use sea_orm::ConnectionTrait as _;
+    let rows = eventually(
+        "every delivery recorded",
+        Duration::from_secs(30),
+        || async {
+            let rows = db
+                .query_all_raw(sea_orm::Statement::from_string(
+                    sea_orm::DbBackend::Sqlite,
+                    "SELECT id, state, attempt_count FROM deliveries",
+                ))
+                .await
+                .unwrap();
+            let done = rows.len() == acknowledged.len()
+                && rows.iter().all(|r| {
+                    r.try_get_by_index::<i32>(1).unwrap() == pb::DeliveryState::Succeeded as i32
+                });
+            done.then_some(rows)
+        },
+    )
+    .await;
+    for row in rows {
+        let attempts: i32 = row.try_get_by_index(2).unwrap();
+        assert_eq!(
+            attempts,
+            1,
+            "delivery {}",
+            row.try_get_by_index::<String>(0).unwrap()
+        );
+    }
+    cp.terminate().await;
+}
