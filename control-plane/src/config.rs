@@ -254,7 +254,7 @@ impl Config {
             disable_after: parse_duration("HERALD_DISABLE_AFTER", &raw.disable_after)?,
             lease_grace: parse_duration("HERALD_LEASE_GRACE", &raw.lease_grace)?,
             region_fallback,
-            max_payload_bytes: parse_size("HERALD_MAX_PAYLOAD", &raw.max_payload)?,
+            max_payload_bytes: max_payload(&raw.max_payload)?,
             https_only: raw.https_only,
             retention: parse_retention(&raw.retention)?,
             console_listen,
@@ -325,6 +325,21 @@ fn parse_retention(value: &str) -> Result<Duration, ConfigError> {
 }
 
 /// Parses a size such as `256KiB`, `1MiB`, `4096`.
+/// The largest `HERALD_MAX_PAYLOAD`: a job must fit the 8 MiB `Jobs` messages with room to
+/// spare, and a `PublishEvents` call of many such events the API's message limit.
+pub const MAX_PAYLOAD_LIMIT: usize = 16 << 20;
+
+fn max_payload(value: &str) -> Result<usize, ConfigError> {
+    let bytes = parse_size("HERALD_MAX_PAYLOAD", value)?;
+    if bytes > MAX_PAYLOAD_LIMIT {
+        return Err(ConfigError::new(
+            "HERALD_MAX_PAYLOAD",
+            format!("{value:?} is over the limit of 16MiB"),
+        ));
+    }
+    Ok(bytes)
+}
+
 pub fn parse_size(key: &str, value: &str) -> Result<usize, ConfigError> {
     let value = value.trim();
     let split = value
@@ -394,6 +409,13 @@ mod tests {
         assert_eq!(
             bad(RawConfig {
                 max_payload: "lots".into(),
+                ..Default::default()
+            }),
+            "HERALD_MAX_PAYLOAD"
+        );
+        assert_eq!(
+            bad(RawConfig {
+                max_payload: "17MiB".into(),
                 ..Default::default()
             }),
             "HERALD_MAX_PAYLOAD"

@@ -131,7 +131,7 @@ pub async fn start_with(
     // Ends watch streams after the drain, so watchers see the last results first.
     let watchers_stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (commands, command_rx) = tokio::sync::mpsc::channel(dispatch::COMMAND_QUEUE);
     let dispatcher = dispatch::Handle::new(commands, hooks.handoff);
     let (records, _) = tokio::sync::broadcast::channel(4096);
     let registry = dispatch::registry::Registry::new(&replica_id);
@@ -357,10 +357,13 @@ pub async fn start_with(
         tracing::info!("shutting down: draining agents");
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let deadline = tokio::time::Instant::now() + grace;
-        if dispatcher.send(dispatch::Command::Drain {
-            deadline,
-            done: done_tx,
-        }) {
+        if dispatcher
+            .send(dispatch::Command::Drain {
+                deadline,
+                done: done_tx,
+            })
+            .await
+        {
             let _ = tokio::time::timeout(grace + std::time::Duration::from_secs(1), done_rx).await;
         }
         agent_stop.cancel();

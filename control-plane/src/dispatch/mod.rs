@@ -35,18 +35,19 @@ pub struct EventBody {
 /// The bodies of the events of a hand-off, by event id.
 pub type EventBodies = HashMap<String, Arc<EventBody>>;
 
+/// How many commands wait for the scheduler at most. When full, hand-offs are dropped (the
+/// poller finds their deliveries) and everything else waits.
+pub const COMMAND_QUEUE: usize = 16_384;
+
 /// A cheap handle to the scheduler.
 #[derive(Clone)]
 pub struct Handle {
-    commands: mpsc::UnboundedSender<Command>,
+    commands: mpsc::Sender<Command>,
     handoff_hook: Option<HandoffHook>,
 }
 
 impl Handle {
-    pub fn new(
-        commands: mpsc::UnboundedSender<Command>,
-        handoff_hook: Option<HandoffHook>,
-    ) -> Self {
+    pub fn new(commands: mpsc::Sender<Command>, handoff_hook: Option<HandoffHook>) -> Self {
         Self {
             commands,
             handoff_hook,
@@ -63,24 +64,27 @@ impl Handle {
         {
             return;
         }
+        // A full queue (a stalled scheduler) drops the hand-off: the deliveries are committed,
+        // and the poller finds them.
         if !deliveries.is_empty() {
-            let _ = self.commands.send(Command::Submit { deliveries, bodies });
+            let _ = self
+                .commands
+                .try_send(Command::Submit { deliveries, bodies });
         }
     }
 
     /// Tells the scheduler a subscription changed (its cached copy is stale).
-    pub fn subscription_changed(&self, id: &str) {
-        let _ = self
-            .commands
-            .send(Command::SubscriptionChanged(id.to_owned()));
+    pub async fn subscription_changed(&self, id: &str) {
+        self.send(Command::SubscriptionChanged(id.to_owned())).await;
     }
 
     /// Asks the scheduler to look for due work now.
-    pub fn wake(&self) {
-        let _ = self.commands.send(Command::Wake);
+    pub async fn wake(&self) {
+        self.send(Command::Wake).await;
     }
 
-    pub(crate) fn send(&self, command: Command) -> bool {
-        self.commands.send(command).is_ok()
+    /// Sends a command, waiting while the queue is full; false once the scheduler is gone.
+    pub(crate) async fn send(&self, command: Command) -> bool {
+        self.commands.send(command).await.is_ok()
     }
 }

@@ -147,7 +147,7 @@ impl Session {
 pub struct Scheduler {
     store: Store,
     settings: Settings,
-    commands: mpsc::UnboundedReceiver<Command>,
+    commands: mpsc::Receiver<Command>,
     registry: Registry,
     records: broadcast::Sender<AttemptRecord>,
     metrics: Metrics,
@@ -191,7 +191,7 @@ impl Scheduler {
     pub fn new(
         store: Store,
         settings: Settings,
-        commands: mpsc::UnboundedReceiver<Command>,
+        commands: mpsc::Receiver<Command>,
         registry: Registry,
         records: broadcast::Sender<AttemptRecord>,
         metrics: Metrics,

@@ -165,19 +165,22 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .map_err(|_| Status::internal("could not queue the welcome"))?;
         let agent_id = hello.agent_id.clone();
         let disconnect = tokio_util::sync::CancellationToken::new();
-        self.services.dispatcher.send(Command::AgentConnected {
-            key,
-            hello: AgentHello {
-                agent_id: hello.agent_id,
-                region: hello.region,
-                capacity: hello.capacity,
-                version: hello.version,
-                identity: auth.identity,
-                credential_id: auth.credential_id,
-                disconnect: disconnect.clone(),
-                outbox: outbox.clone(),
-            },
-        });
+        self.services
+            .dispatcher
+            .send(Command::AgentConnected {
+                key,
+                hello: AgentHello {
+                    agent_id: hello.agent_id,
+                    region: hello.region,
+                    capacity: hello.capacity,
+                    version: hello.version,
+                    identity: auth.identity,
+                    credential_id: auth.credential_id,
+                    disconnect: disconnect.clone(),
+                    outbox: outbox.clone(),
+                },
+            })
+            .await;
         let dispatcher = self.services.dispatcher.clone();
         tokio::spawn(async move {
             let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
@@ -186,7 +189,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
                     // Revoked: the stream closes (the scheduler re-queued its leases already).
                     _ = disconnect.cancelled() => break,
                     message = inbound.message() => match message {
-                        Ok(Some(message)) => relay(&dispatcher, key, message),
+                        // Waits while the scheduler's queue is full: the agent's stream slows down.
+                        Ok(Some(message)) => relay(&dispatcher, key, message).await,
                         Ok(None) => break,
                         Err(status) => {
                             tracing::debug!(%agent_id, code = ?status.code(), "agent stream ended");
@@ -205,14 +209,14 @@ impl pb::agent_service_server::AgentService for AgentApi {
                     }
                 }
             }
-            dispatcher.send(Command::AgentGone { key });
+            dispatcher.send(Command::AgentGone { key }).await;
         });
         let stream = ReceiverStream::new(jobs);
         Ok(Response::new(Box::pin(futures::StreamExt::map(stream, Ok))))
     }
 }
 
-fn relay(dispatcher: &dispatch::Handle, key: u64, message: pb::AgentMessage) {
+async fn relay(dispatcher: &dispatch::Handle, key: u64, message: pb::AgentMessage) {
     use pb::agent_message::Message;
     let command = match message.message {
         Some(Message::Results(results)) => Command::Results {
@@ -227,5 +231,5 @@ fn relay(dispatcher: &dispatch::Handle, key: u64, message: pb::AgentMessage) {
         Some(Message::Heartbeat(_)) => Command::Heartbeat { key },
         Some(Message::Hello(_)) | None => return,
     };
-    dispatcher.send(command);
+    dispatcher.send(command).await;
 }

@@ -64,7 +64,8 @@ impl Services {
             return Err(Error::not_found("agent credential", id));
         }
         self.dispatcher
-            .send(Command::RevokeCredential(id.to_owned()));
+            .send(Command::RevokeCredential(id.to_owned()))
+            .await;
         Ok(())
     }
 

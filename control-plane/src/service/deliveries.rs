@@ -71,7 +71,7 @@ impl Services {
             }
             Some(true) => {}
         }
-        self.dispatcher.wake();
+        self.dispatcher.wake().await;
         Ok(self.get_delivery(tenant_id, id).await?.0)
     }
 
@@ -90,7 +90,7 @@ impl Services {
             chrono::Utc::now(),
         )
         .await?;
-        self.dispatcher.wake();
+        self.dispatcher.wake().await;
         Ok(u32::try_from(count).unwrap_or(u32::MAX))
     }
 
