@@ -556,14 +556,24 @@ pub struct Completion {
 }
 
 /// Starts an update that makes deliveries due again now: `PENDING`, no lease.
+///
+/// A delivery of an ordered subscription is due only once its old lease would have expired:
+/// its request may still reach the receiver, and the entity's next event must not overtake it.
 fn back_to_pending(now: chrono::DateTime<chrono::Utc>) -> sea_orm::UpdateMany<delivery::Entity> {
     use sea_orm::sea_query::Expr;
+    let now = ms(now);
     delivery::Entity::update_many()
         .col_expr(
             delivery::Column::State,
             Expr::value(DeliveryState::Pending as i32),
         )
-        .col_expr(delivery::Column::NextAttemptAt, Expr::value(ms(now)))
+        .col_expr(
+            delivery::Column::NextAttemptAt,
+            // An integer of ours, not an input: written into the statement as it is.
+            Expr::cust(format!(
+                "CASE WHEN ordering_key IS NULL THEN {now} ELSE COALESCE(lease_expires_at, {now}) END"
+            )),
+        )
         .col_expr(
             delivery::Column::LeaseId,
             Expr::value(Option::<String>::None),
@@ -572,7 +582,7 @@ fn back_to_pending(now: chrono::DateTime<chrono::Utc>) -> sea_orm::UpdateMany<de
             delivery::Column::LeaseExpiresAt,
             Expr::value(Option::<i64>::None),
         )
-        .col_expr(delivery::Column::UpdatedAt, Expr::value(ms(now)))
+        .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
 }
 
 /// Gives leased deliveries back (their agent went away): pending again at once. One statement

@@ -422,6 +422,8 @@ proptest! {
         // Leases as the actor sees them, and results ended but not yet recorded.
         let mut live: Vec<Lease> = Vec::new();
         let mut ended: Vec<Delivery> = Vec::new();
+        // The last delivery leased per entity: ids grow with publish order.
+        let mut last_of_entity: HashMap<(String, String), String> = HashMap::new();
         for op in ops {
             match op {
                 Op::Enqueue { sub, entity } => {
@@ -433,6 +435,13 @@ proptest! {
                 Op::Pick => {
                     let picks = model.pick(now, &all);
                     for lease in lease_all(&mut model, picks, now) {
+                        if let Some(key) = &lease.delivery.ordering_key {
+                            let entity = (lease.delivery.subscription_id.clone(), key.clone());
+                            if let Some(last) = last_of_entity.get(&entity) {
+                                prop_assert!(*last < lease.delivery.id, "entity order: {} after {last}", lease.delivery.id);
+                            }
+                            last_of_entity.insert(entity, lease.delivery.id.clone());
+                        }
                         prop_assert!(
                             !live.iter().any(|l| l.delivery.id == lease.delivery.id),
                             "leased twice: {}", lease.delivery.id
