@@ -39,6 +39,7 @@ pub struct Metrics {
     pub agents_connected: Family<Region, Gauge>,
     pub publish_commits: Counter,
     pub leases_expired: Counter,
+    pub agent_results_rejected: Counter,
     pub agent_disconnects: Family<Reason, Counter>,
 }
 
@@ -56,6 +57,7 @@ impl Metrics {
             agents_connected: Family::default(),
             publish_commits: Counter::default(),
             leases_expired: Counter::default(),
+            agent_results_rejected: Counter::default(),
             agent_disconnects: Family::default(),
         };
         registry.register(|r| {
@@ -110,8 +112,13 @@ impl Metrics {
                 metrics.leases_expired.clone(),
             );
             r.register(
+                "agent_results_rejected",
+                "Results refused because their job was never sent on the stream that reported them",
+                metrics.agent_results_rejected.clone(),
+            );
+            r.register(
                 "agent_disconnects",
-                "Agents this replica disconnected, by reason (leases_expired, silent)",
+                "Agents this replica disconnected, by reason (leases_expired, silent, foreign_results)",
                 metrics.agent_disconnects.clone(),
             );
         });

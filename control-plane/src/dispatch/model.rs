@@ -36,6 +36,8 @@ pub struct Limits {
     /// An agent whose leases expire this many times in a row, with no result in between, is
     /// disconnected.
     pub expiries_in_a_row: u32,
+    /// Results for jobs an agent was never sent after which its stream is closed.
+    pub foreign_results_allowed: u32,
     /// Most deliveries queued in memory, and per subscription; beyond, the poller finds them.
     pub max_queued: usize,
     pub max_queued_per_subscription: usize,
@@ -59,6 +61,19 @@ impl DisconnectReason {
     }
 }
 
+/// What a result an agent reported is, for this model.
+#[derive(Debug)]
+pub enum Reported {
+    /// The result of a lease this agent holds: it ends now.
+    Current(Lease),
+    /// The late result of a lease sent on this stream that expired meanwhile: recorded as
+    /// `LEASE_EXPIRED`, it changes nothing.
+    Late,
+    /// A (delivery, lease) pair never sent on this stream, or reported already: refused.
+    /// `close`: the agent has now reported too many of them.
+    Foreign { close: bool },
+}
+
 /// A delivery leased to an agent.
 #[derive(Debug, Clone)]
 pub struct Lease {
@@ -80,6 +95,11 @@ struct AgentSlot {
     draining: bool,
     last_heard: Instant,
     expired_in_a_row: u32,
+    /// Leases sent on this stream that expired: (delivery id, lease id). A late result of one
+    /// is still this agent's to report; kept until the stream ends.
+    expired: HashSet<(String, String)>,
+    /// Results it reported for jobs it was never sent.
+    foreign_results: u32,
 }
 
 #[derive(Debug, Default)]
@@ -234,6 +254,8 @@ impl Model {
                 draining: false,
                 last_heard: now,
                 expired_in_a_row: 0,
+                expired: HashSet::new(),
+                foreign_results: 0,
             },
         );
     }
@@ -659,24 +681,41 @@ impl Model {
         Some(lease)
     }
 
-    /// A result arrived on `agent`'s stream: ends the lease if it is that agent's current one.
-    /// The slot and the entity stay taken until [`Model::recorded`].
+    /// A result arrived on `agent`'s stream: only a (delivery, lease) pair sent on this same
+    /// stream counts — an agent id proves nothing and lease ids can be guessed. A current lease
+    /// ends now; its slot and entity stay taken until [`Model::recorded`].
     pub fn end_lease(
         &mut self,
         agent: AgentKey,
         delivery_id: &str,
         lease_id: &str,
         now: Instant,
-    ) -> Option<Lease> {
-        if let Some(slot) = self.agents.get_mut(&agent) {
-            slot.expired_in_a_row = 0;
-            slot.last_heard = now;
+    ) -> Reported {
+        let current = self
+            .leases
+            .get(delivery_id)
+            .is_some_and(|lease| lease.lease_id == lease_id && lease.agent == agent);
+        let Some(slot) = self.agents.get_mut(&agent) else {
+            return Reported::Foreign { close: false };
+        };
+        let late = !current
+            && slot
+                .expired
+                .remove(&(delivery_id.to_owned(), lease_id.to_owned()));
+        if !current && !late {
+            slot.foreign_results += 1;
+            return Reported::Foreign {
+                close: slot.foreign_results == self.limits.foreign_results_allowed,
+            };
         }
-        match self.leases.get(delivery_id) {
-            Some(lease) if lease.lease_id == lease_id && lease.agent == agent => {
-                self.remove_lease(delivery_id)
-            }
-            _ => None,
+        slot.expired_in_a_row = 0;
+        slot.last_heard = now;
+        if late {
+            return Reported::Late;
+        }
+        match self.remove_lease(delivery_id) {
+            Some(lease) => Reported::Current(lease),
+            None => Reported::Foreign { close: false },
         }
     }
 
@@ -699,6 +738,9 @@ impl Model {
             };
             if let Some(agent) = self.agents.get_mut(&lease.agent) {
                 // Its credit is not returned: the agent may still be working on it.
+                agent
+                    .expired
+                    .insert((lease.delivery.id.clone(), lease.lease_id.clone()));
                 agent.expired_in_a_row += 1;
                 if agent.expired_in_a_row == self.limits.expiries_in_a_row {
                     expired

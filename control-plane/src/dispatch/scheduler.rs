@@ -43,6 +43,8 @@ const MAX_QUEUED: usize = 100_000;
 const MAX_QUEUED_PER_SUBSCRIPTION: usize = 4_096;
 /// Consecutive expired leases, with no result in between, after which an agent is disconnected.
 const EXPIRIES_IN_A_ROW: u32 = 3;
+/// Results for jobs an agent was never sent, after which its stream is closed.
+const FOREIGN_RESULTS_ALLOWED: u32 = 10;
 /// How long a subscription whose `max_concurrency` other replicas fill up waits before this
 /// replica tries to lease its deliveries again.
 const CLUSTER_FULL_BACKOFF: Duration = Duration::from_millis(100);
@@ -69,8 +71,11 @@ pub struct AgentHello {
     pub identity: String,
     /// The per-agent credential it connected with (`None` for the shared token).
     pub credential_id: Option<String>,
-    /// Cancelled to close the agent's stream (its credential was revoked).
+    /// Cancelled to close the agent's stream (its credential was revoked, it is unresponsive).
     pub disconnect: CancellationToken,
+    /// Cancelled to end the agent's stream with `PERMISSION_DENIED` (it reported results for
+    /// jobs it was never sent).
+    pub refuse: CancellationToken,
     pub outbox: mpsc::Sender<pb::ControlMessage>,
 }
 
@@ -128,6 +133,7 @@ struct Session {
     region: String,
     credential_id: Option<String>,
     disconnect: CancellationToken,
+    refuse: CancellationToken,
     outbox: mpsc::Sender<pb::ControlMessage>,
     /// Asked to go (the model gave up on it, or its credential was revoked).
     disconnecting: bool,
@@ -203,6 +209,7 @@ impl Scheduler {
             region_fallback: settings.region_fallback,
             silence_limit: settings.silence_limit,
             expiries_in_a_row: EXPIRIES_IN_A_ROW,
+            foreign_results_allowed: FOREIGN_RESULTS_ALLOWED,
             max_queued: MAX_QUEUED,
             max_queued_per_subscription: MAX_QUEUED_PER_SUBSCRIPTION,
         });
@@ -411,6 +418,7 @@ impl Scheduler {
             region: hello.region,
             credential_id: hello.credential_id,
             disconnect: hello.disconnect,
+            refuse: hello.refuse,
             outbox: hello.outbox,
             disconnecting: false,
         };
@@ -833,9 +841,18 @@ impl Scheduler {
         for (key, results, credits) in std::mem::take(&mut self.pending_results) {
             let (agent_id, region) = self.agent_names(key);
             for result in results {
-                let lease = self
-                    .model
-                    .end_lease(key, &result.delivery_id, &result.lease_id, tick);
+                let lease =
+                    match self
+                        .model
+                        .end_lease(key, &result.delivery_id, &result.lease_id, tick)
+                    {
+                        model::Reported::Current(lease) => Some(lease),
+                        model::Reported::Late => None,
+                        model::Reported::Foreign { close } => {
+                            self.refuse_result(key, &result.delivery_id, close);
+                            continue;
+                        }
+                    };
                 let subscription = match &lease {
                     Some(lease) => self.subscription(&lease.delivery.subscription_id).await,
                     None => None,
@@ -888,6 +905,27 @@ impl Scheduler {
                 now,
             });
         });
+    }
+
+    /// A result for a job this stream was never sent: nothing is recorded; after too many, the
+    /// stream is closed with `PERMISSION_DENIED`.
+    fn refuse_result(&mut self, key: AgentKey, delivery_id: &str, close: bool) {
+        self.metrics.agent_results_rejected.inc();
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        tracing::warn!(agent_id = %session.agent_id, %delivery_id, "refused a result for a job this agent was not sent");
+        if close && !session.disconnecting {
+            session.disconnecting = true;
+            self.metrics
+                .agent_disconnects
+                .get_or_create(&crate::metrics::Reason {
+                    reason: "foreign_results",
+                })
+                .inc();
+            self.model.drain_agent(key);
+            session.refuse.cancel();
+        }
     }
 
     fn agent_names(&self, key: AgentKey) -> (String, String) {

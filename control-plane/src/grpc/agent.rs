@@ -165,6 +165,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .map_err(|_| Status::internal("could not queue the welcome"))?;
         let agent_id = hello.agent_id.clone();
         let disconnect = tokio_util::sync::CancellationToken::new();
+        let refuse = tokio_util::sync::CancellationToken::new();
         self.services
             .dispatcher
             .send(Command::AgentConnected {
@@ -177,17 +178,21 @@ impl pb::agent_service_server::AgentService for AgentApi {
                     identity: auth.identity,
                     credential_id: auth.credential_id,
                     disconnect: disconnect.clone(),
+                    refuse: refuse.clone(),
                     outbox: outbox.clone(),
                 },
             })
             .await;
         let dispatcher = self.services.dispatcher.clone();
+        let refused = refuse.clone();
         tokio::spawn(async move {
             let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
             loop {
                 tokio::select! {
-                    // Revoked: the stream closes (the scheduler re-queued its leases already).
+                    // Revoked or unresponsive: the stream closes (the scheduler re-queues its
+                    // leases when it hears the agent is gone).
                     _ = disconnect.cancelled() => break,
+                    _ = refuse.cancelled() => break,
                     message = inbound.message() => match message {
                         // Waits while the scheduler's queue is full: the agent's stream slows down.
                         Ok(Some(message)) => relay(&dispatcher, key, message).await,
@@ -211,8 +216,25 @@ impl pb::agent_service_server::AgentService for AgentApi {
             }
             dispatcher.send(Command::AgentGone { key }).await;
         });
-        let stream = ReceiverStream::new(jobs);
-        Ok(Response::new(Box::pin(futures::StreamExt::map(stream, Ok))))
+        let stream = async_stream::stream! {
+            let mut jobs = ReceiverStream::new(jobs);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = refused.cancelled() => {
+                        yield Err(Status::permission_denied(
+                            "results: this agent reported results for jobs it was not sent",
+                        ));
+                        break;
+                    }
+                    message = futures::StreamExt::next(&mut jobs) => match message {
+                        Some(message) => yield Ok(message),
+                        None => break,
+                    },
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

@@ -555,3 +555,75 @@ async fn sigterm_under_load_loses_and_repeats_nothing() {
     }
     cp.terminate().await;
 }
+
+/// An agent that reports results for a delivery it was never sent (another tenant's, its id
+/// known or guessed) changes nothing in that delivery's log; after ten such results its stream
+/// ends with `PERMISSION_DENIED`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_write_into_deliveries_it_was_not_sent() {
+    use tokio_stream::StreamExt as _;
+    let herald = Herald::builder(Backend::Sqlite).start().await;
+    let receiver = Receiver::start().await;
+    let (_, client) = herald.tenant("victim").await;
+    subscribe(&client, receiver.url("/hook"), |_| {}).await;
+    let published = client.publish(user_new(1)).await.unwrap();
+    let delivery_id = published.delivery_ids[0].clone();
+    let before = eventually(
+        "the delivery SUCCEEDED",
+        Duration::from_secs(20),
+        || async {
+            let d = crate::delivery::get_delivery(&client, &delivery_id).await;
+            (d.state == pb::DeliveryState::Succeeded as i32).then_some(d)
+        },
+    )
+    .await;
+
+    let mut rogue = pb::agent_service_client::AgentServiceClient::new(herald.admin().channel());
+    let hello = pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Hello(pb::Hello {
+            agent_id: "builtin".into(),
+            region: "local".into(),
+            capacity: 1,
+            version: "test".into(),
+        })),
+    };
+    let forged = (0..10).map(|i| pb::JobResult {
+        delivery_id: delivery_id.clone(),
+        lease_id: format!("lse_guessed_{i}"),
+        status_code: 500,
+        ..Default::default()
+    });
+    let results = pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Results(pb::Results {
+            results: forged.collect(),
+            credits: 0,
+        })),
+    };
+    let mut request = tonic::Request::new(
+        tokio_stream::iter(vec![hello, results]).chain(tokio_stream::pending()),
+    );
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", herald.agent_token).parse().unwrap(),
+    );
+    let mut stream = rogue.connect(request).await.unwrap().into_inner();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return tonic::Status::ok("ended"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the stream of an agent forging results is closed");
+    assert_eq!(ended.code(), tonic::Code::PermissionDenied, "{ended:?}");
+    let after = crate::delivery::get_delivery(&client, &delivery_id).await;
+    assert_eq!(
+        after.attempts, before.attempts,
+        "the delivery log is unchanged"
+    );
+    assert_eq!(after.state, before.state);
+    herald.stop().await;
+}

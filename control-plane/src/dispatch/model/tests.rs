@@ -16,6 +16,7 @@ fn limits() -> Limits {
         region_fallback: RegionFallback::Wait,
         silence_limit: Duration::from_secs(30),
         expiries_in_a_row: 3,
+        foreign_results_allowed: 10,
         max_queued: 10_000,
         max_queued_per_subscription: 1_000,
     }
@@ -149,29 +150,65 @@ fn a_lease_without_a_result_expires_at_timeout_plus_grace_and_keeps_its_credit()
 }
 
 #[test]
-fn a_result_ends_its_lease_only_on_the_stream_it_was_sent_on() {
+fn a_result_counts_only_on_the_stream_its_lease_was_sent_on() {
     let t0 = Instant::now();
     let mut model = Model::new(limits());
     model.agent_connected(1, "local", 5, t0);
     model.agent_connected(2, "local", 5, t0);
     let sub = subscription("sub_a", "t1");
     model.enqueue(delivery("d1", &sub, None));
+    model.enqueue(delivery("d2", &sub, None));
     let picks = model_pick(&mut model, t0, &sub);
     let leases = lease_all(&mut model, picks, t0);
-    let lease = &leases[0];
+    let lease = leases.iter().find(|l| l.delivery.id == "d1").unwrap();
     let other = if lease.agent == 1 { 2 } else { 1 };
-    assert!(model.end_lease(other, "d1", &lease.lease_id, t0).is_none());
-    assert!(
-        model
-            .end_lease(lease.agent, "d1", "lse_wrong", t0)
-            .is_none()
-    );
-    assert!(
-        model
-            .end_lease(lease.agent, "d1", &lease.lease_id, t0)
-            .is_some()
-    );
-    assert!(model.expire(t0 + Duration::from_secs(60)).leases.is_empty());
+    // Another stream, a guessed lease id: refused.
+    assert!(matches!(
+        model.end_lease(other, "d1", &lease.lease_id, t0),
+        Reported::Foreign { close: false }
+    ));
+    assert!(matches!(
+        model.end_lease(lease.agent, "d1", "lse_wrong", t0),
+        Reported::Foreign { .. }
+    ));
+    assert!(matches!(
+        model.end_lease(lease.agent, "d1", &lease.lease_id, t0),
+        Reported::Current(_)
+    ));
+    // Reported twice: the second is refused.
+    assert!(matches!(
+        model.end_lease(lease.agent, "d1", &lease.lease_id, t0),
+        Reported::Foreign { .. }
+    ));
+    // A late result of a lease that expired on this stream is still this agent's.
+    let d2 = leases.iter().find(|l| l.delivery.id == "d2").unwrap();
+    let later = t0 + Duration::from_secs(60);
+    assert_eq!(model.expire(later).leases.len(), 1);
+    assert!(matches!(
+        model.end_lease(d2.agent, "d2", &d2.lease_id, later),
+        Reported::Late
+    ));
+    assert!(matches!(
+        model.end_lease(d2.agent, "d2", &d2.lease_id, later),
+        Reported::Foreign { .. }
+    ));
+}
+
+#[test]
+fn an_agent_reporting_foreign_results_is_closed_after_ten() {
+    let t0 = Instant::now();
+    let mut model = Model::new(limits());
+    model.agent_connected(1, "local", 5, t0);
+    let closes: Vec<bool> = (0..12)
+        .map(
+            |i| match model.end_lease(1, &format!("dlv_{i}"), "lse_guess", t0) {
+                Reported::Foreign { close } => close,
+                other => panic!("{other:?}"),
+            },
+        )
+        .collect();
+    assert_eq!(closes.iter().filter(|c| **c).count(), 1);
+    assert!(closes[9]);
 }
 
 fn model_pick(model: &mut Model, now: Instant, sub: &Subscription) -> Picks {
@@ -279,7 +316,9 @@ fn an_entity_goes_one_at_a_time_and_a_hot_one_does_not_hold_back_the_others() {
     let leases = lease_all(&mut model, picks, t0);
     assert!(model_pick(&mut model, t0, &sub).is_empty());
     let hot = leases.iter().find(|l| l.delivery.id == "hot000").unwrap();
-    let ended = model.end_lease(1, "hot000", &hot.lease_id, t0).unwrap();
+    let Reported::Current(ended) = model.end_lease(1, "hot000", &hot.lease_id, t0) else {
+        panic!("hot000's lease is current");
+    };
     // Free once its result is recorded, not before.
     assert!(model_pick(&mut model, t0, &sub).is_empty());
     model.recorded(&ended.delivery);
@@ -454,7 +493,7 @@ proptest! {
                         let lease = live.remove(nth % live.len());
                         let ended_lease = model.end_lease(
                             lease.agent, &lease.delivery.id, &lease.lease_id, now);
-                        prop_assert!(ended_lease.is_some());
+                        prop_assert!(matches!(ended_lease, Reported::Current(_)));
                         ended.push(lease.delivery);
                     }
                 }
