@@ -65,7 +65,7 @@ impl DisconnectReason {
 #[derive(Debug)]
 pub enum Reported {
     /// The result of a lease this agent holds: it ends now.
-    Current(Lease),
+    Current(Box<Lease>),
     /// The late result of a lease sent on this stream that expired meanwhile: recorded as
     /// `LEASE_EXPIRED`, it changes nothing.
     Late,
@@ -714,7 +714,7 @@ impl Model {
             return Reported::Late;
         }
         match self.remove_lease(delivery_id) {
-            Some(lease) => Reported::Current(lease),
+            Some(lease) => Reported::Current(Box::new(lease)),
             None => Reported::Foreign { close: false },
         }
     }

@@ -846,7 +846,7 @@ impl Scheduler {
                         .model
                         .end_lease(key, &result.delivery_id, &result.lease_id, tick)
                     {
-                        model::Reported::Current(lease) => Some(lease),
+                        model::Reported::Current(lease) => Some(*lease),
                         model::Reported::Late => None,
                         model::Reported::Foreign { close } => {
                             self.refuse_result(key, &result.delivery_id, close);

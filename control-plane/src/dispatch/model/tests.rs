@@ -319,6 +319,7 @@ fn an_entity_goes_one_at_a_time_and_a_hot_one_does_not_hold_back_the_others() {
     let Reported::Current(ended) = model.end_lease(1, "hot000", &hot.lease_id, t0) else {
         panic!("hot000's lease is current");
     };
+    let ended = *ended;
     // Free once its result is recorded, not before.
     assert!(model_pick(&mut model, t0, &sub).is_empty());
     model.recorded(&ended.delivery);
