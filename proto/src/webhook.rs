@@ -107,7 +107,8 @@ pub fn verify(
         .trim()
         .parse()
         .map_err(|_| Error::MalformedTimestamp)?;
-    if (now - timestamp).abs() > tolerance_s {
+    // `abs_diff`: an extreme timestamp (i64::MIN) must not overflow.
+    if now.abs_diff(timestamp) > tolerance_s.unsigned_abs() {
         return Err(Error::TimestampOutOfTolerance);
     }
     let expected = secret.sign(id, timestamp, body);
@@ -219,5 +220,69 @@ mod tests {
         assert_eq!(secret.to_text(), SPEC_SECRET);
         assert_eq!(Secret::parse("whsec_!!!"), Err(Error::MalformedSecret));
         assert_eq!(Secret::parse("whsec_"), Err(Error::MalformedSecret));
+    }
+
+    /// A regression: `(now - timestamp).abs()` overflowed (a panic in debug builds).
+    #[test]
+    fn an_extreme_timestamp_is_refused_not_a_panic() {
+        let secret = Secret::parse(SPEC_SECRET).unwrap();
+        for (timestamp, now) in [
+            (i64::MIN, 1_700_000_000),
+            (i64::MAX, -1),
+            (i64::MIN, i64::MAX),
+        ] {
+            let result = verify(
+                &secret,
+                Some("msg_1"),
+                Some(&timestamp.to_string()),
+                Some("v1,AAAA"),
+                b"{}",
+                now,
+                300,
+            );
+            assert_eq!(result, Err(Error::TimestampOutOfTolerance));
+        }
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever a receiver is sent, `verify` answers and never panics: extreme timestamps,
+            /// garbage signatures, any id.
+            #[test]
+            fn verify_never_panics_on_any_header(
+                id in proptest::option::of(".{0,40}"),
+                timestamp in proptest::option::of(prop_oneof![
+                    any::<i64>().prop_map(|t| t.to_string()),
+                    ".{0,30}",
+                ]),
+                signatures in proptest::option::of(".{0,200}"),
+                body in proptest::collection::vec(any::<u8>(), 0..256),
+                now in any::<i64>(),
+                tolerance in any::<i64>(),
+            ) {
+                let secret = Secret::parse(SPEC_SECRET).unwrap();
+                let _ = verify(&secret, id.as_deref(), timestamp.as_deref(), signatures.as_deref(), &body, now, tolerance);
+            }
+
+            /// What is signed verifies, with the same secret only, within the tolerance only.
+            #[test]
+            fn sign_then_verify_round_trips(
+                id in "[a-z_0-9]{1,40}",
+                timestamp in 0i64..4_000_000_000,
+                skew in -600i64..600,
+                body in proptest::collection::vec(any::<u8>(), 0..512),
+            ) {
+                let secret = Secret::parse(SPEC_SECRET).unwrap();
+                let other = Secret::parse("whsec_dGhlIG90aGVyIHNlY3JldCBvZiB0aGlzIHRlc3Q=").unwrap();
+                let header = signature_header(std::slice::from_ref(&secret), &id, timestamp, &body);
+                let ts = timestamp.to_string();
+                let check = |secret: &Secret| verify(secret, Some(&id), Some(&ts), Some(&header), &body, timestamp + skew, 300);
+                prop_assert_eq!(check(&secret).is_ok(), skew.abs() <= 300);
+                prop_assert!(check(&other).is_err());
+            }
+        }
     }
 }

@@ -91,6 +91,8 @@ impl pb::event_service_server::EventService for EventApi {
     ) -> Result<Response<pb::PublishEventsResponse>, Status> {
         let caller = auth::caller(&self.0, &request).await?;
         let r = request.get_ref();
+        // Counted before anything of it is parsed.
+        crate::service::events::check_batch_size(r.events.len())?;
         let requested_tenant = r.events.first().map(|e| e.tenant_id.as_str()).unwrap_or("");
         if let Some(other) = r.events.iter().find(|e| e.tenant_id != requested_tenant) {
             return Err(Status::invalid_argument(format!(

@@ -9,6 +9,22 @@ use crate::storage::events;
 /// The most events one `PublishEvents` call takes.
 pub const MAX_EVENTS_PER_CALL: usize = 500;
 
+/// Checks the number of events of a `PublishEvents` call; the edge calls it before it parses
+/// any event (a refusal costs nothing).
+pub fn check_batch_size(count: usize) -> Result<(), Error> {
+    if count == 0 {
+        return Err(crate::domain::validate::Invalid::new("events", "must not be empty").into());
+    }
+    if count > MAX_EVENTS_PER_CALL {
+        return Err(crate::domain::validate::Invalid::new(
+            "events",
+            format!("at most {MAX_EVENTS_PER_CALL} events per call; split the batch"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
 impl Services {
     pub async fn publish_event(
         &self,
@@ -31,18 +47,7 @@ impl Services {
         tenant_id: &str,
         events: Vec<NewEvent>,
     ) -> Result<Vec<Published>, Error> {
-        if events.is_empty() {
-            return Err(
-                crate::domain::validate::Invalid::new("events", "must not be empty").into(),
-            );
-        }
-        if events.len() > MAX_EVENTS_PER_CALL {
-            return Err(crate::domain::validate::Invalid::new(
-                "events",
-                format!("at most {MAX_EVENTS_PER_CALL} events per call; split the batch"),
-            )
-            .into());
-        }
+        check_batch_size(events.len())?;
         self.ensure_tenant(tenant_id).await?;
         self.publisher
             .publish(tenant_id.to_owned(), events, Target::FanOut)
