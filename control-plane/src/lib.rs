@@ -145,6 +145,7 @@ pub async fn start_with(
             storage_errors,
         )
     });
+    let changes = dispatch::changes::Announcer::new(store.clone(), replica_id.clone());
     let scheduler = Scheduler::new(
         store.clone(),
         Settings {
@@ -159,18 +160,12 @@ pub async fn start_with(
         registry.clone(),
         records.clone(),
         metrics.clone(),
+        changes.clone(),
     );
     let scheduler_stop = CancellationToken::new();
     // Awaited on its own at shutdown: it records the last results before the store closes.
     let scheduler_task = tokio::spawn(scheduler.run(scheduler_stop.clone()));
-    if let Some(listener) = attempt_listener {
-        tasks.spawn(dispatch::watch::relay(
-            listener,
-            store.clone(),
-            replica_id.clone(),
-            records.clone(),
-            scheduler_stop.clone(),
-        ));
+    if attempt_listener.is_some() {
         tasks.spawn(dispatch::presence::run(
             store.clone(),
             registry.clone(),
@@ -208,7 +203,37 @@ pub async fn start_with(
         stopping: watchers_stop.clone(),
         console: console::Sessions::new(config.tls_cert.is_some()),
         known_tenants: Default::default(),
+        changes,
     };
+    if let Some(listener) = attempt_listener {
+        // Other replicas' changes, applied here as if made here.
+        let apply: dispatch::watch::ChangeSink = {
+            let (dispatcher, auth) = (dispatcher.clone(), services.auth.clone());
+            Arc::new(move |change| {
+                let (dispatcher, auth) = (dispatcher.clone(), auth.clone());
+                Box::pin(async move {
+                    use dispatch::changes::Change;
+                    match change {
+                        Change::Subscription(id) => dispatcher.subscription_changed(&id).await,
+                        Change::AgentCredentialRevoked(id) => {
+                            dispatcher
+                                .send(dispatch::Command::RevokeCredential(id))
+                                .await;
+                        }
+                        Change::TokenRevoked(_) => auth.forget_all(),
+                    }
+                })
+            })
+        };
+        tasks.spawn(dispatch::watch::relay(
+            listener,
+            store.clone(),
+            replica_id.clone(),
+            services.records.clone(),
+            apply,
+            scheduler_stop.clone(),
+        ));
+    }
 
     let api = grpc::Api::new(
         services.clone(),

@@ -2,6 +2,7 @@
 //! their results, the registry of connected agents, and (PostgreSQL, several replicas) the
 //! tasks that share agents and recorded attempts between replicas.
 
+pub mod changes;
 mod jobs;
 pub mod model;
 pub mod presence;

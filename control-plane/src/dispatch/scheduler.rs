@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::model::{self, AgentKey, Lease, Model};
 use super::registry::{AgentInfo, Registry};
 use super::results::{self, Step};
-use super::{EventBodies, jobs};
+use super::{EventBodies, changes, jobs};
 use crate::config::RegionFallback;
 use crate::domain::model::{Attempt, Delivery, DeliveryState, Subscription};
 use crate::metrics::{Metrics, StatusClass};
@@ -43,6 +43,8 @@ const MAX_QUEUED: usize = 100_000;
 const MAX_QUEUED_PER_SUBSCRIPTION: usize = 4_096;
 /// Consecutive expired leases, with no result in between, after which an agent is disconnected.
 const EXPIRIES_IN_A_ROW: u32 = 3;
+/// How long a cached subscription is used without reading it again, whatever was announced.
+const SUBSCRIPTION_CACHE_TTL: Duration = Duration::from_secs(60);
 /// Results for jobs an agent was never sent, after which its stream is closed.
 const FOREIGN_RESULTS_ALLOWED: u32 = 10;
 /// How long a subscription whose `max_concurrency` other replicas fill up waits before this
@@ -158,8 +160,12 @@ pub struct Scheduler {
     records: broadcast::Sender<AttemptRecord>,
     metrics: Metrics,
     rng: rand::rngs::StdRng,
+    changes: changes::Announcer,
     model: Model,
+    /// Subscriptions as last read; emptied every `SUBSCRIPTION_CACHE_TTL` too, a backstop for a
+    /// change announced while this replica was not listening.
     subscriptions: HashMap<String, Arc<Subscription>>,
+    subscriptions_read_at: Instant,
     sessions: HashMap<AgentKey, Session>,
     /// Bodies of handed-off events whose deliveries are queued, and their total payload bytes.
     bodies: EventBodies,
@@ -201,6 +207,7 @@ impl Scheduler {
         registry: Registry,
         records: broadcast::Sender<AttemptRecord>,
         metrics: Metrics,
+        changes: changes::Announcer,
     ) -> Self {
         use rand::SeedableRng;
         let (written_tx, written_rx) = mpsc::unbounded_channel();
@@ -221,8 +228,10 @@ impl Scheduler {
             records,
             metrics,
             rng: rand::rngs::StdRng::from_os_rng(),
+            changes,
             model,
             subscriptions: HashMap::new(),
+            subscriptions_read_at: Instant::now(),
             sessions: HashMap::new(),
             bodies: HashMap::new(),
             carried_bytes: 0,
@@ -515,6 +524,10 @@ impl Scheduler {
             .map_or(tick + POLL_INTERVAL, |at| at.0.min(tick + POLL_INTERVAL));
         self.drop_unneeded_bodies();
         self.model.tidy(tick.into_std());
+        if tick.duration_since(self.subscriptions_read_at) >= SUBSCRIPTION_CACHE_TTL {
+            self.subscriptions.clear();
+            self.subscriptions_read_at = tick;
+        }
         if let Err(err) = self.discover(now, tick).await {
             tracing::warn!(error = %err, "could not read due deliveries");
         }
@@ -948,6 +961,11 @@ impl Scheduler {
             Ok(disabled) => {
                 for id in disabled {
                     self.subscriptions.remove(&id);
+                    // Endpoint health disabled it: the other replicas stop sending too.
+                    let changes = self.changes.clone();
+                    tokio::spawn(async move {
+                        changes.announce(changes::Change::Subscription(id)).await;
+                    });
                 }
             }
             Err(err) => {

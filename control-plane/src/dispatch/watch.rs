@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use super::changes;
 use super::scheduler::AttemptRecord;
 use crate::domain::model::DeliveryState;
 use crate::storage::{self, Store, deliveries};
@@ -51,22 +52,33 @@ pub fn decode(payload: &str) -> Option<Announcement> {
     serde_json::from_str(payload).ok()
 }
 
-/// Listens on [`CHANNEL`]; returns once listening, so attempts committed after it are seen.
+/// Listens on [`CHANNEL`] and on the change channel; returns once listening, so attempts and
+/// changes committed after it are seen.
 pub async fn listen(url: &str) -> Result<PgListener, storage::Error> {
     let unavailable = |err: sea_orm::sqlx::Error| storage::Error::Unavailable(err.to_string());
     let mut listener = PgListener::connect(url).await.map_err(unavailable)?;
-    listener.listen(CHANNEL).await.map_err(unavailable)?;
+    listener
+        .listen_all([CHANNEL, changes::CHANNEL])
+        .await
+        .map_err(unavailable)?;
     Ok(listener)
 }
 
-/// Re-publishes the attempts other replicas announce to this replica's watchers until `stop`.
-/// The listener reconnects by itself after a broken connection; what was announced meanwhile is
-/// not replayed (watchers see live attempts, the delivery log keeps them all).
+/// Applies another replica's change to this one.
+pub type ChangeSink = std::sync::Arc<
+    dyn Fn(changes::Change) -> futures::future::BoxFuture<'static, ()> + Send + Sync,
+>;
+
+/// Re-publishes the attempts other replicas announce to this replica's watchers, and applies
+/// their changes, until `stop`. The listener reconnects by itself after a broken connection;
+/// what was announced meanwhile is not replayed (watchers see live attempts, the delivery log
+/// keeps them all; caches expire by themselves).
 pub async fn relay(
     mut listener: PgListener,
     store: Store,
     replica_id: String,
     records: broadcast::Sender<AttemptRecord>,
+    apply: ChangeSink,
     stop: CancellationToken,
 ) {
     loop {
@@ -84,6 +96,13 @@ pub async fn relay(
                 }
             }
         };
+        if notification.channel() == changes::CHANNEL {
+            match changes::decode(notification.payload()) {
+                Some(change) if change.replica != replica_id => apply(change.change).await,
+                _ => {}
+            }
+            continue;
+        }
         let Some(announcement) = decode(notification.payload()) else {
             continue;
         };

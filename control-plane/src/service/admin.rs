@@ -68,6 +68,11 @@ impl Services {
             return Err(Error::not_found("token", token_id));
         }
         self.auth.forget_all();
+        self.changes
+            .announce(crate::dispatch::changes::Change::TokenRevoked(
+                token_id.to_owned(),
+            ))
+            .await;
         Ok(())
     }
 }

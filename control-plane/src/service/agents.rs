@@ -66,6 +66,11 @@ impl Services {
         self.dispatcher
             .send(Command::RevokeCredential(id.to_owned()))
             .await;
+        self.changes
+            .announce(crate::dispatch::changes::Change::AgentCredentialRevoked(
+                id.to_owned(),
+            ))
+            .await;
         Ok(())
     }
 

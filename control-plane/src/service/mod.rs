@@ -71,9 +71,22 @@ pub struct Services {
     pub console: crate::console::Sessions,
     /// Tenants seen to exist, so the publish path does not read the tenant for every call.
     pub known_tenants: admin::KnownTenants,
+    /// Tells the other replicas what changed here.
+    pub changes: crate::dispatch::changes::Announcer,
 }
 
 impl Services {
+    /// A subscription changed: this replica's scheduler and every other replica's drop their
+    /// cached copy.
+    pub async fn subscription_changed(&self, id: &str) {
+        self.dispatcher.subscription_changed(id).await;
+        self.changes
+            .announce(crate::dispatch::changes::Change::Subscription(
+                id.to_owned(),
+            ))
+            .await;
+    }
+
     /// Subscribes to every attempt recorded from now on.
     pub fn watch(
         &self,

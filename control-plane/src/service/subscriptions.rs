@@ -157,7 +157,7 @@ impl Services {
             deliveries::kill_waiting(&txn, &s.id, s.updated_at).await?;
         }
         txn.commit().await?;
-        self.dispatcher.subscription_changed(&s.id).await;
+        self.subscription_changed(&s.id).await;
         Ok(s)
     }
 
@@ -174,7 +174,7 @@ impl Services {
         }
         deliveries::kill_waiting(&txn, id, Utc::now()).await?;
         txn.commit().await?;
-        self.dispatcher.subscription_changed(id).await;
+        self.subscription_changed(id).await;
         Ok(())
     }
 
@@ -202,7 +202,7 @@ impl Services {
         s.signing_secret = new_signing_secret();
         s.updated_at = now;
         subscriptions::update(&self.store.writer, &self.store.sealer, &s).await?;
-        self.dispatcher.subscription_changed(&s.id).await;
+        self.subscription_changed(&s.id).await;
         Ok(s)
     }
 
@@ -221,7 +221,7 @@ impl Services {
             Utc::now(),
         )
         .await?;
-        self.dispatcher.subscription_changed(id).await;
+        self.subscription_changed(id).await;
         self.get_subscription(tenant_id, id).await
     }
 

@@ -849,3 +849,140 @@ async fn a_second_control_plane_on_one_sqlite_file_is_refused() {
     );
     second.terminate().await;
 }
+
+/// Changes made on replica A reach replica B at once (the `herald_changes` channel), not after
+/// B's caches expire: an update and a rotation change what B sends, a delete stops it, an agent
+/// credential revoked on A cuts the agent connected to B, an API token revoked on A is refused
+/// by B. Every wait is at most 10 s; the subscription cache's backstop is 60 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_on_one_replica_reach_the_others() {
+    const SOON: Duration = Duration::from_secs(10);
+    let mut cluster = Cluster::start(2).await;
+    let (a, b) = (cluster.admin(0), cluster.admin(1));
+    // The agent, with a credential of its own, knows replica B only: B sends everything.
+    let credential = a
+        .admin()
+        .create_agent_credential(pb::CreateAgentCredentialRequest {
+            name: "b-only".into(),
+            region: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    cluster.agents.push(harness::spawn_agent(&[
+        ("HERALD_CONTROL_PLANE", cluster.url(1)),
+        ("HERALD_AGENT_TOKEN", credential.token.clone()),
+        ("HERALD_AGENT_ID", "b-agent".to_owned()),
+        ("HERALD_ALLOW_DESTINATIONS", "127.0.0.0/8".to_owned()),
+    ]));
+    cluster.agents_listed(1, 1).await;
+    let tenants = cluster.tenant().await;
+    let (on_a, on_b) = (&tenants[0], &tenants[1]);
+    let first = Receiver::start().await;
+    let second = Receiver::start().await;
+    let sub = subscribe(on_a, &first, |_| {}).await;
+    on_b.publish(invoice(1)).await.unwrap();
+    first.wait_for(1, SOON).await;
+
+    // An update on A: B's next request goes to the new URL.
+    on_a.subscriptions()
+        .update_subscription(pb::UpdateSubscriptionRequest {
+            id: sub.id.clone(),
+            url: Some(second.url("/hook")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    on_b.publish(invoice(2)).await.unwrap();
+    let got = second.wait_for(1, SOON).await;
+    assert_eq!(
+        first.received().len(),
+        1,
+        "nothing more went to the old URL"
+    );
+    // A rotation on A with no grace: B signs with the new secret only.
+    let rotated = on_a
+        .subscriptions()
+        .rotate_secret(pb::RotateSecretRequest {
+            id: sub.id.clone(),
+            grace_period_s: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(rotated.signing_secret, sub.signing_secret);
+    on_b.publish(invoice(3)).await.unwrap();
+    let got = second.wait_for(got.len() + 1, SOON).await;
+    let last = got.last().unwrap();
+    let new_secret = standardwebhooks::Webhook::new(&rotated.signing_secret).unwrap();
+    new_secret.verify(&last.body, &last.headers).unwrap();
+    let old_secret = standardwebhooks::Webhook::new(&sub.signing_secret).unwrap();
+    assert!(old_secret.verify(&last.body, &last.headers).is_err());
+    // A delete on A: B sends nothing more for it.
+    on_a.subscriptions()
+        .delete_subscription(pb::DeleteSubscriptionRequest {
+            id: sub.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    on_b.publish(invoice(4)).await.unwrap();
+
+    // An API token revoked on A is refused by B.
+    let token = a
+        .admin()
+        .create_token(pb::CreateTokenRequest {
+            tenant_id: String::new(),
+            name: "short-lived".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let holder_on_b = client(&cluster.url(1), &token.token);
+    holder_on_b
+        .admin()
+        .list_tenants(pb::ListTenantsRequest::default())
+        .await
+        .unwrap();
+    a.admin()
+        .revoke_token(pb::RevokeTokenRequest {
+            token_id: token.token_id.clone(),
+        })
+        .await
+        .unwrap();
+    eventually("B refuses the revoked token", SOON, || async {
+        let refused = holder_on_b
+            .admin()
+            .list_tenants(pb::ListTenantsRequest::default())
+            .await
+            .err()?;
+        (refused.code() == tonic::Code::Unauthenticated).then_some(())
+    })
+    .await;
+
+    // The agent credential revoked on A: the agent on B is cut off.
+    a.admin()
+        .revoke_agent_credential(pb::RevokeAgentCredentialRequest {
+            credential_id: credential.credential_id.clone(),
+        })
+        .await
+        .unwrap();
+    eventually("the agent on B is disconnected", SOON, || async {
+        let agents = b
+            .admin()
+            .list_agents(pb::ListAgentsRequest::default())
+            .await
+            .ok()?
+            .into_inner()
+            .agents;
+        agents.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(
+        second.received().len(),
+        2,
+        "nothing was sent for the deleted subscription"
+    );
+    cluster.stop().await;
+}
