@@ -180,6 +180,14 @@ pub async fn start_with(
         &mut tasks,
     );
     let auth = service::auth::Auth::new(store.clone(), config.admin_token.as_deref());
+    let auth_failures = auth.failures();
+    prometheus.register(|r| {
+        r.register(
+            "auth_failures",
+            "Failed authentications, by reason (unknown, known_bad, throttled)",
+            auth_failures,
+        )
+    });
     let generated_admin_token = auth.bootstrap_admin().await?;
     let (agent_token, generated_agent_token) = match &config.agent_token {
         Some(token) => (token.clone(), None),

@@ -362,6 +362,7 @@ fn service_failure(signed: &Signed, err: crate::service::Error) -> Response {
             (StatusCode::CONFLICT, "Not possible now")
         }
         E::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "Too large"),
+        E::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "Too many attempts"),
         E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "Unavailable"),
         E::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "Storage error"),
     };

@@ -116,7 +116,7 @@ pub async fn login(State(console): State<Console>, headers: HeaderMap, body: Byt
             "token: enter a tenant API token",
         );
     }
-    let tenant_id = match console.services.auth.authenticate(token).await {
+    let tenant_id = match console.services.auth.authenticate(token, None).await {
         Ok(caller) => match caller.scope {
             Scope::Tenant(tenant_id) => tenant_id,
             Scope::Admin => {

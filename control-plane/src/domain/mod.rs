@@ -7,4 +7,5 @@ pub mod health;
 pub mod ids;
 pub mod model;
 pub mod retry;
+pub mod throttle;
 pub mod validate;

@@ -83,7 +83,15 @@ impl AgentApi {
                 region: None,
             });
         }
-        match self.services.find_agent_credential(token).await? {
+        // A flood of bad credentials costs no database reads (see `domain::throttle`).
+        let peer = request.remote_addr().map(|addr| addr.ip());
+        let token_hash = crate::service::auth::hash(token);
+        self.services.auth.screen(peer, &token_hash)?;
+        let found = self.services.find_agent_credential(token).await?;
+        self.services
+            .auth
+            .settle(peer, &token_hash, found.is_some());
+        match found {
             Some(credential) => Ok(AgentAuth {
                 identity: certificate
                     .unwrap_or_else(|| format!("{} ({})", credential.name, credential.id)),

@@ -25,5 +25,6 @@ pub fn bearer<T>(request: &Request<T>) -> Result<&str, Status> {
 /// Authenticates a request's caller.
 pub async fn caller<T>(services: &Services, request: &Request<T>) -> Result<Caller, Status> {
     let token = bearer(request)?;
-    Ok(services.auth.authenticate(token).await?)
+    let peer = request.remote_addr().map(|addr| addr.ip());
+    Ok(services.auth.authenticate(token, peer).await?)
 }

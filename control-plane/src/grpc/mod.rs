@@ -29,7 +29,7 @@ impl From<service::Error> for Status {
             E::Unauthenticated(_) => Status::unauthenticated(err.to_string()),
             E::PermissionDenied(_) => Status::permission_denied(err.to_string()),
             E::AlreadyExists(_) => Status::already_exists(err.to_string()),
-            E::TooLarge(_) => Status::resource_exhausted(err.to_string()),
+            E::TooLarge(_) | E::RateLimited(_) => Status::resource_exhausted(err.to_string()),
             E::FailedPrecondition(_) => Status::failed_precondition(err.to_string()),
             E::Unavailable(_) => Status::unavailable(err.to_string()),
             E::Storage(crate::storage::Error::Conflict(_)) => Status::already_exists(

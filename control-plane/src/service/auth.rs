@@ -2,18 +2,23 @@
 //! values, so a plain SHA-256 is a sufficient hash; only the hash is stored.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::Utc;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use super::Error;
 use crate::domain::ids;
 use crate::domain::model::{Scope, Token};
+use crate::domain::throttle::{FailureThrottle, Verdict};
 use crate::storage::{Store, tokens};
 
 /// Prefix of API tokens, so a leaked one is recognisable.
@@ -72,6 +77,17 @@ pub struct Auth {
     store: Store,
     configured_admin_hash: Option<String>,
     cache: Arc<Mutex<HashMap<String, Cached>>>,
+    throttle: Arc<Mutex<FailureThrottle>>,
+    /// `herald_auth_failures_total{reason}`.
+    failures: Family<AuthFailure, Counter>,
+}
+
+/// The label of `herald_auth_failures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthFailure {
+    /// `unknown` (looked up, not found or revoked), `known_bad` (failed moments ago, not looked
+    /// up again), `throttled` (the peer spent its failures).
+    pub reason: &'static str,
 }
 
 /// Returns a new random token.
@@ -93,11 +109,59 @@ impl Auth {
             store,
             configured_admin_hash: configured_admin_token.map(hash),
             cache: Arc::default(),
+            throttle: Arc::default(),
+            failures: Family::default(),
         }
     }
 
-    /// Returns the caller a bearer token speaks for.
-    pub async fn authenticate(&self, token: &str) -> Result<Caller, Error> {
+    /// Failed authentications by reason, for the metrics registry.
+    pub fn failures(&self) -> Family<AuthFailure, Counter> {
+        self.failures.clone()
+    }
+
+    /// Decides whether a token from `peer` is worth a database read: a token that failed
+    /// moments ago, or any unknown token from a peer that spent its failures, is refused at once.
+    pub fn screen(&self, peer: Option<IpAddr>, token_hash: &str) -> Result<(), Error> {
+        let verdict = self
+            .throttle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .verdict(peer, token_hash, Instant::now());
+        match verdict {
+            Verdict::Check => Ok(()),
+            Verdict::KnownBad => {
+                self.failed_because("known_bad");
+                Err(Error::Unauthenticated(
+                    "authorization: unknown or revoked token".into(),
+                ))
+            }
+            Verdict::Throttled => {
+                self.failed_because("throttled");
+                Err(Error::RateLimited(
+                    "authorization: too many failed attempts from this address; retry in a few seconds".into(),
+                ))
+            }
+        }
+    }
+
+    /// Records the outcome of a look-up that [`Auth::screen`] allowed.
+    pub fn settle(&self, peer: Option<IpAddr>, token_hash: &str, valid: bool) {
+        let mut throttle = self.throttle.lock().unwrap_or_else(|e| e.into_inner());
+        if valid {
+            throttle.valid(token_hash, Instant::now());
+        } else {
+            throttle.failed(peer, token_hash, Instant::now());
+            drop(throttle);
+            self.failed_because("unknown");
+        }
+    }
+
+    fn failed_because(&self, reason: &'static str) {
+        self.failures.get_or_create(&AuthFailure { reason }).inc();
+    }
+
+    /// Returns the caller a bearer token from `peer` speaks for.
+    pub async fn authenticate(&self, token: &str, peer: Option<IpAddr>) -> Result<Caller, Error> {
         let token_hash = hash(token);
         if self.configured_admin_hash.as_deref() == Some(token_hash.as_str()) {
             return Ok(Caller {
@@ -109,12 +173,14 @@ impl Auth {
         if let Some(caller) = self.cached(&token_hash, now) {
             return Ok(caller);
         }
+        self.screen(peer, &token_hash)?;
         let stored = tokens::find_by_hash(&self.store.db, &token_hash)
             .await?
-            .filter(|stored| !stored.revoked)
-            .ok_or_else(|| {
-                Error::Unauthenticated("authorization: unknown or revoked token".into())
-            })?;
+            .filter(|stored| !stored.revoked);
+        self.settle(peer, &token_hash, stored.is_some());
+        let stored = stored.ok_or_else(|| {
+            Error::Unauthenticated("authorization: unknown or revoked token".into())
+        })?;
         let caller = Caller {
             token_id: stored.token.id.clone(),
             scope: stored.token.scope.clone(),
@@ -158,6 +224,10 @@ impl Auth {
     /// Forgets every cached verification, so a revocation takes effect at once.
     pub fn forget_all(&self) {
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.throttle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget_tokens();
     }
 
     /// Creates and stores a token; returns it with its plaintext (shown once).

@@ -29,6 +29,9 @@ pub enum Error {
     AlreadyExists(String),
     #[error("{0}")]
     TooLarge(String),
+    /// Too many of something from one caller (failed authentications).
+    #[error("{0}")]
+    RateLimited(String),
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]

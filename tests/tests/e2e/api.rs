@@ -1,7 +1,10 @@
 //! The control-plane API: every RPC end to end, validation, auth, idempotency, durability,
 //! secrets at rest, reflection and health.
 
+use std::collections::HashMap;
 use std::time::Duration;
+
+use futures::StreamExt as _;
 
 use herald_client::v1 as pb;
 use herald_tests::harness::{self, TestDatabase};
@@ -1114,4 +1117,97 @@ mod reflection {
         );
         herald.stop().await;
     }
+}
+
+/// A flood of 10,000 failed authentications from 127.0.0.2 costs little: once its failures are
+/// spent, that address's bad tokens are refused without database reads, while valid callers on
+/// 127.0.0.1 and on 127.0.0.2 itself are served. Latencies are reported, not asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_failed_authentications_leaves_valid_callers_served() {
+    let herald = Herald::builder(Backend::Sqlite)
+        .no_builtin_agent()
+        .configure(|c| c.metrics_listen = Some("127.0.0.1:0".parse().unwrap()))
+        .start()
+        .await;
+    let metrics_port = herald
+        .running
+        .as_ref()
+        .unwrap()
+        .metrics_addr
+        .unwrap()
+        .port();
+    let flooder_ip: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let channel_from = |ip: std::net::IpAddr| {
+        tonic::transport::Endpoint::from_shared(herald.url())
+            .unwrap()
+            .local_address(Some(ip))
+            .connect_lazy()
+    };
+    let request = |token: &str| {
+        let mut request = tonic::Request::new(pb::ListTenantsRequest::default());
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    };
+    let flood_channel = channel_from(flooder_ip);
+    let flood = async {
+        let mut codes: HashMap<tonic::Code, usize> = HashMap::new();
+        let calls = futures::stream::iter(0..10_000)
+            .map(|i| {
+                let mut client =
+                    pb::admin_service_client::AdminServiceClient::new(flood_channel.clone());
+                let request = request(&format!("hrld_forged_{i:08}"));
+                async move { client.list_tenants(request).await }
+            })
+            .buffer_unordered(32);
+        futures::pin_mut!(calls);
+        while let Some(result) = calls.next().await {
+            let code = result.err().map_or(tonic::Code::Ok, |s| s.code());
+            *codes.entry(code).or_default() += 1;
+        }
+        codes
+    };
+    let valid = async {
+        let mut latencies: HashMap<&str, Vec<Duration>> = HashMap::new();
+        for round in 0..20 {
+            for (name, ip) in [("127.0.0.1", "127.0.0.1"), ("127.0.0.2", "127.0.0.2")] {
+                let mut client = pb::admin_service_client::AdminServiceClient::new(channel_from(
+                    ip.parse().unwrap(),
+                ));
+                let started = std::time::Instant::now();
+                client
+                    .list_tenants(request(&herald.admin_token))
+                    .await
+                    .unwrap_or_else(|s| panic!("valid caller on {name}, round {round}: {s:?}"));
+                latencies.entry(name).or_default().push(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        latencies
+    };
+    let (codes, latencies) = tokio::join!(flood, valid);
+    assert_eq!(codes.get(&tonic::Code::Ok), None, "{codes:?}");
+    for (name, mut samples) in latencies {
+        samples.sort();
+        eprintln!(
+            "auth flood: valid caller on {name}: p50 {:?}, max {:?} ({} calls); flood: {codes:?}",
+            samples[samples.len() / 2],
+            samples[samples.len() - 1],
+            samples.len()
+        );
+    }
+    let samples = crate::observability::scrape(metrics_port).await;
+    let throttled = samples
+        .get(r#"herald_auth_failures_total{reason="throttled"}"#)
+        .copied()
+        .unwrap_or(0.0);
+    let looked_up = samples
+        .get(r#"herald_auth_failures_total{reason="unknown"}"#)
+        .copied()
+        .unwrap_or(0.0);
+    eprintln!("auth flood: {looked_up} looked up, {throttled} refused without a look-up");
+    assert!(looked_up < 1_000.0, "{samples:?}");
+    assert!(throttled > 9_000.0, "{samples:?}");
+    herald.stop().await;
 }
