@@ -467,4 +467,81 @@ mod tests {
             assert!(Url::parse(url).is_err(), "{url}");
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use std::net::{Ipv4Addr, Ipv6Addr};
+
+        /// Ranges a receiver must never reach without an allow-list, written here independently
+        /// of the guard's own table: (network, prefix length).
+        const BLOCKED_V4: &[([u8; 4], u8)] = &[
+            ([0, 0, 0, 0], 8),
+            ([10, 0, 0, 0], 8),
+            ([100, 64, 0, 0], 10),
+            ([127, 0, 0, 0], 8),
+            ([169, 254, 0, 0], 16),
+            ([172, 16, 0, 0], 12),
+            ([192, 168, 0, 0], 16),
+            ([224, 0, 0, 0], 4),
+            ([240, 0, 0, 0], 4),
+        ];
+
+        fn blocked_v4() -> impl Strategy<Value = Ipv4Addr> {
+            (0..BLOCKED_V4.len(), any::<u32>()).prop_map(|(i, host)| {
+                let (net, len) = BLOCKED_V4[i];
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                Ipv4Addr::from((u32::from(Ipv4Addr::from(net)) & mask) | (host & !mask))
+            })
+        }
+
+        /// The spellings a URL host can take for one IPv4 address.
+        fn spellings(ip: Ipv4Addr) -> Vec<String> {
+            let [a, b, c, d] = ip.octets();
+            let n = u32::from(ip);
+            vec![
+                ip.to_string(),
+                n.to_string(),
+                format!("0x{n:x}"),
+                format!("0{a:o}.0{b:o}.0{c:o}.0{d:o}"),
+                format!(
+                    "{a}.{}",
+                    (u32::from(b) << 16) | (u32::from(c) << 8) | u32::from(d)
+                ),
+                format!("[::ffff:{ip}]"),
+                format!("[::ffff:{:x}:{:x}]", n >> 16, n & 0xffff),
+                format!("[64:ff9b::{ip}]"),
+            ]
+        }
+
+        proptest! {
+            /// Every address of a blocked range, in every spelling, is refused; none panics.
+            #[test]
+            fn blocked_ranges_are_refused_in_every_spelling(ip in blocked_v4()) {
+                let guard = Guard::new(Vec::new());
+                prop_assert!(guard.check(IpAddr::V4(ip)).is_err(), "{ip}");
+                for host in spellings(ip) {
+                    let url = Url::parse(&format!("http://{host}/hook")).unwrap();
+                    prop_assert!(guard.check_literal_host(&url).is_err(), "{host} ({ip})");
+                }
+            }
+
+            /// IPv6 loopback, unique-local and link-local addresses are refused.
+            #[test]
+            fn blocked_v6_ranges_are_refused(low in any::<u128>(), which in 0usize..3) {
+                let (net, len): (u128, u32) = [(1, 128), (0xfc00 << 112, 7), (0xfe80 << 112, 10)][which];
+                let mask = if len == 128 { u128::MAX } else { !(u128::MAX >> len) };
+                let ip = Ipv6Addr::from((net & mask) | (low & !mask));
+                prop_assert!(Guard::new(Vec::new()).check(IpAddr::V6(ip)).is_err(), "{ip}");
+            }
+
+            /// Any URL text: an answer, never a panic.
+            #[test]
+            fn any_url_is_judged_without_a_panic(text in ".{0,80}") {
+                if let Ok(url) = Url::parse(&format!("http://{text}/")) {
+                    let _ = Guard::new(Vec::new()).check_literal_host(&url);
+                }
+            }
+        }
+    }
 }

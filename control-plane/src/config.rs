@@ -37,6 +37,7 @@ pub struct RawConfig {
     pub agent_token: Option<String>,
     pub builtin_agent: bool,
     pub master_key: Option<String>,
+    pub master_key_previous: Option<String>,
     pub retry_schedule: Option<String>,
     pub disable_after: String,
     pub lease_grace: String,
@@ -62,6 +63,7 @@ impl Default for RawConfig {
             agent_token: None,
             builtin_agent: true,
             master_key: None,
+            master_key_previous: None,
             retry_schedule: None,
             disable_after: "5d".into(),
             lease_grace: "30s".into(),
@@ -106,6 +108,8 @@ pub struct Config {
     pub agent_token: Option<String>,
     pub builtin_agent: bool,
     pub master_key: Option<[u8; 32]>,
+    /// `HERALD_MASTER_KEY_PREVIOUS`: during a rotation, the old key (opens, never seals).
+    pub master_key_previous: Option<[u8; 32]>,
     pub retry_schedule: Vec<Duration>,
     pub disable_after: Duration,
     pub lease_grace: Duration,
@@ -210,6 +214,20 @@ impl Config {
             .filter(|key| !key.is_empty())
             .map(|key| parse_master_key(&key))
             .transpose()?;
+        let master_key_previous = raw
+            .master_key_previous
+            .filter(|key| !key.is_empty())
+            .map(|key| {
+                parse_master_key(&key)
+                    .map_err(|err| ConfigError::new("HERALD_MASTER_KEY_PREVIOUS", err.problem))
+            })
+            .transpose()?;
+        if master_key_previous.is_some() && master_key.is_none() {
+            return Err(ConfigError::new(
+                "HERALD_MASTER_KEY_PREVIOUS",
+                "is for a rotation: set HERALD_MASTER_KEY to the new key too",
+            ));
+        }
         let retry_schedule = match raw.retry_schedule.filter(|s| !s.trim().is_empty()) {
             None => default_retry_schedule(),
             Some(text) => text
@@ -250,6 +268,7 @@ impl Config {
             agent_token: raw.agent_token.filter(|t| !t.is_empty()),
             builtin_agent: raw.builtin_agent,
             master_key,
+            master_key_previous,
             retry_schedule,
             disable_after: parse_duration("HERALD_DISABLE_AFTER", &raw.disable_after)?,
             lease_grace: parse_duration("HERALD_LEASE_GRACE", &raw.lease_grace)?,

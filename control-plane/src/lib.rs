@@ -97,9 +97,18 @@ pub async fn start_with(
         url: config.database_url.clone(),
         max_connections: if sqlite { 4 } else { 16 },
         master_key: config.master_key,
+        previous_master_key: config.master_key_previous,
         sqlite_page_limit: hooks.sqlite_page_limit.clone(),
     })
     .await?;
+    // With a key, nothing stays in clear: values written before it was set are sealed now.
+    let sealed = storage::secrets::reseal(&store, storage::secrets::Reseal::Clear, 500).await?;
+    if sealed > 0 {
+        tracing::info!(
+            sealed,
+            "sealed secrets stored in clear under HERALD_MASTER_KEY"
+        );
+    }
     if !store.sealer.has_key() {
         tracing::warn!(
             "HERALD_MASTER_KEY is not set: receiver API keys and signing secrets are stored in clear"

@@ -31,6 +31,10 @@ struct Args {
 enum Command {
     /// Revoke the generated admin token and print a new one
     ResetAdminToken,
+    /// Seal every stored secret under HERALD_MASTER_KEY, opening what
+    /// HERALD_MASTER_KEY_PREVIOUS sealed; run once every replica runs with both keys, then
+    /// restart them without the previous one. Safe to run again after an interruption.
+    RotateMasterKey,
 }
 
 /// The flags that were passed, layered over the environment.
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match args.command {
             Some(Command::ResetAdminToken) => reset_admin_token(config).await,
+            Some(Command::RotateMasterKey) => rotate_master_key(config).await,
             None => serve(config).await,
         }
     });
@@ -152,12 +157,35 @@ async fn wait_for_signal() {
     }
 }
 
+async fn rotate_master_key(config: Config) -> anyhow::Result<()> {
+    use herald_control_plane::storage::{self, secrets};
+    anyhow::ensure!(
+        config.master_key.is_some(),
+        "HERALD_MASTER_KEY: set it to the new key (and HERALD_MASTER_KEY_PREVIOUS to the old one)"
+    );
+    let store = storage::Store::open(storage::StoreOptions {
+        url: config.database_url.clone(),
+        max_connections: 2,
+        master_key: config.master_key,
+        previous_master_key: config.master_key_previous,
+        sqlite_page_limit: None,
+    })
+    .await?;
+    let sealed = secrets::reseal(&store, secrets::Reseal::All, 500).await?;
+    // From now on a start with the new key alone is accepted, and one with the old key refused.
+    store.record_master_key().await?;
+    store.close().await;
+    println!("re-sealed {sealed} secrets under the new master key");
+    Ok(())
+}
+
 async fn reset_admin_token(config: Config) -> anyhow::Result<()> {
     let store =
         herald_control_plane::storage::Store::open(herald_control_plane::storage::StoreOptions {
             url: config.database_url.clone(),
             max_connections: 1,
             master_key: config.master_key,
+            previous_master_key: config.master_key_previous,
             sqlite_page_limit: None,
         })
         .await?;

@@ -142,4 +142,47 @@ mod tests {
             assert!(check_filter(bad).is_err(), "{bad}");
         }
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn event_type() -> impl Strategy<Value = String> {
+            proptest::collection::vec("[a-z0-9_]{1,12}", 1..=MAX_SEGMENTS)
+                .prop_map(|segments| segments.join("."))
+                .prop_filter("within the length limit", |t| t.len() <= MAX_LEN)
+        }
+
+        proptest! {
+            /// Any text: an answer, never a panic; what is accepted is a well-formed type.
+            #[test]
+            fn checks_never_panic(text in ".{0,200}") {
+                if check_event_type(&text).is_ok() {
+                    prop_assert!(text.len() <= MAX_LEN && !text.contains('*'));
+                }
+                let _ = check_filter(&text);
+                let _ = matches(&text, &text);
+            }
+
+            /// A type matches itself, `*`, and itself with any one segment a wildcard; not its
+            /// parent nor its child.
+            #[test]
+            fn filters_match_as_documented(t in event_type(), which in 0usize..MAX_SEGMENTS) {
+                prop_assert!(check_event_type(&t).is_ok());
+                prop_assert!(matches(&t, &t));
+                prop_assert!(matches("*", &t));
+                let mut segments: Vec<&str> = t.split('.').collect();
+                let n = segments.len();
+                segments[which % n] = "*";
+                let wildcard = segments.join(".");
+                prop_assert!(check_filter(&wildcard).is_ok());
+                prop_assert!(matches(&wildcard, &t));
+                let child = format!("{t}.x");
+                prop_assert!(!matches(&t, &child));
+                if n > 1 {
+                    prop_assert!(!matches(&t, &t[..t.rfind('.').unwrap()]));
+                }
+            }
+        }
+    }
 }

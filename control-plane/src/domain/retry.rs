@@ -196,4 +196,27 @@ mod tests {
         assert_eq!(parse_retry_after(&date, t0()), Some(secs(90)));
         assert_eq!(parse_retry_after("soon", t0()), None);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any `Retry-After` a receiver sends: an answer within 24 h, never a panic.
+            #[test]
+            fn retry_after_is_bounded_and_never_panics(value in ".{0,64}") {
+                if let Some(delay) = parse_retry_after(&value, t0()) {
+                    prop_assert!(delay <= MAX_RETRY_AFTER);
+                }
+            }
+
+            #[test]
+            fn delay_seconds_are_read_and_capped(seconds in any::<u64>()) {
+                prop_assert_eq!(
+                    parse_retry_after(&seconds.to_string(), t0()),
+                    Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
+                );
+            }
+        }
+    }
 }

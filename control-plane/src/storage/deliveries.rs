@@ -185,49 +185,8 @@ fn attempt_from_model(m: attempt::Model) -> Attempt {
     }
 }
 
-/// Returns deliveries that are due: pending or failed with their time come, or in flight with
-/// an expired lease (the agent or the replica that held it is gone). Oldest due first.
-///
-/// One range scan of `deliveries_due` per state, each stopping at `limit`: a single query
-/// with `OR` made SQLite read (and sort) every due delivery, the whole backlog, at each poll.
-pub async fn due(
-    db: &impl ConnectionTrait,
-    now: chrono::DateTime<chrono::Utc>,
-    limit: u64,
-) -> Result<Vec<Delivery>, Error> {
-    let now = ms(now);
-    let mut rows = Vec::new();
-    for state in [DeliveryState::Pending, DeliveryState::Failed] {
-        rows.extend(
-            delivery::Entity::find()
-                .filter(delivery::Column::State.eq(state as i32))
-                .filter(delivery::Column::NextAttemptAt.lte(now))
-                .order_by_asc(delivery::Column::NextAttemptAt)
-                .limit(limit)
-                .all(db)
-                .await?,
-        );
-    }
-    rows.extend(
-        delivery::Entity::find()
-            .filter(delivery::Column::State.eq(DeliveryState::InFlight as i32))
-            .filter(delivery::Column::LeaseExpiresAt.lte(now))
-            .limit(limit)
-            .all(db)
-            .await?,
-    );
-    rows.sort_by_key(|row| row.next_attempt_at);
-    rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    Ok(rows.into_iter().map(from_model).collect())
-}
-
-/// Returns the subscriptions that have deliveries waiting (pending or failed, due now or
-/// later): a skip scan of `deliveries_waiting`, one index probe per such subscription in one
-/// statement, whatever the size of their backlogs.
-pub async fn subscriptions_with_waiting_work(
-    db: &impl ConnectionTrait,
-) -> Result<Vec<String>, Error> {
-    const SQL: &str = "WITH RECURSIVE waiting(subscription_id) AS (\
+/// The skip scan of [`subscriptions_with_waiting_work`].
+const WAITING_SUBSCRIPTIONS: &str = "WITH RECURSIVE waiting(subscription_id) AS (\
         SELECT (SELECT subscription_id FROM deliveries WHERE state IN (1, 4) \
                 ORDER BY subscription_id LIMIT 1) \
         UNION ALL \
@@ -236,10 +195,17 @@ pub async fn subscriptions_with_waiting_work(
                 ORDER BY d.subscription_id LIMIT 1) \
         FROM waiting WHERE waiting.subscription_id IS NOT NULL) \
         SELECT subscription_id FROM waiting WHERE subscription_id IS NOT NULL";
+
+/// Returns the subscriptions that have deliveries waiting (pending or failed, due now or
+/// later): a skip scan of `deliveries_waiting`, one index probe per such subscription in one
+/// statement, whatever the size of their backlogs.
+pub async fn subscriptions_with_waiting_work(
+    db: &impl ConnectionTrait,
+) -> Result<Vec<String>, Error> {
     let rows = db
         .query_all_raw(sea_orm::Statement::from_string(
             db.get_database_backend(),
-            SQL,
+            WAITING_SUBSCRIPTIONS,
         ))
         .await?;
     rows.iter()
@@ -269,14 +235,7 @@ pub async fn due_of(
         let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 3);
         for (subscription_id, limit) in chunk {
             let n = values.len();
-            arms.push(format!(
-                "SELECT * FROM (SELECT * FROM deliveries WHERE subscription_id = {} \
-                 AND state IN (1, 4) AND next_attempt_at <= {} \
-                 ORDER BY next_attempt_at LIMIT {}) AS due{n}",
-                placeholder(n + 1),
-                placeholder(n + 2),
-                placeholder(n + 3),
-            ));
+            arms.push(due_arm(n, placeholder));
             values.push(subscription_id.clone().into());
             values.push(ms(now).into());
             values.push(i64::try_from(*limit).unwrap_or(i64::MAX).into());
@@ -293,14 +252,30 @@ pub async fn due_of(
     Ok(found)
 }
 
-/// Returns deliveries in flight under an expired lease (their agent or replica is gone).
+/// One subscription's part of [`due_of`]: its oldest due deliveries, a range scan of
+/// `deliveries_waiting` (the states are literals: SQLite uses a partial index only for terms it
+/// can compare as written). Placeholders n+1..n+3: subscription, now, limit.
+fn due_arm(n: usize, placeholder: impl Fn(usize) -> String) -> String {
+    format!(
+        "SELECT * FROM (SELECT * FROM deliveries WHERE subscription_id = {} \
+         AND state IN (1, 4) AND next_attempt_at <= {} \
+         ORDER BY next_attempt_at LIMIT {}) AS due{n}",
+        placeholder(n + 1),
+        placeholder(n + 2),
+        placeholder(n + 3),
+    )
+}
+
+/// Returns deliveries in flight under an expired lease (their agent or replica is gone): a scan
+/// of the partial index `deliveries_in_flight`, which holds only what is in flight.
 pub async fn under_expired_lease(
     db: &impl ConnectionTrait,
     now: chrono::DateTime<chrono::Utc>,
     limit: u64,
 ) -> Result<Vec<Delivery>, Error> {
+    // A literal state: SQLite uses a partial index only for terms it can compare as written.
     Ok(delivery::Entity::find()
-        .filter(delivery::Column::State.eq(DeliveryState::InFlight as i32))
+        .filter(sea_orm::sea_query::Expr::cust("state = 2"))
         .filter(delivery::Column::LeaseExpiresAt.lte(ms(now)))
         .limit(limit)
         .all(db)
@@ -312,7 +287,8 @@ pub async fn under_expired_lease(
 
 /// The state column as an expression no index can answer. Claims and completions name their
 /// deliveries by id; given an indexable `state` term next to the ids, SQLite's planner walked
-/// `deliveries_due` instead, which is every due delivery (the whole backlog) per statement.
+/// an index of the state (`deliveries_due` then, `deliveries_waiting` now) instead, which is
+/// every due delivery (the whole backlog) per statement.
 const STATE_UNINDEXED: &str = "(state + 0)";
 
 fn claimable(now: i64) -> sea_orm::Condition {
@@ -855,7 +831,69 @@ mod tests {
     }
 
     fn by_primary_key(plan: &str) -> bool {
-        plan.contains("sqlite_autoindex_deliveries_1 (id=?)") && !plan.contains("deliveries_due")
+        plan.contains("sqlite_autoindex_deliveries_1 (id=?)")
+            && !plan.contains("deliveries_waiting")
+            && !plan.contains("deliveries_in_flight")
+    }
+
+    /// Discovery costs O(subscriptions with waiting work): each statement walks a partial index
+    /// of the backlog, never the table nor the history.
+    #[tokio::test]
+    async fn discovery_walks_the_partial_indexes_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreOptions {
+            url: format!("sqlite://{}?mode=rwc", dir.path().join("plan.db").display()),
+            max_connections: 1,
+            master_key: None,
+            previous_master_key: None,
+            sqlite_page_limit: None,
+        })
+        .await
+        .unwrap();
+        let explain = |sql: String| {
+            let store = store.clone();
+            async move {
+                let rows = store
+                    .db
+                    .query_all_raw(Statement::from_string(
+                        sea_orm::DbBackend::Sqlite,
+                        format!("EXPLAIN QUERY PLAN {sql}"),
+                    ))
+                    .await
+                    .unwrap();
+                rows.iter()
+                    .map(|row| row.try_get::<String>("", "detail").unwrap())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }
+        };
+        let waiting = explain(WAITING_SUBSCRIPTIONS.to_owned()).await;
+        // Each step: one probe after the previous subscription id.
+        assert!(
+            waiting.contains("USING INDEX deliveries_waiting (subscription_id>?)"),
+            "{waiting}"
+        );
+        assert!(
+            waiting
+                .split("; ")
+                .filter(|step| step.starts_with("SCAN deliveries") || step.starts_with("SCAN d "))
+                .all(|step| step.contains("USING INDEX deliveries_waiting")),
+            "{waiting}"
+        );
+        let due = explain(due_arm(0, |_| "'x'".to_owned()).replace("LIMIT 'x'", "LIMIT 10")).await;
+        assert!(
+            due.contains("deliveries_waiting (subscription_id=? AND next_attempt_at<?)")
+                || due.contains("deliveries_waiting (subscription_id="),
+            "{due}"
+        );
+        let built = sea_orm::DbBackend::Sqlite.build(
+            &delivery::Entity::find()
+                .filter(sea_orm::sea_query::Expr::cust("state = 2"))
+                .filter(delivery::Column::LeaseExpiresAt.lte(0))
+                .into_query(),
+        );
+        let expired = explain(built.sql).await;
+        assert!(expired.contains("deliveries_in_flight"), "{expired}");
     }
 
     #[tokio::test]
@@ -865,6 +903,7 @@ mod tests {
             url: format!("sqlite://{}?mode=rwc", dir.path().join("plan.db").display()),
             max_connections: 1,
             master_key: None,
+            previous_master_key: None,
             sqlite_page_limit: None,
         })
         .await

@@ -10,6 +10,7 @@ pub mod events;
 mod migration;
 pub mod retention;
 pub mod seal;
+pub mod secrets;
 pub mod subscriptions;
 pub mod tenants;
 pub mod tokens;
@@ -235,6 +236,8 @@ pub struct StoreOptions {
     pub url: String,
     pub max_connections: u32,
     pub master_key: Option<[u8; 32]>,
+    /// `HERALD_MASTER_KEY_PREVIOUS`: during a rotation, opens what the old key sealed.
+    pub previous_master_key: Option<[u8; 32]>,
     /// Tests: the most pages an SQLite database may have, read at every write (a disk that
     /// fills up and is freed again).
     pub sqlite_page_limit: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
@@ -293,7 +296,7 @@ impl Store {
                 db: writer,
                 state: writer_state,
             },
-            sealer: Sealer::new(options.master_key),
+            sealer: Sealer::new(options.master_key).with_previous(options.previous_master_key),
             commits: Default::default(),
             file_lock,
         };
@@ -409,36 +412,42 @@ impl Store {
             .await
             .map_err(Error::from)?;
         match stored {
+            // Opened by the current key, or by the previous one while a rotation goes on
+            // (`rotate-master-key` records the new key when it is done).
             Some(row) if Sealer::is_sealed(&row.value) => match self.sealer.open(&row.value) {
-                Ok(text) if text == seal::CHECK_PLAINTEXT => Ok(()),
+                Ok(text) if text == seal::CHECK_PLAINTEXT && self.sealer.has_key() => Ok(()),
                 _ => Err(OpenError::WrongMasterKey),
             },
             // Nothing to record: no key then, none now.
             Some(row) if row.value == "none" && !self.sealer.has_key() => Ok(()),
             // Data written without a key: with a key now, new secrets are sealed and old ones
             // still read; record the key so a later start with another key is refused.
-            Some(_) | None => {
-                let value = if self.sealer.has_key() {
-                    self.sealer.seal(seal::CHECK_PLAINTEXT)
-                } else {
-                    "none".to_owned()
-                };
-                let txn = self.writer.begin().await?;
-                entity::meta::Entity::delete_by_id(KEY.to_owned())
-                    .exec(&txn)
-                    .await
-                    .map_err(Error::from)?;
-                entity::meta::Entity::insert(entity::meta::ActiveModel {
-                    key: sea_orm::Set(KEY.to_owned()),
-                    value: sea_orm::Set(value),
-                })
-                .exec(&txn)
-                .await
-                .map_err(Error::from)?;
-                txn.commit().await?;
-                Ok(())
-            }
+            Some(_) | None => self.record_master_key().await,
         }
+    }
+
+    /// Records which master key the data is sealed with (checked at every start).
+    pub async fn record_master_key(&self) -> Result<(), OpenError> {
+        const KEY: &str = "master_key_check";
+        let value = if self.sealer.has_key() {
+            self.sealer.seal(seal::CHECK_PLAINTEXT)
+        } else {
+            "none".to_owned()
+        };
+        let txn = self.writer.begin().await?;
+        entity::meta::Entity::delete_by_id(KEY.to_owned())
+            .exec(&txn)
+            .await
+            .map_err(Error::from)?;
+        entity::meta::Entity::insert(entity::meta::ActiveModel {
+            key: sea_orm::Set(KEY.to_owned()),
+            value: sea_orm::Set(value),
+        })
+        .exec(&txn)
+        .await
+        .map_err(Error::from)?;
+        txn.commit().await?;
+        Ok(())
     }
 
     pub async fn close(self) {

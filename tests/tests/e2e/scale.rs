@@ -986,3 +986,167 @@ async fn changes_made_on_one_replica_reach_the_others() {
     );
     cluster.stop().await;
 }
+
+const OLD_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+const NEW_KEY: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
+
+/// A database written without a master key holds no secret in clear after a start with one;
+/// `rotate-master-key` with two replicas running both keys, then a start with the new key
+/// alone, still delivers with the old subscriptions' secrets, and the old key alone is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_keys_are_set_and_rotated_without_losing_a_secret() {
+    let database = TestDatabase::new(Backend::Postgres).await;
+    let ports = free_ports(2);
+    let env = |i: usize, keys: &[(&'static str, &str)]| {
+        let mut env = vec![
+            ("HERALD_LISTEN", format!("127.0.0.1:{}", ports[i])),
+            ("HERALD_DATABASE_URL", database.url.clone()),
+            ("HERALD_ADMIN_TOKEN", harness::ADMIN_TOKEN.to_owned()),
+            ("HERALD_AGENT_TOKEN", harness::AGENT_TOKEN.to_owned()),
+            ("HERALD_BUILTIN_AGENT", "false".to_owned()),
+        ];
+        env.extend(keys.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        env
+    };
+    let stored_secrets = || async {
+        let db = sea_orm::Database::connect(&database.url).await.unwrap();
+        let rows = db
+            .query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT signing_secret, COALESCE(api_key, '') FROM subscriptions",
+            ))
+            .await
+            .unwrap();
+        let _ = db.close().await;
+        rows.iter()
+            .flat_map(|r| {
+                [
+                    r.try_get_by_index::<String>(0).unwrap(),
+                    r.try_get_by_index::<String>(1).unwrap(),
+                ]
+            })
+            .filter(|v| !v.is_empty())
+            .collect::<Vec<String>>()
+    };
+    // Written without a key.
+    let mut plain = harness::spawn_control_plane(&env(0, &[])).await;
+    let admin = client(
+        &format!("http://127.0.0.1:{}", ports[0]),
+        harness::ADMIN_TOKEN,
+    );
+    let tenant = admin
+        .admin()
+        .create_tenant(pb::CreateTenantRequest {
+            name: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let receiver = Receiver::start().await;
+    let sub = admin
+        .subscriptions()
+        .create_subscription(pb::CreateSubscriptionRequest {
+            tenant_id: tenant.id.clone(),
+            name: "hook".into(),
+            url: receiver.url("/hook"),
+            api_key: "receiver-key-0123".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        stored_secrets()
+            .await
+            .iter()
+            .any(|v| v == &sub.signing_secret)
+    );
+    plain.terminate().await;
+
+    // Two replicas with the old key: nothing stays in clear.
+    let mut replicas = Vec::new();
+    for i in 0..2 {
+        replicas
+            .push(harness::spawn_control_plane(&env(i, &[("HERALD_MASTER_KEY", OLD_KEY)])).await);
+    }
+    let secrets = stored_secrets().await;
+    assert_eq!(secrets.len(), 2);
+    assert!(
+        secrets.iter().all(|v| v.starts_with("sealed1:")),
+        "{secrets:?}"
+    );
+    for replica in &mut replicas {
+        replica.terminate().await;
+    }
+
+    // Rotation: both replicas with both keys, rotate, then the new key alone.
+    let both = [
+        ("HERALD_MASTER_KEY", NEW_KEY),
+        ("HERALD_MASTER_KEY_PREVIOUS", OLD_KEY),
+    ];
+    let mut replicas = Vec::new();
+    for i in 0..2 {
+        replicas.push(harness::spawn_control_plane(&env(i, &both)).await);
+    }
+    let before = stored_secrets().await;
+    let rotate = tokio::process::Command::new(harness::binary("herald-control-plane"))
+        .arg("rotate-master-key")
+        .envs(env(0, &both))
+        .env("HERALD_CONSOLE_LISTEN", "")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        rotate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotate.stderr)
+    );
+    assert!(String::from_utf8_lossy(&rotate.stdout).contains("re-sealed 2 secrets"));
+    let after = stored_secrets().await;
+    assert!(
+        after
+            .iter()
+            .all(|v| v.starts_with("sealed1:") && !before.contains(v))
+    );
+    for replica in &mut replicas {
+        replica.terminate().await;
+    }
+    // The old key alone no longer opens the data.
+    let refused = tokio::process::Command::new(harness::binary("herald-control-plane"))
+        .envs(env(0, &[("HERALD_MASTER_KEY", OLD_KEY)]))
+        .env("HERALD_CONSOLE_LISTEN", "")
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("HERALD_MASTER_KEY"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let mut replica =
+        harness::spawn_control_plane(&env(0, &[("HERALD_MASTER_KEY", NEW_KEY)])).await;
+    let mut agent = harness::spawn_agent(&[
+        (
+            "HERALD_CONTROL_PLANE",
+            format!("http://127.0.0.1:{}", ports[0]),
+        ),
+        ("HERALD_AGENT_TOKEN", harness::AGENT_TOKEN.to_owned()),
+        ("HERALD_ALLOW_DESTINATIONS", "127.0.0.0/8".to_owned()),
+    ]);
+    let admin = client(
+        &format!("http://127.0.0.1:{}", ports[0]),
+        harness::ADMIN_TOKEN,
+    );
+    let mut event = invoice(1);
+    event.tenant_id = tenant.id.clone();
+    admin.publish(event).await.unwrap();
+    let got = receiver.wait_for(1, DEADLINE).await;
+    let webhook = standardwebhooks::Webhook::new(&sub.signing_secret).unwrap();
+    webhook.verify(&got[0].body, &got[0].headers).unwrap();
+    assert_eq!(got[0].header("x-api-key"), Some("receiver-key-0123"));
+    agent.kill().await;
+    replica.terminate().await;
+    let mut database = database;
+    database.drop_database().await;
+}

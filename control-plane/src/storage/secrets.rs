@@ -1,0 +1,88 @@
+//! Secrets at rest across master key changes: sealing what is still in clear once a key is set,
+//! and re-sealing everything under a new key during a rotation. In batches, each its own
+//! transaction; a run interrupted by a crash is simply run again (it converges).
+
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+
+use super::entity::subscription;
+use super::{Error, Store};
+
+/// Which values to seal again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reseal {
+    /// Only values stored in clear (at start with a key).
+    Clear,
+    /// Every value the current key does not open by itself (a rotation).
+    All,
+}
+
+/// Seals again the subscriptions' API keys and signing secrets (every sealed kind) that `which`
+/// names, `batch` subscriptions per transaction; returns how many values it sealed.
+pub async fn reseal(store: &Store, which: Reseal, batch: u64) -> Result<u64, Error> {
+    if !store.sealer.has_key() {
+        return Ok(0);
+    }
+    let mut sealed = 0;
+    let mut after = String::new();
+    loop {
+        let mut query = subscription::Entity::find()
+            .filter(subscription::Column::Id.gt(after.clone()))
+            .order_by_asc(subscription::Column::Id)
+            .limit(batch);
+        if which == Reseal::Clear {
+            // Only rows with something in clear (NULL matches neither side of NOT LIKE).
+            let clear = |column: subscription::Column| column.not_like("sealed1:%");
+            query = query.filter(
+                Condition::any()
+                    .add(clear(subscription::Column::SigningSecret))
+                    .add(clear(subscription::Column::ApiKey))
+                    .add(clear(subscription::Column::PreviousSecret)),
+            );
+        }
+        let rows = query.all(&store.db).await?;
+        let Some(last) = rows.last() else {
+            return Ok(sealed);
+        };
+        after = last.id.clone();
+        let txn = store.begin_write().await?;
+        for row in rows {
+            let mut again = |value: &Option<String>| -> Result<Option<String>, Error> {
+                match value {
+                    Some(v) if store.sealer.needs_reseal(v) => {
+                        sealed += 1;
+                        Ok(Some(store.sealer.seal(&store.sealer.open(v)?)))
+                    }
+                    _ => Ok(None),
+                }
+            };
+            let signing_secret = again(&Some(row.signing_secret.clone()))?;
+            let api_key = again(&row.api_key)?;
+            let previous_secret = again(&row.previous_secret)?;
+            if signing_secret.is_none() && api_key.is_none() && previous_secret.is_none() {
+                continue;
+            }
+            let mut update = subscription::ActiveModel {
+                id: Set(row.id.clone()),
+                ..Default::default()
+            };
+            if let Some(v) = signing_secret {
+                update.signing_secret = Set(v);
+            }
+            if let Some(v) = api_key {
+                update.api_key = Set(Some(v));
+            }
+            if let Some(v) = previous_secret {
+                update.previous_secret = Set(Some(v));
+            }
+            // Only if the row still holds what was read: a secret rotated meanwhile was sealed
+            // under the current key already.
+            subscription::Entity::update_many()
+                .set(update)
+                .filter(subscription::Column::Id.eq(row.id.clone()))
+                .filter(subscription::Column::SigningSecret.eq(row.signing_secret.clone()))
+                .exec(&txn)
+                .await?;
+        }
+        txn.commit().await?;
+    }
+}
