@@ -104,8 +104,11 @@ struct AgentSlot {
 
 #[derive(Debug, Default)]
 struct Load {
-    /// Picked or leased here, until the result is recorded.
+    /// Picked or leased here, until the result is recorded (`max_concurrency`).
     in_flight: u32,
+    /// Picked or leased here and not yet answered: what the subscription holds of the agents'
+    /// credits (the fair share). A result being recorded no longer holds a credit.
+    at_agents: u32,
     /// Until when other replicas hold every slot: no picks before then.
     full_until: Option<Instant>,
     tokens: f64,
@@ -508,7 +511,7 @@ impl Model {
             .chain(
                 self.load
                     .iter()
-                    .filter(|(_, l)| l.in_flight > 0)
+                    .filter(|(_, l)| l.at_agents > 0)
                     .map(|(id, _)| id.as_str()),
             )
             .collect();
@@ -548,8 +551,9 @@ impl Model {
             return false;
         }
         let load = self.load.get(id);
-        let in_flight = load.map_or(0, |l| l.in_flight);
-        if in_flight >= subscription.max_concurrency.min(share)
+        let (in_flight, at_agents) = load.map_or((0, 0), |l| (l.in_flight, l.at_agents));
+        if in_flight >= subscription.max_concurrency
+            || at_agents >= share
             || load.is_some_and(|l| l.full_until.is_some_and(|until| until > now))
         {
             return false;
@@ -585,7 +589,9 @@ impl Model {
             self.busy_entities
                 .insert((id.to_owned(), key.clone()), None);
         }
-        self.load.entry(id.to_owned()).or_default().in_flight += 1;
+        let load = self.load.entry(id.to_owned()).or_default();
+        load.in_flight += 1;
+        load.at_agents += 1;
         if let Some(agent) = self.agents.get_mut(&agent_key) {
             agent.credits -= 1;
             agent.holding += 1;
@@ -658,6 +664,9 @@ impl Model {
         if let Some(slot) = self.agents.get_mut(&agent) {
             slot.credits += 1;
             slot.holding = slot.holding.saturating_sub(1);
+        }
+        if let Some(load) = self.load.get_mut(&delivery.subscription_id) {
+            load.at_agents = load.at_agents.saturating_sub(1);
         }
         self.unload(&delivery, None);
         self.known.remove(&delivery.id);
@@ -789,6 +798,9 @@ impl Model {
 
     fn remove_lease_only(&mut self, delivery_id: &str) -> Option<Lease> {
         let lease = self.leases.remove(delivery_id)?;
+        if let Some(load) = self.load.get_mut(&lease.delivery.subscription_id) {
+            load.at_agents = load.at_agents.saturating_sub(1);
+        }
         if let Some(agent) = self.agents.get_mut(&lease.agent) {
             agent.holding = agent.holding.saturating_sub(1);
         }
