@@ -322,9 +322,9 @@ impl Model {
         !self.agents.is_empty()
     }
 
-    /// Leases an agent holds.
-    pub fn leases_of(&self, key: AgentKey) -> u32 {
-        self.leases.values().filter(|l| l.agent == key).count() as u32
+    /// Jobs an agent holds (leased, or picked for it and being leased).
+    pub fn holding(&self, key: AgentKey) -> u32 {
+        self.agents.get(&key).map_or(0, |a| a.holding)
     }
 
     // --- work ---------------------------------------------------------------------------------
@@ -453,10 +453,18 @@ impl Model {
     ) -> Picks {
         let mut picks: Picks = HashMap::new();
         let shares = self.fair_shares(subscriptions);
-        // Subscriptions visited since the last pick: a round ends when every queued one was
-        // visited without picking anything.
-        let mut idle: HashSet<String> = HashSet::new();
-        while !self.tenants.is_empty() && idle.len() < self.queues.len() {
+        // A round ends when every queued subscription was visited since the last pick: tenants
+        // take turns and each tenant's subscriptions take turns, so that is at most
+        // tenants × the most subscriptions of one tenant visits.
+        let most = self
+            .tenant_subscriptions
+            .values()
+            .map(VecDeque::len)
+            .max()
+            .unwrap_or(0);
+        let full_turn = self.tenants.len() * most;
+        let mut idle = 0;
+        while !self.tenants.is_empty() && idle < full_turn {
             let Some(tenant) = self.tenants.pop_front() else {
                 break;
             };
@@ -470,7 +478,10 @@ impl Model {
             };
             let picked = match subscriptions.get(&subscription_id) {
                 Some(subscription) => {
-                    let share = shares.get(&subscription_id).copied().unwrap_or(u32::MAX);
+                    let share = shares
+                        .get(&subscription.region.as_deref())
+                        .copied()
+                        .unwrap_or(u32::MAX);
                     self.pick_from(subscription, share, now, &mut picks)
                 }
                 None => false,
@@ -481,58 +492,47 @@ impl Model {
             }
             let subs = self.tenant_subscriptions.entry(tenant.clone()).or_default();
             if left {
-                subs.push_back(subscription_id.clone());
+                subs.push_back(subscription_id);
             }
             if subs.is_empty() {
                 self.tenant_subscriptions.remove(&tenant);
             } else {
                 self.tenants.push_back(tenant);
             }
-            if picked {
-                idle.clear();
-            } else {
-                idle.insert(subscription_id);
-            }
+            idle = if picked { 0 } else { idle + 1 };
         }
         picks
     }
 
-    /// Each queued subscription's fair share of its region's agent capacity:
-    /// max(1, capacity ÷ subscriptions with work there), work being queued or in flight.
-    fn fair_shares(
+    /// The fair share of each region's agent capacity (by the subscriptions' region, `None`: any
+    /// agent): max(1, capacity ÷ subscriptions with work there), work being queued or at an
+    /// agent. Rounded down: the credits left over are what a subscription whose work arrives
+    /// next starts with, while the others hold theirs.
+    fn fair_shares<'a>(
         &self,
-        subscriptions: &HashMap<String, Arc<Subscription>>,
-    ) -> HashMap<String, u32> {
-        let mut contenders: HashMap<Option<&str>, u32> = HashMap::new();
-        let with_work: HashSet<&str> = self
-            .queues
-            .keys()
-            .map(String::as_str)
-            .chain(
-                self.load
-                    .iter()
-                    .filter(|(_, l)| l.at_agents > 0)
-                    .map(|(id, _)| id.as_str()),
-            )
-            .collect();
-        for id in &with_work {
-            if let Some(subscription) = subscriptions.get(*id) {
+        subscriptions: &'a HashMap<String, Arc<Subscription>>,
+    ) -> HashMap<Option<&'a str>, u32> {
+        let mut contenders: HashMap<Option<&'a str>, u32> = HashMap::new();
+        let at_agents = self
+            .load
+            .iter()
+            .filter(|(id, l)| l.at_agents > 0 && !self.queues.contains_key(*id))
+            .map(|(id, _)| id);
+        for id in self.queues.keys().chain(at_agents) {
+            if let Some(subscription) = subscriptions.get(id) {
                 *contenders
                     .entry(subscription.region.as_deref())
                     .or_default() += 1;
             }
         }
-        self.queues
-            .keys()
-            .filter_map(|id| subscriptions.get(id))
-            .map(|subscription| {
-                let region = subscription.region.as_deref();
+        contenders
+            .into_iter()
+            .map(|(region, competing)| {
                 let capacity: u32 = self
                     .eligible_agents(region)
                     .map(|(_, agent)| agent.capacity)
                     .sum();
-                let competing = contenders.get(&region).copied().unwrap_or(1).max(1);
-                (subscription.id.clone(), (capacity / competing).max(1))
+                (region, (capacity / competing.max(1)).max(1))
             })
             .collect()
     }

@@ -623,12 +623,13 @@ impl Scheduler {
         if self.model.queued() == 0 || !self.model.has_agents() {
             return;
         }
-        let queued: Vec<String> = self
+        let missing: Vec<String> = self
             .model
             .queued_subscriptions()
+            .filter(|id| !self.subscriptions.contains_key(*id))
             .map(str::to_owned)
             .collect();
-        if let Err(err) = self.load_subscriptions(&queued).await {
+        if let Err(err) = self.load_subscriptions(&missing).await {
             tracing::warn!(error = %err, "could not read subscriptions");
             return;
         }
@@ -797,7 +798,7 @@ impl Scheduler {
                 attempt,
             });
         }
-        let in_flight = self.model.leases_of(key);
+        let in_flight = self.model.holding(key);
         self.registry.update(key, |a| a.in_flight = in_flight);
         let Some(session) = self.sessions.get(&key) else {
             return Vec::new();
@@ -884,7 +885,7 @@ impl Scheduler {
             // The agent has finished these jobs: its credits are back now. The subscriptions'
             // slots (and ordered entities) are freed once the results are recorded.
             self.model.grant(key, credits, tick);
-            let in_flight = self.model.leases_of(key);
+            let in_flight = self.model.holding(key);
             self.registry.update(key, |a| {
                 a.in_flight = in_flight;
                 a.last_seen_at = now;

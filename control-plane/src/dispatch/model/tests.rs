@@ -294,6 +294,8 @@ fn slow_subscriptions_get_no_more_than_their_fair_share_of_an_agent() {
     // 256 credits over 10 subscriptions with work: 25 each, 6 left.
     assert_eq!(picks[&1].len(), 250);
     lease_all(&mut model, picks, t0);
+    // A healthy subscription's work arrives: it goes at once on a credit left over, and the
+    // slow ones, over their new share (23 = 256 ÷ 11), take none of the rest.
     model.enqueue(delivery("h1", &healthy, None));
     let picks = model.pick(t0, &subs(&all));
     assert_eq!(picked_ids(&picks), vec!["h1".to_owned()]);
