@@ -806,9 +806,14 @@ impl Scheduler {
         let mut unsent = Vec::new();
         let mut failed = false;
         for message in jobs::messages(jobs) {
-            if !failed && session.outbox.try_send(message.clone()).is_ok() {
-                continue;
-            }
+            let message = if failed {
+                message
+            } else {
+                match session.outbox.try_send(message) {
+                    Ok(()) => continue,
+                    Err(refused) => refused.into_inner(),
+                }
+            };
             failed = true;
             if let Some(pb::control_message::Message::Jobs(lost)) = message.message {
                 for job in lost.jobs {
