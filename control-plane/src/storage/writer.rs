@@ -53,6 +53,9 @@ pub(crate) struct WriterState {
     /// On SQLite: the connection now in use must be closed when it goes back to the pool.
     discard: AtomicBool,
     healthy: watch::Sender<bool>,
+    /// The storage is full: only a write that needs room (the probe) proves it has room again;
+    /// an update in place may still succeed on a full disk.
+    full: AtomicBool,
     errors: Family<ErrorKind, Counter>,
     /// Tests: `PRAGMA max_page_count` for every SQLite write (a disk that fills up).
     page_limit: Option<Arc<AtomicU64>>,
@@ -63,6 +66,7 @@ impl WriterState {
         Arc::new(Self {
             discard: AtomicBool::new(false),
             healthy: watch::Sender::new(true),
+            full: AtomicBool::new(false),
             errors: Family::default(),
             page_limit,
         })
@@ -80,6 +84,9 @@ impl WriterState {
             .get_or_create(&ErrorKind { kind: err.kind() })
             .inc();
         let fault = matches!(err, Error::Full(_) | Error::Unavailable(_));
+        if matches!(err, Error::Full(_)) {
+            self.full.store(true, Ordering::Release);
+        }
         if fault && *self.healthy.borrow() {
             self.healthy.send_replace(false);
             match err {
@@ -95,7 +102,12 @@ impl WriterState {
         }
     }
 
-    fn succeeded(&self) {
+    /// A write succeeded. After a full disk, only one that needed room counts (`room`).
+    fn succeeded(&self, room: bool) {
+        if !room && self.full.load(Ordering::Acquire) {
+            return;
+        }
+        self.full.store(false, Ordering::Release);
         if !*self.healthy.borrow() {
             self.healthy.send_replace(true);
             tracing::warn!("storage writes succeed again");
@@ -159,13 +171,13 @@ impl Writer {
         ))
         .await?;
         txn.rollback().await?;
-        self.state.succeeded();
+        self.state.succeeded(true);
         Ok(())
     }
 
     fn observe<T>(&self, result: Result<T, DbErr>, write: bool) -> Result<T, DbErr> {
         match &result {
-            Ok(_) if write => self.state.succeeded(),
+            Ok(_) if write => self.state.succeeded(false),
             Ok(_) => {}
             Err(err) => self.state.failed(&Error::of(err)),
         }
@@ -238,7 +250,7 @@ impl Transaction {
         };
         match txn.commit().await {
             Ok(()) => {
-                self.state.succeeded();
+                self.state.succeeded(false);
                 Ok(())
             }
             Err(err) => {
