@@ -8,7 +8,7 @@
 pub mod config;
 mod connection;
 mod deliver;
-mod guard;
+pub mod guard;
 pub mod telemetry;
 #[cfg(test)]
 mod testing;

@@ -461,4 +461,32 @@ mod tests {
             vec![Duration::from_millis(100), Duration::from_millis(200)]
         );
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any value of a size or duration setting: a value or an error naming the
+            /// setting, never a panic.
+            #[test]
+            fn settings_parse_without_a_panic(value in ".{0,40}") {
+                if let Err(err) = parse_size("HERALD_MAX_PAYLOAD", &value) {
+                    prop_assert_eq!(err.key, "HERALD_MAX_PAYLOAD");
+                }
+                if let Err(err) = parse_duration("HERALD_LEASE_GRACE", &value) {
+                    prop_assert_eq!(err.key, "HERALD_LEASE_GRACE");
+                }
+                let _ = max_payload(&value);
+                let _ = parse_retention(&value);
+                let _ = parse_master_key(&value);
+            }
+
+            #[test]
+            fn sizes_read_back(n in 1usize..1_000_000, unit in prop_oneof![Just(""), Just("KiB"), Just("MiB")]) {
+                let factor = match unit { "" => 1, "KiB" => 1024, _ => 1024 * 1024 };
+                prop_assert_eq!(parse_size("k", &format!("{n}{unit}")).unwrap(), n * factor);
+            }
+        }
+    }
 }

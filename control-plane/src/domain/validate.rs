@@ -393,4 +393,35 @@ mod tests {
         assert_eq!(region("").unwrap(), None);
         assert!(region("EU West").is_err());
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any payload text: an answer, never a panic; what is accepted is a JSON object
+            /// within the limit.
+            #[test]
+            fn payloads_are_judged_without_a_panic(text in ".{0,300}", limit in 1usize..400) {
+                let limits = Limits { max_payload_bytes: limit, https_only: false };
+                if payload(&text, &limits).is_ok() {
+                    prop_assert!(text.len() <= limit);
+                    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    prop_assert!(value.is_object());
+                }
+            }
+
+            /// JSON objects within the limit are accepted.
+            #[test]
+            fn json_objects_are_accepted(keys in proptest::collection::vec("[a-z]{1,8}", 0..8)) {
+                let object: serde_json::Map<String, serde_json::Value> = keys
+                    .into_iter()
+                    .map(|k| (k, serde_json::Value::from(1)))
+                    .collect();
+                let text = serde_json::Value::Object(object).to_string();
+                let limits = Limits { max_payload_bytes: 4096, https_only: false };
+                prop_assert!(payload(&text, &limits).is_ok());
+            }
+        }
+    }
 }

@@ -1,0 +1,16 @@
+//! Event payloads as a publisher sends them: validated within the limits, never a panic.
+#![no_main]
+
+use herald_control_plane::domain::validate;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|text: &str| {
+    let limits = validate::Limits {
+        max_payload_bytes: 4096,
+        https_only: false,
+    };
+    if validate::payload(text, &limits).is_ok() {
+        assert!(text.len() <= 4096);
+        assert!(serde_json::from_str::<serde_json::Value>(text).is_ok());
+    }
+});
