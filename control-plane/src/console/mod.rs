@@ -248,12 +248,23 @@ fn set_cookie(name: &str, value: &str, path: &str, max_age_s: u64, secure: bool)
 /// Lets signed-in requests through with their [`Signed`] session; checks the CSRF token of every
 /// POST before any handler runs. Others go to the sign-in page (GET) or are refused.
 async fn require_session(State(console): State<Console>, request: Request, next: Next) -> Response {
-    let signed = cookie(request.headers(), SESSION_COOKIE).and_then(|id| {
+    let mut signed = cookie(request.headers(), SESSION_COOKIE).and_then(|id| {
         console
             .sessions
             .get(&id)
             .map(|session| Signed { id, session })
     });
+    // A session lasts only as long as the token that opened it.
+    if let Some(current) = &signed
+        && !console
+            .services
+            .auth
+            .token_still_valid(&current.session.token_id)
+            .await
+    {
+        console.sessions.end(&current.id);
+        signed = None;
+    }
     let Some(signed) = signed else {
         return if request.method() == Method::GET && request.uri().path() != "/live/events" {
             Redirect::to("/login").into_response()

@@ -116,9 +116,9 @@ pub async fn login(State(console): State<Console>, headers: HeaderMap, body: Byt
             "token: enter a tenant API token",
         );
     }
-    let tenant_id = match console.services.auth.authenticate(token, None).await {
+    let (tenant_id, token_id) = match console.services.auth.authenticate(token, None).await {
         Ok(caller) => match caller.scope {
-            Scope::Tenant(tenant_id) => tenant_id,
+            Scope::Tenant(tenant_id) => (tenant_id, caller.token_id),
             Scope::Admin => {
                 return login_page(
                     &console,
@@ -147,12 +147,17 @@ pub async fn login(State(console): State<Console>, headers: HeaderMap, body: Byt
             );
         }
     };
-    signed_in(&console, &tenant_id, see_other("/"))
+    signed_in(&console, &tenant_id, &token_id, see_other("/"))
 }
 
-/// Starts a session for `tenant_id` and sets its cookie on `response`.
-fn signed_in(console: &Console, tenant_id: &str, mut response: Response) -> Response {
-    let (id, _) = console.sessions.start(tenant_id);
+/// Starts a session for `tenant_id`, bound to `token_id`, and sets its cookie on `response`.
+fn signed_in(
+    console: &Console,
+    tenant_id: &str,
+    token_id: &str,
+    mut response: Response,
+) -> Response {
+    let (id, _) = console.sessions.start(tenant_id, token_id);
     let secure = console.sessions.secure_cookies();
     let headers = response.headers_mut();
     headers.append(
@@ -175,7 +180,7 @@ pub async fn login_link(
     Query(query): Query<LinkQuery>,
 ) -> Response {
     match console.sessions.redeem_link(&query.token) {
-        Some(tenant_id) => {
+        Some((tenant_id, token_id)) => {
             let page = render(
                 None,
                 None,
@@ -184,7 +189,7 @@ pub async fn login_link(
                 "linked.html",
                 serde_json::json!({}),
             );
-            signed_in(&console, &tenant_id, page)
+            signed_in(&console, &tenant_id, &token_id, page)
         }
         None => failure(
             None,

@@ -1,7 +1,9 @@
 //! Console sessions in memory: the session cookie's id maps to a tenant, a CSRF token and a
 //! one-shot notice; one-time sign-in links (`AdminService.CreateConsoleSession`) map to a tenant
 //! until used or expired. Ids and tokens are random 256-bit values kept only as SHA-256 hashes,
-//! so a memory dump does not hand out live sessions. Sessions end at a restart (sign in again).
+//! so a memory dump does not hand out live sessions. Each session (and link) names the API token
+//! that opened it: the console checks on every request that the token is still valid, so
+//! revoking it ends its sessions. Sessions end at a restart (sign in again).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,6 +27,8 @@ const MAX_ENTRIES: usize = 10_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
     pub tenant_id: String,
+    /// The API token that opened it (a tenant token, or the admin token that issued the link).
+    pub token_id: String,
     /// Embedded in every form of this session and checked on every POST.
     pub csrf: String,
     pub expires_at: Instant,
@@ -89,6 +93,7 @@ struct Entry {
 
 struct Link {
     tenant_id: String,
+    token_id: String,
     expires_at: Instant,
 }
 
@@ -182,14 +187,20 @@ impl Sessions {
     }
 
     /// Starts a session for `tenant_id`; returns the cookie value and the session.
-    pub fn start(&self, tenant_id: &str) -> (String, Session) {
-        self.start_at(tenant_id, Instant::now())
+    pub fn start(&self, tenant_id: &str, token_id: &str) -> (String, Session) {
+        self.start_at(tenant_id, token_id, Instant::now())
     }
 
-    pub(crate) fn start_at(&self, tenant_id: &str, now: Instant) -> (String, Session) {
+    pub(crate) fn start_at(
+        &self,
+        tenant_id: &str,
+        token_id: &str,
+        now: Instant,
+    ) -> (String, Session) {
         let id = random_token();
         let session = Session {
             tenant_id: tenant_id.to_owned(),
+            token_id: token_id.to_owned(),
             csrf: random_token(),
             expires_at: now + SESSION_TTL,
         };
@@ -259,6 +270,7 @@ impl Sessions {
         &self,
         tenant_id: &str,
         ttl_s: u32,
+        token_id: &str,
     ) -> Result<(String, chrono::DateTime<chrono::Utc>), crate::service::Error> {
         let ttl_s =
             crate::domain::validate::ranged("ttl_s", ttl_s, DEFAULT_LINK_TTL_S, 1, MAX_LINK_TTL_S)?;
@@ -268,17 +280,23 @@ impl Sessions {
                     .into(),
             )
         })?;
-        let token = self.issue_link(tenant_id, Duration::from_secs(u64::from(ttl_s)));
+        let token = self.issue_link(tenant_id, token_id, Duration::from_secs(u64::from(ttl_s)));
         let expires_at = chrono::Utc::now() + chrono::Duration::seconds(i64::from(ttl_s));
         Ok((format!("{base}/login/link?token={token}"), expires_at))
     }
 
     /// Issues a one-time sign-in link token for `tenant_id`, valid for `ttl`.
-    pub fn issue_link(&self, tenant_id: &str, ttl: Duration) -> String {
-        self.issue_link_at(tenant_id, ttl, Instant::now())
+    pub fn issue_link(&self, tenant_id: &str, token_id: &str, ttl: Duration) -> String {
+        self.issue_link_at(tenant_id, token_id, ttl, Instant::now())
     }
 
-    pub(crate) fn issue_link_at(&self, tenant_id: &str, ttl: Duration, now: Instant) -> String {
+    pub(crate) fn issue_link_at(
+        &self,
+        tenant_id: &str,
+        token_id: &str,
+        ttl: Duration,
+        now: Instant,
+    ) -> String {
         let token = random_token();
         let mut state = self.state();
         state.links.retain(|_, link| link.expires_at > now);
@@ -295,23 +313,25 @@ impl Sessions {
             key(&token),
             Link {
                 tenant_id: tenant_id.to_owned(),
+                token_id: token_id.to_owned(),
                 expires_at: now + ttl,
             },
         );
         token
     }
 
-    /// Uses up a link token; returns its tenant when it was valid (once only).
-    pub fn redeem_link(&self, token: &str) -> Option<String> {
+    /// Uses up a link token; returns its tenant and the token that issued it when it was valid
+    /// (once only).
+    pub fn redeem_link(&self, token: &str) -> Option<(String, String)> {
         self.redeem_link_at(token, Instant::now())
     }
 
-    pub(crate) fn redeem_link_at(&self, token: &str, now: Instant) -> Option<String> {
+    pub(crate) fn redeem_link_at(&self, token: &str, now: Instant) -> Option<(String, String)> {
         self.state()
             .links
             .remove(&key(token))
             .filter(|link| link.expires_at > now)
-            .map(|link| link.tenant_id)
+            .map(|link| (link.tenant_id, link.token_id))
     }
 }
 
@@ -332,8 +352,8 @@ mod tests {
     #[test]
     fn csrf_token_must_be_present_and_equal() {
         let sessions = Sessions::new(false);
-        let (_, session) = sessions.start("ten_a");
-        let (_, other) = sessions.start("ten_a");
+        let (_, session) = sessions.start("ten_a", "tok_a");
+        let (_, other) = sessions.start("ten_a", "tok_a");
         assert!(csrf_matches(&session, Some(&session.csrf)));
         assert!(!csrf_matches(&session, None));
         assert!(!csrf_matches(&session, Some("")));
@@ -346,7 +366,7 @@ mod tests {
     fn sessions_expire_after_their_ttl() {
         let sessions = Sessions::new(false);
         let t0 = Instant::now();
-        let (id, session) = sessions.start_at("ten_a", t0);
+        let (id, session) = sessions.start_at("ten_a", "tok_a", t0);
         assert_eq!(sessions.get_at(&id, t0), Some(session.clone()));
         let almost = t0 + SESSION_TTL - Duration::from_secs(1);
         assert_eq!(sessions.get_at(&id, almost), Some(session));
@@ -358,7 +378,7 @@ mod tests {
     #[test]
     fn unknown_and_ended_sessions_are_refused() {
         let sessions = Sessions::new(false);
-        let (id, _) = sessions.start("ten_a");
+        let (id, _) = sessions.start("ten_a", "tok_a");
         assert!(sessions.get("nonsense").is_none());
         sessions.end(&id);
         assert!(sessions.get(&id).is_none());
@@ -367,7 +387,7 @@ mod tests {
     #[test]
     fn notices_are_shown_once() {
         let sessions = Sessions::new(false);
-        let (id, _) = sessions.start("ten_a");
+        let (id, _) = sessions.start("ten_a", "tok_a");
         sessions.notify(&id, Notice::ok("saved"));
         assert_eq!(sessions.take_notice(&id), Some(Notice::ok("saved")));
         assert_eq!(sessions.take_notice(&id), None);
@@ -378,10 +398,13 @@ mod tests {
         let sessions = Sessions::new(false);
         let t0 = Instant::now();
         let ttl = Duration::from_secs(600);
-        let token = sessions.issue_link_at("ten_a", ttl, t0);
-        assert_eq!(sessions.redeem_link_at(&token, t0), Some("ten_a".into()));
+        let token = sessions.issue_link_at("ten_a", "tok_admin", ttl, t0);
+        assert_eq!(
+            sessions.redeem_link_at(&token, t0),
+            Some(("ten_a".into(), "tok_admin".into()))
+        );
         assert_eq!(sessions.redeem_link_at(&token, t0), None);
-        let late = sessions.issue_link_at("ten_a", ttl, t0);
+        let late = sessions.issue_link_at("ten_a", "tok_admin", ttl, t0);
         assert_eq!(sessions.redeem_link_at(&late, t0 + ttl), None);
         assert_eq!(sessions.redeem_link_at("nonsense", t0), None);
     }

@@ -14,7 +14,7 @@ use crate::domain::model::{
 
 fn signed() -> Signed {
     let sessions = Sessions::new(false);
-    let (id, session) = sessions.start("ten_a");
+    let (id, session) = sessions.start("ten_a", "tok_a");
     Signed { id, session }
 }
 
@@ -194,18 +194,21 @@ fn cookies_are_http_only_strict_and_secure_with_tls() {
 fn links_need_a_running_console_and_a_ttl_in_range() {
     let sessions = Sessions::new(false);
     assert!(matches!(
-        sessions.create_link("ten_a", 0),
+        sessions.create_link("ten_a", 0, "tok_admin"),
         Err(crate::service::Error::FailedPrecondition(_))
     ));
     sessions.set_base_url(Some("http://127.0.0.1:50052".into()));
-    let (url, expires_at) = sessions.create_link("ten_a", 0).expect("link");
+    let (url, expires_at) = sessions.create_link("ten_a", 0, "tok_admin").expect("link");
     assert!(url.starts_with("http://127.0.0.1:50052/login/link?token="));
     let ttl = expires_at - Utc::now();
     assert!(ttl > chrono::Duration::seconds(590) && ttl <= chrono::Duration::seconds(600));
     let token = url.rsplit('=').next().expect("token");
-    assert_eq!(sessions.redeem_link(token).as_deref(), Some("ten_a"));
+    assert_eq!(
+        sessions.redeem_link(token),
+        Some(("ten_a".to_owned(), "tok_admin".to_owned()))
+    );
     assert!(matches!(
-        sessions.create_link("ten_a", 3601),
+        sessions.create_link("ten_a", 3601, "tok_admin"),
         Err(crate::service::Error::Invalid(_))
     ));
 }

@@ -103,7 +103,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::CreateConsoleSessionRequest>,
     ) -> Result<Response<pb::CreateConsoleSessionResponse>, Status> {
-        auth::caller(&self.0, &request).await?.require_admin()?;
+        let caller = auth::caller(&self.0, &request).await?;
+        caller.require_admin()?;
         let r = request.into_inner();
         if r.tenant_id.is_empty() {
             return Err(Status::invalid_argument(
@@ -111,7 +112,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
             ));
         }
         self.0.ensure_tenant(&r.tenant_id).await?;
-        let (url, expires_at) = self.0.console.create_link(&r.tenant_id, r.ttl_s)?;
+        // The session the link opens lasts only as long as the admin token that issued it.
+        let (url, expires_at) =
+            self.0
+                .console
+                .create_link(&r.tenant_id, r.ttl_s, &caller.token_id)?;
         Ok(Response::new(pb::CreateConsoleSessionResponse {
             url,
             expires_at: Some(herald_proto::timestamp(expires_at)),

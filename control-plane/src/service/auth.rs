@@ -26,6 +26,8 @@ pub const TOKEN_PREFIX: &str = "hrld_";
 /// How long a verified token is trusted without reading the database again. Revocation on this
 /// replica clears the cache at once.
 const CACHE_TTL: Duration = Duration::from_secs(2);
+/// The token id of the admin token given in `HERALD_ADMIN_TOKEN` (not stored).
+const CONFIGURED_ADMIN_TOKEN_ID: &str = "tok_configured_admin";
 /// How often `last_used_at` is written per token.
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
@@ -77,6 +79,8 @@ pub struct Auth {
     store: Store,
     configured_admin_hash: Option<String>,
     cache: Arc<Mutex<HashMap<String, Cached>>>,
+    /// Token id → (still valid, checked at): the console's question.
+    validity: Arc<Mutex<HashMap<String, (bool, Instant)>>>,
     throttle: Arc<Mutex<FailureThrottle>>,
     /// `herald_auth_failures_total{reason}`.
     failures: Family<AuthFailure, Counter>,
@@ -109,6 +113,7 @@ impl Auth {
             store,
             configured_admin_hash: configured_admin_token.map(hash),
             cache: Arc::default(),
+            validity: Arc::default(),
             throttle: Arc::default(),
             failures: Family::default(),
         }
@@ -165,7 +170,7 @@ impl Auth {
         let token_hash = hash(token);
         if self.configured_admin_hash.as_deref() == Some(token_hash.as_str()) {
             return Ok(Caller {
-                token_id: "tok_configured_admin".into(),
+                token_id: CONFIGURED_ADMIN_TOKEN_ID.into(),
                 scope: Scope::Admin,
             });
         }
@@ -221,9 +226,43 @@ impl Auth {
             .map(|entry| entry.caller.clone())
     }
 
+    /// Whether the token `token_id` is still valid (exists, not revoked): the console asks on
+    /// every request of a session it opened. Cached like verifications, and cleared with them
+    /// on a revocation; a storage error counts as valid (the console then fails on its own).
+    pub async fn token_still_valid(&self, token_id: &str) -> bool {
+        if token_id == CONFIGURED_ADMIN_TOKEN_ID {
+            return true;
+        }
+        let now = Instant::now();
+        let cached = self
+            .validity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token_id)
+            .filter(|(_, at)| now.duration_since(*at) < CACHE_TTL)
+            .map(|(valid, _)| *valid);
+        if let Some(valid) = cached {
+            return valid;
+        }
+        let valid = match tokens::get(&self.store.db, token_id).await {
+            Ok(found) => found.is_some_and(|t| !t.revoked),
+            Err(_) => return true,
+        };
+        let mut validity = self.validity.lock().unwrap_or_else(|e| e.into_inner());
+        if validity.len() >= 10_000 {
+            validity.clear();
+        }
+        validity.insert(token_id.to_owned(), (valid, now));
+        valid
+    }
+
     /// Forgets every cached verification, so a revocation takes effect at once.
     pub fn forget_all(&self) {
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.validity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.throttle
             .lock()
             .unwrap_or_else(|e| e.into_inner())

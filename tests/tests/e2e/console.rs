@@ -986,7 +986,10 @@ async fn console_serves_https_with_secure_cookies_when_tls_is_on() {
         .unwrap();
     assert_eq!(cookie.secure(), Some(true));
     assert_eq!(cookie.http_only(), Some(true));
-    let (url, _) = services.console.create_link(&tenant.id, 60).unwrap();
+    let (url, _) = services
+        .console
+        .create_link(&tenant.id, 60, "tok_configured_admin")
+        .unwrap();
     assert!(
         url.starts_with(&format!("https://{console}/login/link?token=")),
         "{url}"
@@ -999,5 +1002,61 @@ async fn console_serves_https_with_secure_cookies_when_tls_is_on() {
     browser.find("#new-webhook").await;
 
     browser.close().await;
+    herald.stop().await;
+}
+
+/// A console session lasts only as long as the token that opened it: revoking the tenant token
+/// ends the browser session at its next request (no 12-hour grace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_sessions_end_when_their_token_is_revoked() {
+    let (herald, console) = herald_with_console().await;
+    let (_, token, _) = tenant_with_token(&herald, "acme").await;
+    let login = http(console, "GET", "/login", "", "").await;
+    let login_cookie = login
+        .set_cookie("herald_login")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let signed = http(
+        console,
+        "POST",
+        "/login",
+        &login_cookie,
+        &form(&[("csrf", &login.csrf()), ("token", &token)]),
+    )
+    .await;
+    assert_eq!(signed.status, 303);
+    let session = signed
+        .set_cookie("herald_session")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_eq!(http(console, "GET", "/", &session, "").await.status, 200);
+
+    let admin = herald.admin();
+    let tokens = admin
+        .admin()
+        .list_tokens(pb::ListTokensRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    let id = tokens
+        .iter()
+        .find(|t| t.name == "console")
+        .map(|t| t.id.clone())
+        .unwrap();
+    admin
+        .admin()
+        .revoke_token(pb::RevokeTokenRequest { token_id: id })
+        .await
+        .unwrap();
+    let after = http(console, "GET", "/", &session, "").await;
+    assert_eq!(after.status, 303, "signed out: {}", after.body);
+    assert_eq!(after.header("location"), Some("/login"));
     herald.stop().await;
 }
