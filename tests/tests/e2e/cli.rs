@@ -1070,3 +1070,52 @@ async fn control_plane_not_running_exits_6_naming_the_address() {
         );
     }
 }
+
+/// `herald console-link --tenant …` prints a one-time sign-in link to the tenant's console
+/// (`--quiet`: the link only), and the link signs a browser in once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_link_prints_a_one_time_sign_in_link() {
+    let herald = Herald::builder(Backend::Sqlite)
+        .configure(|c| c.console_listen = Some("127.0.0.1:0".parse().unwrap()))
+        .start()
+        .await;
+    let tenant = as_admin(&herald, &["--quiet", "tenants", "create", "--name", "acme"]).await;
+    let tenant_id = tenant.stdout.trim().to_owned();
+    let link = as_admin(
+        &herald,
+        &[
+            "--quiet",
+            "console-link",
+            "--tenant",
+            &tenant_id,
+            "--ttl",
+            "60",
+        ],
+    )
+    .await;
+    assert_eq!(link.code, 0, "{}", link.stderr);
+    let url = link.stdout.trim();
+    let console = herald.running.as_ref().unwrap().console_addr.unwrap();
+    let path = url
+        .strip_prefix(&format!("http://{console}"))
+        .unwrap_or_else(|| panic!("a link to the console at {console}: {url}"));
+    assert!(path.starts_with("/login/link?token="), "{url}");
+    let get = |path: String| async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(console).await.unwrap();
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {console}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    };
+    let first = get(path.to_owned()).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(first.contains("herald_session="), "{first}");
+    let second = get(path.to_owned()).await;
+    assert!(second.starts_with("HTTP/1.1 403"), "used once: {second}");
+    let refused = as_admin(&herald, &["console-link", "--tenant", "ten_nobody"]).await;
+    assert_ne!(refused.code, 0);
+    herald.stop().await;
+}

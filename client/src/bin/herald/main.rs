@@ -99,6 +99,8 @@ pub enum Command {
     /// Manage API tokens (admin token); a token's plaintext is shown only when it is created
     #[command(subcommand)]
     Tokens(cmd::tokens::Command),
+    /// Print a one-time sign-in link to a tenant's web console (admin token)
+    ConsoleLink(cmd::console::Args),
     /// Receive webhooks on 127.0.0.1 and print each one, checking its signature and API key
     Listen(listen::Args),
     /// Print a shell completion script (e.g. `herald completions bash > ~/.herald.bash`)

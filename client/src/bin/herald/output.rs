@@ -103,6 +103,7 @@ named!(
     CreateAgentCredentialResponse,
     ListAgentCredentialsResponse,
     RevokeAgentCredentialResponse,
+    CreateConsoleSessionResponse,
     Subscription,
     ListSubscriptionsResponse,
     DeleteSubscriptionResponse,
@@ -567,6 +568,7 @@ mod tests {
         check::<pb::CreateTokenResponse>();
         check::<pb::ListTokensResponse>();
         check::<pb::RevokeTokenResponse>();
+        check::<pb::CreateConsoleSessionResponse>();
         check::<pb::ListAgentsResponse>();
         check::<pb::Subscription>();
         check::<pb::ListSubscriptionsResponse>();

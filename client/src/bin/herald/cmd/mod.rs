@@ -2,6 +2,7 @@
 //! admin acts for, the printer, and parsers of flag values.
 
 pub mod agents;
+pub mod console;
 pub mod deliveries;
 pub mod events;
 pub mod subscriptions;
@@ -68,6 +69,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agents(command) => agents::run(&context()?, command).await,
         Command::Tenants(command) => tenants::run(&context()?, command).await,
         Command::Tokens(command) => tokens::run(&context()?, command).await,
+        Command::ConsoleLink(args) => console::run(&context()?, args).await,
         Command::Listen(args) => crate::listen::run(args, out).await,
         Command::Completions { shell } => {
             use clap::CommandFactory as _;
