@@ -561,26 +561,20 @@ impl Model {
         let Some(agent_key) = self.agent_for(subscription.region.as_deref()) else {
             return false;
         };
-        let busy = &self.busy_entities;
-        let ready = |key: &str| match busy.get(&(id.to_owned(), key.to_owned())) {
-            None => true,
-            Some(Some(until)) => *until <= now,
-            Some(None) => false,
-        };
         // A quick look before taking a rate token: is there anything to take?
         let Some(queue) = self.queues.get(id) else {
             return false;
         };
-        let any_ready = !queue.free.is_empty() || queue.entity_turns.iter().any(|k| ready(k));
+        let any_ready = !queue.free.is_empty()
+            || queue
+                .entity_turns
+                .iter()
+                .any(|key| entity_ready(&self.busy_entities, id, key, now));
         if !any_ready || !self.take_rate_token(subscription, now) {
             return false;
         }
         let busy = &self.busy_entities;
-        let ready = |key: &str| match busy.get(&(id.to_owned(), key.to_owned())) {
-            None => true,
-            Some(Some(until)) => *until <= now,
-            Some(None) => false,
-        };
+        let ready = |key: &str| entity_ready(busy, id, key, now);
         let Some(delivery) = self.queues.get_mut(id).and_then(|q| q.take(ready)) else {
             return false;
         };
@@ -837,6 +831,21 @@ impl Model {
                     .is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(2))
                 || self.queues.contains_key(id)
         });
+    }
+}
+
+/// Whether an ordered subscription's entity may have a delivery picked now: none in flight, and
+/// no released lease still running.
+fn entity_ready(
+    busy: &HashMap<(String, String), Option<Instant>>,
+    subscription_id: &str,
+    key: &str,
+    now: Instant,
+) -> bool {
+    match busy.get(&(subscription_id.to_owned(), key.to_owned())) {
+        None => true,
+        Some(Some(until)) => *until <= now,
+        Some(None) => false,
     }
 }
 

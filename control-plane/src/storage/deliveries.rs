@@ -836,12 +836,8 @@ mod tests {
             && !plan.contains("deliveries_in_flight")
     }
 
-    /// Discovery costs O(subscriptions with waiting work): each statement walks a partial index
-    /// of the backlog, never the table nor the history.
-    #[tokio::test]
-    async fn discovery_walks_the_partial_indexes_on_sqlite() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(StoreOptions {
+    async fn sqlite_store(dir: &tempfile::TempDir) -> Store {
+        Store::open(StoreOptions {
             url: format!("sqlite://{}?mode=rwc", dir.path().join("plan.db").display()),
             max_connections: 1,
             master_key: None,
@@ -849,7 +845,15 @@ mod tests {
             sqlite_page_limit: None,
         })
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    /// Discovery costs O(subscriptions with waiting work): each statement walks a partial index
+    /// of the backlog, never the table nor the history.
+    #[tokio::test]
+    async fn discovery_walks_the_partial_indexes_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite_store(&dir).await;
         let explain = |sql: String| {
             let store = store.clone();
             async move {
@@ -899,15 +903,7 @@ mod tests {
     #[tokio::test]
     async fn claims_and_completions_go_by_primary_key_on_sqlite() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(StoreOptions {
-            url: format!("sqlite://{}?mode=rwc", dir.path().join("plan.db").display()),
-            max_connections: 1,
-            master_key: None,
-            previous_master_key: None,
-            sqlite_page_limit: None,
-        })
-        .await
-        .unwrap();
+        let store = sqlite_store(&dir).await;
         let now = chrono::Utc::now();
         let ids: Vec<String> = (0..200).map(|i| format!("dlv_{i:04}")).collect();
         let lease = LeaseClaim {
