@@ -1,4 +1,6 @@
-//! Event payloads as a publisher sends them: validated within the limits, never a panic.
+//! Event payloads as a publisher sends them: validated within the limits, never a panic; what
+//! is accepted is a JSON object by the grammar (numbers of any size: `1e999` is JSON, and the
+//! payload is delivered byte for byte).
 #![no_main]
 
 use herald_control_plane::domain::validate;
@@ -11,6 +13,7 @@ fuzz_target!(|text: &str| {
     };
     if validate::payload(text, &limits).is_ok() {
         assert!(text.len() <= 4096);
-        assert!(serde_json::from_str::<serde_json::Value>(text).is_ok());
+        assert!(text.trim_start().starts_with('{'));
+        assert!(serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok());
     }
 });

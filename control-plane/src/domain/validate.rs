@@ -394,6 +394,18 @@ mod tests {
         assert!(region("EU West").is_err());
     }
 
+    /// A fuzzing finding, kept: a number beyond f64 is JSON by the grammar (RFC 8259 leaves
+    /// the range to implementations); Herald accepts it and delivers the bytes as published.
+    #[test]
+    fn numbers_of_any_size_are_json() {
+        let limits = Limits {
+            max_payload_bytes: 4096,
+            https_only: false,
+        };
+        assert!(payload("\r\r{\"+\":443.444e444}", &limits).is_ok());
+        assert!(payload("{\"n\": 1e999}", &limits).is_ok());
+    }
+
     mod properties {
         use super::super::*;
         use proptest::prelude::*;
