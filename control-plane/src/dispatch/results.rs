@@ -60,66 +60,6 @@ pub fn plan(
         error,
         error_message: result.error_message.chars().take(1024).collect(),
     };
-    next_step(
-        lease,
-        subscription,
-        outcome,
-        attempt,
-        retry_schedule,
-        now,
-        rng,
-        false,
-    )
-}
-
-/// The step of a lease that ended at its expiry without a result: a `TIMEOUT` attempt that
-/// counts toward `max_attempts`.
-pub fn timed_out(
-    lease: Lease,
-    subscription: Option<&Subscription>,
-    agent_id: &str,
-    region: &str,
-    retry_schedule: &[Duration],
-    now: DateTime<Utc>,
-    rng: &mut impl rand::Rng,
-) -> Step {
-    let attempt = Attempt {
-        id: ids::new(ids::ATTEMPT),
-        delivery_id: lease.delivery.id.clone(),
-        agent_id: agent_id.to_owned(),
-        region: region.to_owned(),
-        started_at: now,
-        duration_ms: 0,
-        status_code: 0,
-        response_headers: Vec::new(),
-        response_excerpt: String::new(),
-        error: AttemptError::Timeout,
-        error_message: format!("no result from agent {agent_id} within timeout + grace"),
-    };
-    let outcome = retry::classify(0, AttemptError::Timeout, None);
-    next_step(
-        Some(lease),
-        subscription,
-        outcome,
-        attempt,
-        retry_schedule,
-        now,
-        rng,
-        true,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn next_step(
-    lease: Option<Lease>,
-    subscription: Option<&Subscription>,
-    outcome: retry::Outcome,
-    attempt: Attempt,
-    retry_schedule: &[Duration],
-    now: DateTime<Utc>,
-    rng: &mut impl rand::Rng,
-    at_expiry: bool,
-) -> Step {
     let (mut state, mut next_attempt_at, mut subscription_disabled) =
         (DeliveryState::InFlight, None, false);
     if let Some(lease) = &lease {
@@ -147,10 +87,42 @@ fn next_step(
         state,
         next_attempt_at,
         subscription_disabled,
-        at_expiry,
+        at_expiry: false,
         applied: false,
         record: None,
     }
+}
+
+/// The step of a lease that ended at its expiry without a result: a `TIMEOUT` attempt that
+/// counts toward `max_attempts`, planned as the result the agent never sent.
+pub fn timed_out(
+    lease: Lease,
+    subscription: Option<&Subscription>,
+    agent_id: &str,
+    region: &str,
+    retry_schedule: &[Duration],
+    now: DateTime<Utc>,
+    rng: &mut impl rand::Rng,
+) -> Step {
+    let result = pb::JobResult {
+        delivery_id: lease.delivery.id.clone(),
+        lease_id: lease.lease_id.clone(),
+        error: AttemptError::Timeout as i32,
+        error_message: format!("no result from agent {agent_id} within timeout + grace"),
+        ..Default::default()
+    };
+    let mut step = plan(
+        result,
+        Some(lease),
+        subscription,
+        agent_id,
+        region,
+        retry_schedule,
+        now,
+        rng,
+    );
+    step.at_expiry = true;
+    step
 }
 
 /// Results that move their deliveries alike: state, next attempt, status, error, at expiry.

@@ -211,6 +211,21 @@ fn silent_agent(
     (jobs, closed)
 }
 
+/// Publishes five events in one call: their jobs go out in one round, under leases that expire
+/// together. Returns the delivery ids.
+async fn publish_five_at_once(client: &herald_client::HeraldClient) -> Vec<String> {
+    client
+        .publish_many(pb::PublishEventsRequest {
+            events: (0..5).map(user_new).collect(),
+        })
+        .await
+        .unwrap()
+        .results
+        .into_iter()
+        .flat_map(|r| r.delivery_ids)
+        .collect()
+}
+
 /// Every delivery SUCCEEDED, with a `TIMEOUT` attempt before its success.
 async fn timed_out_then_delivered(client: &herald_client::HeraldClient, ids: &[String]) {
     for id in ids {
@@ -253,17 +268,7 @@ async fn a_silent_agent_does_not_keep_its_jobs() {
     subscribe(&client, receiver.url("/hook"), |s| s.timeout_ms = 2_000).await;
     let (mut jobs, mut closed) = silent_agent(&herald, 5);
     crate::delivery::agents_connected(&herald, 1).await;
-    // One call: the five jobs go out in one round, under leases that expire together.
-    let ids: Vec<String> = client
-        .publish_many(pb::PublishEventsRequest {
-            events: (0..5).map(user_new).collect(),
-        })
-        .await
-        .unwrap()
-        .results
-        .into_iter()
-        .flat_map(|r| r.delivery_ids)
-        .collect();
+    let ids = publish_five_at_once(&client).await;
     let taken = tokio::time::timeout(
         Duration::from_secs(20),
         jobs.wait_for(|jobs| jobs.len() == 5),
@@ -308,17 +313,7 @@ async fn a_stopped_agent_does_not_keep_its_jobs() {
         "127.0.0.0/8",
     ));
     crate::delivery::agents_connected(&herald, 1).await;
-    // One call: the five jobs go out in one round, under leases that expire together.
-    let ids: Vec<String> = client
-        .publish_many(pb::PublishEventsRequest {
-            events: (0..5).map(user_new).collect(),
-        })
-        .await
-        .unwrap()
-        .results
-        .into_iter()
-        .flat_map(|r| r.delivery_ids)
-        .collect();
+    let ids = publish_five_at_once(&client).await;
     receiver.wait_for(5, Duration::from_secs(20)).await;
     let pid = nix::unistd::Pid::from_raw(stopped.child.id().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
