@@ -218,16 +218,21 @@ pub async fn start_with(
         dispatcher: dispatcher.clone(),
         records,
         stopping: watchers_stop.clone(),
-        console: console::Sessions::new(config.tls_cert.is_some()),
+        console: console::Sessions::new(store.clone(), changes.clone(), config.tls_cert.is_some()),
         known_tenants: Default::default(),
         changes,
     };
     if let Some(listener) = attempt_listener {
         // Other replicas' changes, applied here as if made here.
         let apply: dispatch::watch::ChangeSink = {
-            let (dispatcher, auth) = (dispatcher.clone(), services.auth.clone());
+            let (dispatcher, auth, console) = (
+                dispatcher.clone(),
+                services.auth.clone(),
+                services.console.clone(),
+            );
             Arc::new(move |change| {
-                let (dispatcher, auth) = (dispatcher.clone(), auth.clone());
+                let (dispatcher, auth, console) =
+                    (dispatcher.clone(), auth.clone(), console.clone());
                 Box::pin(async move {
                     use dispatch::changes::Change;
                     match change {
@@ -237,7 +242,11 @@ pub async fn start_with(
                                 .send(dispatch::Command::RevokeCredential(id))
                                 .await;
                         }
-                        Change::TokenRevoked(_) => auth.forget_all(),
+                        Change::TokenRevoked(_) => {
+                            auth.forget_all();
+                            console.session_ended();
+                        }
+                        Change::ConsoleSessionEnded => console.session_ended(),
                     }
                 })
             })

@@ -69,6 +69,20 @@ impl TestDatabase {
         }
     }
 
+    /// Another handle on the same PostgreSQL database, for a second replica; dropping it (or the
+    /// replica on it) leaves the database to the handle that created it.
+    pub fn shared(&self) -> Self {
+        assert!(
+            self.pg_name.is_some(),
+            "only PostgreSQL is shared by replicas"
+        );
+        Self {
+            url: self.url.clone(),
+            pg_name: None,
+            _dir: None,
+        }
+    }
+
     /// The SQLite file, when on SQLite.
     pub fn sqlite_path(&self) -> Option<PathBuf> {
         herald_control_plane::storage::parse_sqlite_path(&self.url)

@@ -7,6 +7,6 @@ pub mod pki;
 pub mod receiver;
 pub mod wait;
 
-pub use harness::{Backend, Herald, HeraldBuilder};
+pub use harness::{Backend, Herald, HeraldBuilder, TestDatabase};
 pub use receiver::{Received, Receiver};
 pub use wait::eventually;

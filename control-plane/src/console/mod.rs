@@ -248,12 +248,22 @@ fn set_cookie(name: &str, value: &str, path: &str, max_age_s: u64, secure: bool)
 /// Lets signed-in requests through with their [`Signed`] session; checks the CSRF token of every
 /// POST before any handler runs. Others go to the sign-in page (GET) or are refused.
 async fn require_session(State(console): State<Console>, request: Request, next: Next) -> Response {
-    let mut signed = cookie(request.headers(), SESSION_COOKIE).and_then(|id| {
-        console
-            .sessions
-            .get(&id)
-            .map(|session| Signed { id, session })
-    });
+    let mut signed = match cookie(request.headers(), SESSION_COOKIE) {
+        Some(id) => match console.sessions.get(&id).await {
+            Ok(session) => session.map(|session| Signed { id, session }),
+            Err(err) => {
+                tracing::warn!(error = %err, "console session not read");
+                return failure(
+                    None,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Try again",
+                    "Herald could not reach its database to read your session. Try again in a \
+                     moment.",
+                );
+            }
+        },
+        None => None,
+    };
     // A session lasts only as long as the token that opened it.
     if let Some(current) = &signed
         && !console
@@ -262,7 +272,9 @@ async fn require_session(State(console): State<Console>, request: Request, next:
             .token_still_valid(&current.session.token_id)
             .await
     {
-        console.sessions.end(&current.id);
+        if let Err(err) = console.sessions.end(&current.id).await {
+            tracing::debug!(error = %err, "console session of a revoked token not deleted");
+        }
         signed = None;
     }
     let Some(signed) = signed else {

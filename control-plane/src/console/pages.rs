@@ -60,9 +60,10 @@ pub struct LiveQuery {
 // Signing in and out
 
 pub async fn login_form(State(console): State<Console>, headers: HeaderMap) -> Response {
-    let signed_in = cookie(&headers, SESSION_COOKIE)
-        .and_then(|id| console.sessions.get(&id))
-        .is_some();
+    let signed_in = match cookie(&headers, SESSION_COOKIE) {
+        Some(id) => matches!(console.sessions.get(&id).await, Ok(Some(_))),
+        None => false,
+    };
     if signed_in {
         return see_other("/");
     }
@@ -147,17 +148,23 @@ pub async fn login(State(console): State<Console>, headers: HeaderMap, body: Byt
             );
         }
     };
-    signed_in(&console, &tenant_id, &token_id, see_other("/"))
+    signed_in(&console, &tenant_id, &token_id, see_other("/")).await
 }
 
 /// Starts a session for `tenant_id`, bound to `token_id`, and sets its cookie on `response`.
-fn signed_in(
+async fn signed_in(
     console: &Console,
     tenant_id: &str,
     token_id: &str,
     mut response: Response,
 ) -> Response {
-    let (id, _) = console.sessions.start(tenant_id, token_id);
+    let id = match console.sessions.start(tenant_id, token_id).await {
+        Ok((id, _)) => id,
+        Err(err) => {
+            tracing::warn!(error = %err, "console session not stored");
+            return session_store_failure();
+        }
+    };
     let secure = console.sessions.secure_cookies();
     let headers = response.headers_mut();
     headers.append(
@@ -179,8 +186,8 @@ pub async fn login_link(
     State(console): State<Console>,
     Query(query): Query<LinkQuery>,
 ) -> Response {
-    match console.sessions.redeem_link(&query.token) {
-        Some((tenant_id, token_id)) => {
+    match console.sessions.redeem_link(&query.token).await {
+        Ok(Some((tenant_id, token_id))) => {
             let page = render(
                 None,
                 None,
@@ -189,9 +196,13 @@ pub async fn login_link(
                 "linked.html",
                 serde_json::json!({}),
             );
-            signed_in(&console, &tenant_id, &token_id, page)
+            signed_in(&console, &tenant_id, &token_id, page).await
         }
-        None => failure(
+        Err(err) => {
+            tracing::warn!(error = %err, "console link not redeemed");
+            session_store_failure()
+        }
+        Ok(None) => failure(
             None,
             StatusCode::FORBIDDEN,
             "Link expired",
@@ -205,7 +216,10 @@ pub async fn logout(
     State(console): State<Console>,
     Extension(signed): Extension<Signed>,
 ) -> Response {
-    console.sessions.end(&signed.id);
+    if let Err(err) = console.sessions.end(&signed.id).await {
+        tracing::warn!(error = %err, "console sign-out not stored");
+        return session_store_failure();
+    }
     let mut response = see_other("/login");
     response.headers_mut().append(
         header::SET_COOKIE,
@@ -218,6 +232,16 @@ pub async fn logout(
         ),
     );
     response
+}
+
+/// The page shown when the session table cannot be read or written.
+fn session_store_failure() -> Response {
+    failure(
+        None,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Try again",
+        "Herald could not reach its database to sign you in or out. Try again in a moment.",
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -246,7 +270,10 @@ pub async fn webhooks(
         .iter()
         .map(|s| SubscriptionView::new(s, now))
         .collect();
-    let notice = console.sessions.take_notice(&signed.id);
+    let notice = console
+        .sessions
+        .take_notice(&signed.id, &signed.session)
+        .await;
     render(
         Some(&signed),
         notice,
@@ -311,13 +338,16 @@ pub async fn create_webhook(
     };
     match created {
         Ok(subscription) => {
-            console.sessions.notify(
-                &signed.id,
-                Notice::ok(format!(
-                    "Webhook \u{201c}{}\u{201d} created.",
-                    subscription.name
-                )),
-            );
+            console
+                .sessions
+                .notify(
+                    &signed.id,
+                    Notice::ok(format!(
+                        "Webhook \u{201c}{}\u{201d} created.",
+                        subscription.name
+                    )),
+                )
+                .await;
             see_other(&format!("/webhooks/{}", subscription.id))
         }
         Err(Error::Invalid(invalid)) => {
@@ -378,9 +408,15 @@ async fn webhook_page(
         .unwrap_or_else(|| WebhookForm::from_subscription(subscription));
     let published = published_types(console, tenant).await;
     let choices = type_choices(&published, &webhook.event_types);
-    let notice = extras
-        .notice
-        .or_else(|| console.sessions.take_notice(&signed.id));
+    let notice = match extras.notice {
+        Some(notice) => Some(notice),
+        None => {
+            console
+                .sessions
+                .take_notice(&signed.id, &signed.session)
+                .await
+        }
+    };
     let filter = if state.is_some() {
         query.state.as_str()
     } else {
@@ -445,7 +481,7 @@ pub async fn update_webhook(
                     "Saved. The webhook is inactive: published events skip it until you turn it \
                      back on (test webhooks are still sent)."
                 }),
-            );
+            ).await;
             see_other(&format!("/webhooks/{id}"))
         }
         Err(Error::Invalid(invalid)) => {
@@ -558,7 +594,7 @@ pub async fn enable_webhook(
                 Notice::ok(
                     "Enabled. Deliveries that went dead meanwhile can be sent again with Replay.",
                 ),
-            );
+            ).await;
             see_other(&format!("/webhooks/{id}"))
         }
         Err(err) => service_failure(&signed, err),
@@ -589,7 +625,7 @@ pub async fn replay(
                 1 => "1 dead delivery goes out again.".to_owned(),
                 n => format!("{n} dead deliveries go out again."),
             };
-            console.sessions.notify(&signed.id, Notice::ok(text));
+            console.sessions.notify(&signed.id, Notice::ok(text)).await;
             see_other(&format!("/webhooks/{id}"))
         }
         Err(err) => service_failure(&signed, err),
@@ -609,7 +645,8 @@ pub async fn delete_webhook(
         Ok(()) => {
             console
                 .sessions
-                .notify(&signed.id, Notice::ok("Webhook deleted."));
+                .notify(&signed.id, Notice::ok("Webhook deleted."))
+                .await;
             see_other("/")
         }
         Err(err) => service_failure(&signed, err),
@@ -676,10 +713,13 @@ pub async fn send_test(
             Err(err) => return service_failure(&signed, err),
         },
     };
-    console.sessions.notify(
-        &signed.id,
-        notice.with_link(link, "View delivery").beside_test(),
-    );
+    console
+        .sessions
+        .notify(
+            &signed.id,
+            notice.with_link(link, "View delivery").beside_test(),
+        )
+        .await;
     see_other(&format!("/webhooks/{id}"))
 }
 
@@ -713,7 +753,10 @@ pub async fn delivery(
         .enumerate()
         .map(|(i, a)| AttemptView::new(i + 1, a))
         .collect();
-    let notice = console.sessions.take_notice(&signed.id);
+    let notice = console
+        .sessions
+        .take_notice(&signed.id, &signed.session)
+        .await;
     render(
         Some(&signed),
         notice,
@@ -746,16 +789,22 @@ pub async fn retry(
         .await
     {
         Ok(_) => {
-            console.sessions.notify(
-                &signed.id,
-                Notice::ok(
-                    "Retry scheduled: one more attempt goes out now, with the same webhook-id.",
-                ),
-            );
+            console
+                .sessions
+                .notify(
+                    &signed.id,
+                    Notice::ok(
+                        "Retry scheduled: one more attempt goes out now, with the same webhook-id.",
+                    ),
+                )
+                .await;
             see_other(&format!("/deliveries/{id}"))
         }
         Err(Error::FailedPrecondition(message)) => {
-            console.sessions.notify(&signed.id, Notice::error(message));
+            console
+                .sessions
+                .notify(&signed.id, Notice::error(message))
+                .await;
             see_other(&format!("/deliveries/{id}"))
         }
         Err(err) => service_failure(&signed, err),
@@ -811,24 +860,30 @@ pub async fn live_events(
     let mut records = console.services.watch();
     let stopping = console.services.stopping.clone();
     let sessions = console.sessions.clone();
+    let mut ended = sessions.ended();
+    let auth = console.services.auth.clone();
     let session_id = signed.id;
+    let token_id = signed.session.token_id;
     let stream = async_stream::stream! {
-        // A quiet stream still ends soon after its session does (sign-out, expiry).
-        let mut check = tokio::time::interval(Duration::from_secs(30));
+        // The stream ends with its session: at once when a sign-out or a revocation is heard
+        // of (here or on another replica), within a minute when it expires.
+        let mut check = tokio::time::interval(Duration::from_secs(60));
+        check.reset();
         loop {
             let received = tokio::select! {
                 _ = stopping.cancelled() => break,
-                _ = check.tick() => {
-                    if sessions.get(&session_id).is_none() {
-                        break;
-                    }
-                    continue;
-                }
-                received = records.recv() => received,
+                _ = check.tick() => None,
+                _ = ended.recv() => None,
+                received = records.recv() => Some(received),
             };
-            if sessions.get(&session_id).is_none() {
-                break;
-            }
+            let Some(received) = received else {
+                let live = matches!(sessions.get(&session_id).await, Ok(Some(_)))
+                    && auth.token_still_valid(&token_id).await;
+                if !live {
+                    break;
+                }
+                continue;
+            };
             match received {
                 Ok(record) => {
                     if record.tenant_id != tenant

@@ -13,9 +13,16 @@ use crate::domain::model::{
 };
 
 fn signed() -> Signed {
-    let sessions = Sessions::new(false);
-    let (id, session) = sessions.start("ten_a", "tok_a");
-    Signed { id, session }
+    Signed {
+        id: session::random_token(),
+        session: Session {
+            tenant_id: "ten_a".into(),
+            token_id: "tok_a".into(),
+            csrf: session::random_token(),
+            expires_at: Utc::now() + session::SESSION_TTL,
+            notice: None,
+        },
+    }
 }
 
 fn subscription() -> Subscription {
@@ -190,25 +197,28 @@ fn cookies_are_http_only_strict_and_secure_with_tls() {
     assert!(tls.to_str().expect("ascii").ends_with("; Secure"));
 }
 
-#[test]
-fn links_need_a_running_console_and_a_ttl_in_range() {
-    let sessions = Sessions::new(false);
+#[tokio::test]
+async fn links_need_a_running_console_and_a_ttl_in_range() {
+    let (sessions, _dir) = session::tests::sessions().await;
     assert!(matches!(
-        sessions.create_link("ten_a", 0, "tok_admin"),
+        sessions.create_link("ten_a", 0, "tok_admin").await,
         Err(crate::service::Error::FailedPrecondition(_))
     ));
     sessions.set_base_url(Some("http://127.0.0.1:50052".into()));
-    let (url, expires_at) = sessions.create_link("ten_a", 0, "tok_admin").expect("link");
+    let (url, expires_at) = sessions
+        .create_link("ten_a", 0, "tok_admin")
+        .await
+        .expect("link");
     assert!(url.starts_with("http://127.0.0.1:50052/login/link?token="));
     let ttl = expires_at - Utc::now();
     assert!(ttl > chrono::Duration::seconds(590) && ttl <= chrono::Duration::seconds(600));
     let token = url.rsplit('=').next().expect("token");
     assert_eq!(
-        sessions.redeem_link(token),
+        sessions.redeem_link(token).await.expect("redeem"),
         Some(("ten_a".to_owned(), "tok_admin".to_owned()))
     );
     assert!(matches!(
-        sessions.create_link("ten_a", 3601, "tok_admin"),
+        sessions.create_link("ten_a", 3601, "tok_admin").await,
         Err(crate::service::Error::Invalid(_))
     ));
 }

@@ -1,6 +1,7 @@
 //! Changes every replica must hear at once (PostgreSQL, several replicas): a subscription
 //! changed (update, delete, rotation, (de)activation, enable, disabled by endpoint health), an
-//! agent credential revoked, an API token revoked. The replica that makes a change applies it
+//! agent credential revoked, an API token revoked, a console session ended. The replica that
+//! makes a change applies it
 //! itself and announces it with `NOTIFY herald_changes`; every replica listens (on the
 //! connection that already listens for attempts) and applies the others' changes. Caches keep
 //! a time-to-live as a backstop for a notification lost while a listener reconnected.
@@ -22,6 +23,8 @@ pub enum Change {
     AgentCredentialRevoked(String),
     /// An API token was revoked: cached verdicts are dropped everywhere.
     TokenRevoked(String),
+    /// A console session ended (sign-out, its token revoked): open live views re-check theirs.
+    ConsoleSessionEnded,
 }
 
 /// A change as announced: by which replica.
@@ -81,6 +84,7 @@ mod tests {
             Change::Subscription("sub_1".into()),
             Change::AgentCredentialRevoked("agc_1".into()),
             Change::TokenRevoked("tok_1".into()),
+            Change::ConsoleSessionEnded,
         ] {
             let announcement = Announcement {
                 replica: "cp-1".into(),

@@ -113,10 +113,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
         }
         self.0.ensure_tenant(&r.tenant_id).await?;
         // The session the link opens lasts only as long as the admin token that issued it.
-        let (url, expires_at) =
-            self.0
-                .console
-                .create_link(&r.tenant_id, r.ttl_s, &caller.token_id)?;
+        let (url, expires_at) = self
+            .0
+            .console
+            .create_link(&r.tenant_id, r.ttl_s, &caller.token_id)
+            .await?;
         Ok(Response::new(pb::CreateConsoleSessionResponse {
             url,
             expires_at: Some(herald_proto::timestamp(expires_at)),

@@ -64,10 +64,16 @@ impl Services {
     }
 
     pub async fn revoke_token(&self, token_id: &str) -> Result<(), Error> {
-        if !tokens::revoke(&self.store.writer, token_id, Utc::now()).await? {
+        let txn = self.store.writer.begin().await?;
+        if !tokens::revoke(&txn, token_id, Utc::now()).await? {
+            txn.rollback().await?;
             return Err(Error::not_found("token", token_id));
         }
+        // Its console sessions end with it (each console request also re-checks the token).
+        crate::storage::console_sessions::delete_sessions_of_token(&txn, token_id).await?;
+        txn.commit().await?;
         self.auth.forget_all();
+        self.console.session_ended();
         self.changes
             .announce(crate::dispatch::changes::Change::TokenRevoked(
                 token_id.to_owned(),

@@ -15,6 +15,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0003AgentCredentials),
             Box::new(M0004Replicas),
             Box::new(M0005WaitingBySubscription),
+            Box::new(M0006ConsoleSessions),
         ]
     }
 }
@@ -236,6 +237,46 @@ DROP INDEX IF EXISTS deliveries_due
 impl MigrationTrait for M0005WaitingBySubscription {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         run_statements(manager, M0005).await
+    }
+}
+
+struct M0006ConsoleSessions;
+
+impl MigrationName for M0006ConsoleSessions {
+    fn name(&self) -> &str {
+        "m0006_console_sessions"
+    }
+}
+
+/// Console sessions and one-time sign-in links, shared by every replica and kept across restarts.
+/// Keyed by the SHA-256 of the cookie or link value, never the value itself. A session names the
+/// API token that opened it (revoking the token deletes its sessions); `notice` is the one-shot
+/// message for the session's next page (JSON).
+const M0006: &str = r#"
+CREATE TABLE console_sessions (
+    id_hash TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    token_id TEXT NOT NULL,
+    notice TEXT,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+CREATE INDEX console_sessions_token ON console_sessions (token_id);
+CREATE INDEX console_sessions_expiry ON console_sessions (expires_at);
+CREATE TABLE console_links (
+    id_hash TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    token_id TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+CREATE INDEX console_links_expiry ON console_links (expires_at)
+"#;
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0006ConsoleSessions {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run_statements(manager, M0006).await
     }
 }
 

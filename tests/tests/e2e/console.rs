@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use herald_client::{HeraldClient, v1 as pb};
-use herald_tests::{Backend, Herald, Receiver, eventually};
+use herald_tests::{Backend, Herald, Receiver, TestDatabase, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -989,6 +989,7 @@ async fn console_serves_https_with_secure_cookies_when_tls_is_on() {
     let (url, _) = services
         .console
         .create_link(&tenant.id, 60, "tok_configured_admin")
+        .await
         .unwrap();
     assert!(
         url.starts_with(&format!("https://{console}/login/link?token=")),
@@ -1059,4 +1060,224 @@ async fn console_sessions_end_when_their_token_is_revoked() {
     assert_eq!(after.status, 303, "signed out: {}", after.body);
     assert_eq!(after.header("location"), Some("/login"));
     herald.stop().await;
+}
+
+/// Signs in with a tenant token over plain HTTP; returns the session cookie (`name=value`).
+async fn sign_in_over_http(console: SocketAddr, token: &str) -> String {
+    let login = http(console, "GET", "/login", "", "").await;
+    let login_cookie = login
+        .set_cookie("herald_login")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let signed = http(
+        console,
+        "POST",
+        "/login",
+        &login_cookie,
+        &form(&[("csrf", &login.csrf()), ("token", token)]),
+    )
+    .await;
+    assert_eq!(signed.status, 303, "{}", signed.body);
+    signed
+        .set_cookie("herald_session")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// Redeems a one-time link's token on `console`; returns the status and the session cookie.
+async fn redeem(console: SocketAddr, link: &str) -> (u16, Option<String>) {
+    let token = link.rsplit_once("token=").unwrap().1;
+    let answer = http(
+        console,
+        "GET",
+        &format!("/login/link?token={token}"),
+        "",
+        "",
+    )
+    .await;
+    let cookie = answer
+        .set_cookie("herald_session")
+        .map(|c| c.split(';').next().unwrap().to_owned());
+    (answer.status, cookie)
+}
+
+async fn console_link(herald: &Herald, tenant_id: &str) -> String {
+    herald
+        .admin()
+        .admin()
+        .create_console_session(pb::CreateConsoleSessionRequest {
+            tenant_id: tenant_id.to_owned(),
+            ttl_s: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url
+}
+
+/// Starts a control plane with its console on `database`.
+async fn console_on(backend: Backend, database: TestDatabase) -> (Herald, SocketAddr) {
+    let herald = Herald::builder(backend)
+        .configure(|c| c.console_listen = Some("127.0.0.1:0".parse().unwrap()))
+        .start_on(database)
+        .await;
+    let addr = herald.running.as_ref().unwrap().console_addr.unwrap();
+    (herald, addr)
+}
+
+/// Sessions and one-time links live in the database: a restart keeps users signed in and a
+/// link issued before it still works once; the notice left by an action survives too; sign-out
+/// ends the session for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_sessions_and_links_survive_a_restart() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let (herald, console) = console_on(backend, TestDatabase::new(backend).await).await;
+        let (tenant_id, token, _) = tenant_with_token(&herald, "acme").await;
+        let session = sign_in_over_http(console, &token).await;
+        let page = http(console, "GET", "/", &session, "").await;
+        assert_eq!(page.status, 200, "{backend:?}");
+        let link = console_link(&herald, &tenant_id).await;
+        // An action leaves a notice for the next page; the restart comes in between.
+        let created = http(
+            console,
+            "POST",
+            "/webhooks",
+            &session,
+            &form(&[
+                ("csrf", &page.csrf()),
+                ("name", "CRM"),
+                ("url", "http://127.0.0.1:9/hook"),
+                ("event_type", "user.new"),
+                ("active", "on"),
+            ]),
+        )
+        .await;
+        assert_eq!(created.status, 303, "{backend:?}: {}", created.body);
+
+        let database = herald.stop_keeping_database().await;
+        let (herald, console) = console_on(backend, database).await;
+        let webhook = created.header("location").unwrap().to_owned();
+        let after = http(console, "GET", &webhook, &session, "").await;
+        assert_eq!(after.status, 200, "{backend:?}: still signed in");
+        assert!(
+            after.body.contains("\u{201c}CRM\u{201d} created."),
+            "{backend:?}: the notice"
+        );
+        let again = http(console, "GET", &webhook, &session, "").await;
+        assert!(
+            !again.body.contains("\u{201c}CRM\u{201d} created."),
+            "{backend:?}: shown once"
+        );
+        // Its CSRF token still matches: forms keep working across the restart.
+        assert_eq!(again.csrf(), page.csrf(), "{backend:?}");
+
+        let (status, linked) = redeem(console, &link).await;
+        assert_eq!(status, 200, "{backend:?}: a link from before the restart");
+        let linked = linked.unwrap();
+        assert_eq!(http(console, "GET", "/", &linked, "").await.status, 200);
+        assert_eq!(redeem(console, &link).await.0, 403, "{backend:?}: once");
+
+        let out = http(
+            console,
+            "POST",
+            "/logout",
+            &session,
+            &form(&[("csrf", &page.csrf())]),
+        )
+        .await;
+        assert_eq!(out.status, 303, "{backend:?}");
+        let database = herald.stop_keeping_database().await;
+        let (herald, console) = console_on(backend, database).await;
+        let ended = http(console, "GET", "/", &session, "").await;
+        assert_eq!(ended.status, 303, "{backend:?}: signed out for good");
+        assert_eq!(ended.header("location"), Some("/login"));
+        assert_eq!(http(console, "GET", "/", &linked, "").await.status, 200);
+        herald.stop().await;
+    }
+}
+
+/// Two replicas on one PostgreSQL database serve the same sessions: a session opened on A works
+/// on B; a link issued on A is redeemed on B, once across both; a sign-out on B ends the session
+/// on A; revoking the token on A ends its sessions on B, and B's open live view ends at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_sessions_are_shared_by_replicas() {
+    let (a, console_a) = console_on(
+        Backend::Postgres,
+        TestDatabase::new(Backend::Postgres).await,
+    )
+    .await;
+    let (b, console_b) = console_on(Backend::Postgres, a.database.shared()).await;
+    let (tenant_id, token, _) = tenant_with_token(&a, "acme").await;
+
+    let session = sign_in_over_http(console_a, &token).await;
+    let page = http(console_b, "GET", "/", &session, "").await;
+    assert_eq!(page.status, 200, "a session from A on B");
+
+    let link = console_link(&a, &tenant_id).await;
+    let (status, linked) = redeem(console_b, &link).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        redeem(console_a, &link).await.0,
+        403,
+        "once across replicas"
+    );
+    let linked = linked.unwrap();
+    assert_eq!(http(console_a, "GET", "/", &linked, "").await.status, 200);
+
+    let out = http(
+        console_b,
+        "POST",
+        "/logout",
+        &session,
+        &form(&[("csrf", &page.csrf())]),
+    )
+    .await;
+    assert_eq!(out.status, 303);
+    assert_eq!(http(console_a, "GET", "/", &session, "").await.status, 303);
+
+    // A live view open on B ends when the token behind its session is revoked on A.
+    let second = sign_in_over_http(console_a, &token).await;
+    let mut live = tokio::net::TcpStream::connect(console_b).await.unwrap();
+    live.write_all(
+        format!(
+            "GET /live/events HTTP/1.1\r\nHost: {console_b}\r\nCookie: {second}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = [0u8; 12];
+    live.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let token_id = a
+        .admin()
+        .admin()
+        .list_tokens(pb::ListTokensRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens
+        .into_iter()
+        .find(|t| t.name == "console")
+        .unwrap()
+        .id;
+    a.admin()
+        .admin()
+        .revoke_token(pb::RevokeTokenRequest { token_id })
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), live.read_to_end(&mut rest))
+        .await
+        .expect("the live view ends within 10 s (the change channel)")
+        .unwrap();
+    assert_eq!(http(console_b, "GET", "/", &second, "").await.status, 303);
+    b.stop_keeping_database().await;
+    a.stop().await;
 }
