@@ -4,6 +4,7 @@
 //! health, and (PostgreSQL) a notification for the other replicas' watchers.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -129,12 +130,90 @@ pub fn timed_out(
 type CompletionKey = (i32, Option<i64>, u32, i32, bool);
 
 /// Writes a batch of planned results in one transaction; returns the subscriptions it disabled.
+/// How long a subscription's "last delivery" summary may lag when nothing in it but its time
+/// changed: a steady stream of successes rewrites the row once a second, not once a result.
+pub const SUMMARY_REFRESH: Duration = Duration::from_secs(1);
+/// The most subscriptions whose last summary is remembered (then all are forgotten).
+const SUMMARIES_KEPT: usize = 100_000;
+
+/// The last summary this replica wrote per subscription: (state, status code, when).
+#[derive(Clone, Default)]
+pub struct Summaries(Arc<Mutex<HashMap<String, (DeliveryState, u32, std::time::Instant)>>>);
+
+impl Summaries {
+    /// Whether the summary `(state, status)` must be written at `now`: it differs from the last
+    /// one written, or that one is [`SUMMARY_REFRESH`] old. Records it as written when so.
+    pub fn due(
+        &self,
+        subscription_id: &str,
+        state: DeliveryState,
+        status: u32,
+        now: std::time::Instant,
+    ) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&(s, c, at)) = last.get(subscription_id)
+            && s == state
+            && c == status
+            && now.saturating_duration_since(at) < SUMMARY_REFRESH
+        {
+            return false;
+        }
+        if last.len() >= SUMMARIES_KEPT {
+            last.clear();
+        }
+        last.insert(subscription_id.to_owned(), (state, status, now));
+        true
+    }
+
+    /// Forgets a subscription's summary (its write did not commit, or it changed elsewhere).
+    pub fn forget(&self, subscription_id: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(subscription_id);
+    }
+}
+
 pub async fn write(
     store: &Store,
     replica_id: &str,
     disable_after: Duration,
+    summaries: &Summaries,
     steps: &mut [Step],
     now: DateTime<Utc>,
+) -> Result<Vec<String>, storage::Error> {
+    let tick = std::time::Instant::now();
+    let mut summarized = Vec::new();
+    let written = write_steps(
+        store,
+        replica_id,
+        disable_after,
+        summaries,
+        &mut summarized,
+        steps,
+        now,
+        tick,
+    )
+    .await;
+    if written.is_err() {
+        // What this write summarized is not in the database: the next write does it again.
+        for id in &summarized {
+            summaries.forget(id);
+        }
+    }
+    written
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn write_steps(
+    store: &Store,
+    replica_id: &str,
+    disable_after: Duration,
+    summaries: &Summaries,
+    summarized: &mut Vec<String>,
+    steps: &mut [Step],
+    now: DateTime<Utc>,
+    tick: std::time::Instant,
 ) -> Result<Vec<String>, storage::Error> {
     let txn = store.begin_scheduler_write().await?;
     // The newest applied step per subscription decides its summary and health; a 410
@@ -226,13 +305,28 @@ pub async fn write(
     let mut disabled = Vec::new();
     for (subscription_id, (index, _)) in per_subscription {
         let step = &steps[index];
+        if step.outcome == retry::Outcome::Delivered {
+            // Successes in a row change only the summary's time: written once a second.
+            if summaries.due(&subscription_id, step.state, step.attempt.status_code, tick) {
+                summarized.push(subscription_id.clone());
+                let last = LastDelivery {
+                    state: step.state,
+                    status_code: step.attempt.status_code,
+                    at: now,
+                };
+                subscriptions::record_last_delivery(&txn, &subscription_id, &last).await?;
+            }
+            continue;
+        }
+        // Anything else is written every time (and the next success is too).
+        summaries.forget(&subscription_id);
         let last = LastDelivery {
             state: step.state,
             status_code: step.attempt.status_code,
             at: now,
         };
         subscriptions::record_last_delivery(&txn, &subscription_id, &last).await?;
-        if step.subscription_disabled || step.outcome == retry::Outcome::Delivered {
+        if step.subscription_disabled {
             continue;
         }
         let failing_since = subscriptions::failing_since(&txn, &subscription_id).await?;
@@ -310,5 +404,30 @@ impl Step {
         (self.state, self.next_attempt_at, self.attempt.error) = self.planned;
         self.applied = false;
         self.record = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_summary_is_rewritten_when_it_changes_or_once_a_second() {
+        let summaries = Summaries::default();
+        let t0 = std::time::Instant::now();
+        let ok = DeliveryState::Succeeded;
+        assert!(summaries.due("sub_a", ok, 200, t0), "the first one");
+        assert!(!summaries.due("sub_a", ok, 200, t0 + Duration::from_millis(999)));
+        assert!(summaries.due("sub_b", ok, 200, t0), "per subscription");
+        assert!(summaries.due("sub_a", ok, 204, t0), "another status");
+        assert!(
+            summaries.due("sub_a", ok, 204, t0 + SUMMARY_REFRESH),
+            "a second later"
+        );
+        summaries.forget("sub_a");
+        assert!(
+            summaries.due("sub_a", ok, 204, t0 + SUMMARY_REFRESH),
+            "forgotten"
+        );
     }
 }

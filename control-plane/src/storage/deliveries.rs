@@ -374,6 +374,14 @@ const NOT_BLOCKED_BY_EARLIER: &str = "(ordering_key IS NULL OR NOT EXISTS (\
 ///
 /// Whatever the number of groups: one statement for the locks, one for the counts, and one
 /// update per lease.
+/// Whether [`claim_leases`] runs a single statement for `claims` (SQLite, one lease of at most
+/// one chunk): atomic by itself, it needs no transaction around it.
+pub fn claim_is_one_statement(claims: &[LeaseClaim], shared: bool) -> bool {
+    !shared
+        && claims.len() == 1
+        && claims[0].groups.iter().map(|g| g.ids.len()).sum::<usize>() <= INSERT_CHUNK
+}
+
 pub async fn claim_leases(
     txn: &impl ConnectionTrait,
     claims: &[LeaseClaim],

@@ -280,6 +280,10 @@ impl Store {
                 .min_connections(1)
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_timeout(Duration::from_secs(5))
+                // Only a connection idle for a while may have been dropped by the server or
+                // the network; a ping per checkout would be one more round trip per
+                // transaction.
+                .test_before_acquire_if_idle_for(Duration::from_secs(30))
                 .sqlx_logging(false)
                 // Prepared statements are cached per connection; a generic plan made while the
                 // tables were tiny (a fresh database) would outlive its fit, e.g. scanning a
@@ -469,6 +473,9 @@ fn sqlite_options(url: &str, max_connections: u32) -> ConnectOptions {
     opts.max_connections(max_connections)
         .min_connections(1)
         .acquire_timeout(Duration::from_secs(30))
+        // A local file does not drop connections; a ping per checkout would be one more
+        // hand-off to the connection's thread per transaction.
+        .test_before_acquire(false)
         .sqlx_logging(false)
         .map_sqlx_sqlite_opts(|opts: SqliteConnectOptions| {
             opts.create_if_missing(true)
