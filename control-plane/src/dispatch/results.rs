@@ -136,9 +136,12 @@ pub const SUMMARY_REFRESH: Duration = Duration::from_secs(1);
 /// The most subscriptions whose last summary is remembered (then all are forgotten).
 const SUMMARIES_KEPT: usize = 100_000;
 
-/// The last summary this replica wrote per subscription: (state, status code, when).
+/// A summary as written: (state, status code, when).
+type Written = (DeliveryState, u32, std::time::Instant);
+
+/// The last summary this replica wrote per subscription.
 #[derive(Clone, Default)]
-pub struct Summaries(Arc<Mutex<HashMap<String, (DeliveryState, u32, std::time::Instant)>>>);
+pub struct Summaries(Arc<Mutex<HashMap<String, Written>>>);
 
 impl Summaries {
     /// Whether the summary `(state, status)` must be written at `now`: it differs from the last
