@@ -59,13 +59,13 @@ struct Args {
     /// Print one JSON object instead of the table
     #[arg(long)]
     json: bool,
-    /// Events per run of fanout-1, fanout-10, failures, payload-64k and chaos (default 20,000 /
-    /// 5,000 / 10,000 / 5,000 / 20,000); tenants: events per light tenant (40); backlog:
-    /// deliveries (1,000,000)
+    /// Events per run of fanout-1, fanout-10, failures and payload-64k (default 20,000 /
+    /// 5,000 / 10,000 / 5,000); tenants: events per light tenant (40, x 5 subscriptions);
+    /// backlog: deliveries (1,000,000)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     events: Option<u64>,
-    /// steady: publishes per second (default 1,000); slow-mix: 500; tenants: light tenants'
-    /// publishes per second (600; the heavy tenant publishes as many again)
+    /// steady: publishes per second (default 1,000); slow-mix: 500; chaos: 1,000; tenants:
+    /// light tenants' publishes per second (600; the heavy tenant publishes as many again)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     rate: Option<u32>,
     /// steady: one run per rate, e.g. `200,1000,3000` (instead of --rate)
@@ -75,7 +75,7 @@ struct Args {
     /// tenants: how many tenants (default 1,000; one of them is the heavy one)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..=100_000))]
     tenants: Option<u64>,
-    /// steady: how long to publish (default 20s); slow-mix: 30s
+    /// steady: how long to publish (default 20s); slow-mix: 30s; chaos: 20s
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
     /// Concurrent publishers of the closed-loop workloads, and clients of the loopback ceiling
