@@ -55,10 +55,9 @@ def ticks(high, count=5):
     raw = high / count
     magnitude = 10 ** len(str(int(raw))) / 10 if raw >= 1 else 10 ** -len(str(int(1 / raw)))
     step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    values, v = [], 0.0
-    while v < high + step / 2:
-        values.append(round(v, 6))
-        v += step
+    values = [0.0]
+    while values[-1] < high:
+        values.append(round(values[-1] + step, 6))
     return values
 
 
