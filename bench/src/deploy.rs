@@ -366,10 +366,23 @@ impl Process {
 
     /// Asks the process to stop (SIGTERM).
     fn terminate(&self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+    }
+
+    /// Sends `signal` to the process (SIGSTOP, SIGCONT, ...).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), signal);
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Stops the process: SIGTERM, then SIGKILL after [`STOP_TIMEOUT`].
+    pub async fn stop(mut self) {
+        self.terminate();
+        self.reap().await;
     }
 
     /// Waits for the exit after [`Self::terminate`], killing the process after [`STOP_TIMEOUT`].
@@ -448,6 +461,8 @@ pub struct Plan {
     pub replicas: usize,
     /// `HERALD_RETRY_SCHEDULE`, when set.
     pub retry_schedule: Option<String>,
+    /// More control plane settings, applied last (so they win).
+    pub control_plane_env: Vec<(&'static str, String)>,
 }
 
 /// The control plane(s) and agents of one run.
@@ -460,6 +475,39 @@ pub struct Deployment {
     /// How to start agent `n` again: its binary and environment.
     agent_binary: PathBuf,
     agent_envs: Vec<Vec<(&'static str, String)>>,
+    /// How to start more agents.
+    launcher: AgentLauncher,
+}
+
+/// Starts `herald-agent` processes for a deployment, owned by the caller (a workload that
+/// starts, stops or kills agents itself).
+#[derive(Debug, Clone)]
+pub struct AgentLauncher {
+    binary: PathBuf,
+    token: String,
+    /// Every control plane's URL, comma-separated.
+    control_planes: String,
+}
+
+impl AgentLauncher {
+    /// Starts agent `id` of `region` with `capacity`.
+    pub fn spawn(&self, id: &str, region: &str, capacity: u32) -> anyhow::Result<Process> {
+        let env = vec![
+            ("HERALD_CONTROL_PLANE", self.control_planes.clone()),
+            ("HERALD_AGENT_TOKEN", self.token.clone()),
+            ("HERALD_ALLOW_DESTINATIONS", "127.0.0.0/8".to_owned()),
+            ("HERALD_AGENT_ID", id.to_owned()),
+            ("HERALD_REGION", region.to_owned()),
+            ("HERALD_CAPACITY", capacity.to_string()),
+        ];
+        let (agent, _) = Process::spawn(&format!("agent {id}"), &self.binary, &env)?;
+        Ok(agent)
+    }
+
+    /// The agent credential (for an agent stand-in).
+    pub fn token(&self) -> &str {
+        &self.token
+    }
 }
 
 impl Deployment {
@@ -484,6 +532,7 @@ impl Deployment {
         if let Some(schedule) = &plan.retry_schedule {
             env.push(("HERALD_RETRY_SCHEDULE", schedule.clone()));
         }
+        env.extend(plan.control_plane_env.iter().cloned());
         let control_plane_binary = binary(&plan.bin_dir, "herald-control-plane")?;
         let agent_binary = binary(&plan.bin_dir, "herald-agent")?;
         let mut deployment = Self {
@@ -493,6 +542,11 @@ impl Deployment {
             admin_token,
             agent_binary: agent_binary.clone(),
             agent_envs: Vec::new(),
+            launcher: AgentLauncher {
+                binary: agent_binary.clone(),
+                token: agent_token.clone(),
+                control_planes: String::new(),
+            },
         };
         for n in 1..=plan.replicas.max(1) {
             let name = if plan.replicas > 1 {
@@ -514,6 +568,7 @@ impl Deployment {
             .map(|addr| format!("http://{addr}"))
             .collect::<Vec<_>>()
             .join(",");
+        deployment.launcher.control_planes = control_planes.clone();
         for n in 1..=plan.agents {
             let env = vec![
                 ("HERALD_CONTROL_PLANE", control_planes.clone()),
@@ -540,6 +595,11 @@ impl Deployment {
         )?;
         self.agents[index] = agent;
         Ok(())
+    }
+
+    /// Returns a launcher of more agents, owned by the caller.
+    pub fn launcher(&self) -> AgentLauncher {
+        self.launcher.clone()
     }
 
     /// Returns the address of control plane `n` (publishers spread over them).

@@ -8,10 +8,18 @@
 //! ```sh
 //! cargo build --release --workspace --bins && target/release/herald-bench --workload all --repeat 3
 //! ```
+//!
+//! `workload.rs` owns the common runs (one tenant, closed or open loop); `scenarios.rs` the
+//! paired runs of `slow-mix` and `tenants`; `backlog.rs` and `chaos.rs` their own workloads;
+//! `standin.rs` the agent stand-in that `chaos` uses.
 
+mod backlog;
+mod chaos;
 mod deploy;
 mod receiver;
 mod report;
+mod scenarios;
+mod standin;
 mod workload;
 
 use std::path::PathBuf;
@@ -30,7 +38,7 @@ use crate::workload::{Overrides, Settings, Spec, Workload};
 #[derive(Debug, Parser)]
 #[command(name = "herald-bench", version, about)]
 struct Args {
-    /// Workload to run
+    /// Workload to run; `all` is every one but `backlog` (run it on its own: minutes)
     #[arg(long, value_enum, default_value = "all")]
     workload: WorkloadArg,
     /// Database of the control plane (a fresh one per run)
@@ -51,13 +59,23 @@ struct Args {
     /// Print one JSON object instead of the table
     #[arg(long)]
     json: bool,
-    /// Events per run of fanout-1, fanout-10 and failures (default 20,000 / 5,000 / 10,000)
+    /// Events per run of fanout-1, fanout-10, failures and payload-64k (default 20,000 /
+    /// 5,000 / 10,000 / 5,000); tenants: events per light tenant (40, x 5 subscriptions);
+    /// backlog: deliveries (1,000,000)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     events: Option<u64>,
-    /// steady: publishes per second (default 1,000)
+    /// steady: publishes per second (default 1,000); slow-mix: 500; chaos: 1,000; tenants:
+    /// light tenants' publishes per second (600; the heavy tenant publishes as many again)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     rate: Option<u32>,
-    /// steady: how long to publish (default 20s)
+    /// steady: one run per rate, e.g. `200,1000,3000` (instead of --rate)
+    #[arg(long, value_name = "N,N,..", value_delimiter = ',', conflicts_with = "rate",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    rates: Vec<u32>,
+    /// tenants: how many tenants (default 1,000; one of them is the heavy one)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..=100_000))]
+    tenants: Option<u64>,
+    /// steady: how long to publish (default 20s); slow-mix: 30s; chaos: 20s
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
     /// Concurrent publishers of the closed-loop workloads, and clients of the loopback ceiling
@@ -83,6 +101,14 @@ enum WorkloadArg {
     Fanout10,
     Failures,
     Steady,
+    #[value(name = "payload-64k")]
+    Payload64k,
+    #[value(name = "slow-mix")]
+    SlowMix,
+    Tenants,
+    Backlog,
+    Chaos,
+    /// Every workload but backlog
     All,
 }
 
@@ -93,6 +119,11 @@ impl WorkloadArg {
             Self::Fanout10 => vec![Workload::Fanout10],
             Self::Failures => vec![Workload::Failures],
             Self::Steady => vec![Workload::Steady],
+            Self::Payload64k => vec![Workload::Payload64k],
+            Self::SlowMix => vec![Workload::SlowMix],
+            Self::Tenants => vec![Workload::Tenants],
+            Self::Backlog => vec![Workload::Backlog],
+            Self::Chaos => vec![Workload::Chaos],
             Self::All => Workload::ALL.to_vec(),
         }
     }
@@ -144,6 +175,7 @@ async fn bench(args: Args) -> anyhow::Result<Report> {
             agents: args.agents,
             replicas: args.replicas as usize,
             retry_schedule: None,
+            control_plane_env: Vec::new(),
         },
         backend: args.backend,
         pg_admin_url: args.pg_admin_url,
@@ -154,22 +186,37 @@ async fn bench(args: Args) -> anyhow::Result<Report> {
         rate: args.rate,
         duration: args.duration,
         concurrency: args.concurrency as usize,
+        tenants: args.tenants.map(|n| n as usize),
     };
     let repeat = args.repeat as usize;
     let mut workloads = Vec::new();
+    // A `--rates` sweep is one steady workload per rate.
+    let mut planned = Vec::new();
     for workload in args.workload.workloads() {
-        let spec = Spec::new(workload, overrides);
+        if workload == Workload::Steady && !args.rates.is_empty() {
+            for rate in &args.rates {
+                let overrides = Overrides {
+                    rate: Some(*rate),
+                    ..overrides
+                };
+                planned.push((format!("steady@{rate}"), Spec::new(workload, overrides)));
+            }
+        } else {
+            planned.push((workload.name().to_owned(), Spec::new(workload, overrides)));
+        }
+    }
+    for (label, spec) in planned {
+        let workload = spec.workload;
         let mut runs = Vec::with_capacity(repeat);
         for n in 1..=repeat {
             let t = Instant::now();
             let run = tokio::select! {
                 run = workload::run(&spec, &settings) => run
-                    .with_context(|| format!("{} run {n}", workload.name()))?,
+                    .with_context(|| format!("{label} run {n}"))?,
                 _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
             };
             eprintln!(
-                "herald-bench: {} run {n}/{repeat}: {:.0} deliveries/s, e2e p99 {:.1} ms, lost {} ({:.1} s)",
-                workload.name(),
+                "herald-bench: {label} run {n}/{repeat}: {:.0} deliveries/s, e2e p99 {:.1} ms, lost {} ({:.1} s)",
                 run.deliveries_per_s,
                 run.e2e_p99_ms,
                 run.lost,
@@ -179,6 +226,7 @@ async fn bench(args: Args) -> anyhow::Result<Report> {
         }
         workloads.push(WorkloadReport {
             workload,
+            label,
             spec: SpecReport::from(&spec),
             median: Summary::of(&runs),
             runs,

@@ -3,13 +3,14 @@
 //!
 //! Targets are paths `/s/<n>` (subscription `n`); any other path is [`OTHER_TARGET`]. With
 //! failures on, it answers 500 to the first request of each (target, id) whose id hashes into a
-//! fixed fifth of the id space, and 200 to everything else.
+//! fixed fifth of the id space, and 200 to everything else. A target can be made slow (it
+//! answers after a delay) or hanging (it never answers; its requests are recorded as not 2xx).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -35,8 +36,17 @@ pub struct Record {
     pub id: Box<str>,
     /// When the request head had arrived.
     pub at: Instant,
-    /// Whether it was answered with 200 (else 500).
+    /// Whether it was answered with 200 (else 500, or never for a hanging target).
     pub ok: bool,
+}
+
+/// How a target answers besides the default (at once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// 200 (or the failure rule's 500) after this delay.
+    After(Duration),
+    /// Never: the request waits until the peer gives up (recorded as not 2xx).
+    Never,
 }
 
 #[derive(Default)]
@@ -47,6 +57,8 @@ struct State {
     fail_first: AtomicBool,
     /// The (target, id) pairs already answered 500 once.
     failed: Mutex<HashSet<(u32, Box<str>)>>,
+    /// Targets that do not answer at once.
+    answers: RwLock<HashMap<u32, Answer>>,
 }
 
 /// A running receiver; dropped, it stops accepting and closes its connections.
@@ -85,6 +97,16 @@ impl Receiver {
         self.state.fail_first.store(on, Ordering::Relaxed);
     }
 
+    /// Makes target `n` answer as `answer` from now on.
+    pub fn answer(&self, n: usize, answer: Answer) {
+        let mut answers = self
+            .state
+            .answers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        answers.insert(n as u32, answer);
+    }
+
     /// Returns how many requests were answered 200 so far, duplicates included.
     pub fn ok_count(&self) -> u64 {
         self.state.ok.load(Ordering::Relaxed)
@@ -96,6 +118,27 @@ impl Receiver {
         self.state.ok.store(0, Ordering::Relaxed);
         lock(&self.state.failed).clear();
         records
+    }
+
+    /// Returns the (target, id) pairs of targets below `limit` answered 200 so far.
+    pub fn unique_ok_below(&self, limit: u32) -> usize {
+        let records = lock(&self.state.records);
+        records
+            .iter()
+            .filter(|r| r.ok && r.target < limit)
+            .map(|r| (r.target, &r.id))
+            .collect::<HashSet<_>>()
+            .len()
+    }
+
+    /// Returns the latest arrival answered 200 among targets below `limit`.
+    pub fn last_ok_below(&self, limit: u32) -> Option<Instant> {
+        let records = lock(&self.state.records);
+        records
+            .iter()
+            .filter(|r| r.ok && r.target < limit)
+            .map(|r| r.at)
+            .max()
     }
 
     /// Returns the (target, id) pairs answered 200 so far; for progress checks only.
@@ -161,15 +204,28 @@ async fn handle(
         .into();
     // Read the body so that the connection can carry the next request.
     let _ = request.into_body().collect().await;
+    let answer = state
+        .answers
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&target)
+        .copied();
     let fail = state.fail_first.load(Ordering::Relaxed)
         && fails_first(&id)
         && lock(&state.failed).insert((target, id.clone()));
+    let hang = answer == Some(Answer::Never);
     lock(&state.records).push(Record {
         target,
         id,
         at,
-        ok: !fail,
+        ok: !fail && !hang,
     });
+    match answer {
+        // Dropped with the connection when the peer gives up.
+        Some(Answer::Never) => std::future::pending::<()>().await,
+        Some(Answer::After(delay)) => tokio::time::sleep(delay).await,
+        None => {}
+    }
     let status = if fail {
         StatusCode::INTERNAL_SERVER_ERROR
     } else {

@@ -27,6 +27,9 @@ pub struct Run {
     pub delivered: usize,
     /// Unique deliveries / (last first-arrival - first publish start).
     pub deliveries_per_s: f64,
+    /// Payload bytes of each event, and payload MB (MiB) delivered per second.
+    pub payload_bytes: usize,
+    pub delivered_mb_per_s: f64,
     /// Publish call start -> the receiver's first 2xx-answered request of the delivery.
     pub e2e_p50_ms: f64,
     pub e2e_p90_ms: f64,
@@ -70,6 +73,9 @@ pub struct Run {
     pub ceiling_per_s: f64,
     /// `deliveries_per_s / ceiling_per_s`.
     pub of_ceiling: f64,
+    /// The measures of a workload that has its own (slow-mix, tenants, backlog, chaos).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Detail>,
 }
 
 impl Run {
@@ -132,6 +138,8 @@ impl Run {
             expected: measured.expected,
             delivered,
             deliveries_per_s,
+            payload_bytes: spec.payload_bytes(),
+            delivered_mb_per_s: deliveries_per_s * spec.payload_bytes() as f64 / (1024.0 * 1024.0),
             e2e_p50_ms: millis(percentile(&e2e, 0.50)),
             e2e_p90_ms: millis(percentile(&e2e, 0.90)),
             e2e_p99_ms: millis(percentile(&e2e, 0.99)),
@@ -182,9 +190,212 @@ impl Run {
                 _ => None,
             },
             ceiling_per_s,
-            of_ceiling: deliveries_per_s / ceiling_per_s.max(f64::MIN_POSITIVE),
+            of_ceiling: if ceiling.requests == 0 {
+                0.0
+            } else {
+                deliveries_per_s / ceiling_per_s.max(f64::MIN_POSITIVE)
+            },
+            detail: None,
         }
     }
+}
+
+/// The measures of a workload that has its own, beside the common ones.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Detail {
+    SlowMix(SlowMix),
+    Tenants(Tenants),
+    Backlog(Backlog),
+    Chaos(Chaos),
+}
+
+/// `slow-mix`: the healthy subscriptions' latency with and without slow ones beside them.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlowMix {
+    /// How events reach subscriptions: `one-each` (one event type per subscription, so each
+    /// event is one delivery).
+    pub routing: &'static str,
+    pub slow_subscriptions: usize,
+    pub slow_delay_ms: f64,
+    /// The healthy subscriptions' e2e p99 beside the slow ones, and in the run with none slow.
+    pub healthy_p99_ms: f64,
+    pub healthy_p99_none_slow_ms: f64,
+    /// `healthy_p99_ms / healthy_p99_none_slow_ms` (target: at most 1.5).
+    pub ratio: f64,
+    pub healthy_p50_ms: f64,
+    pub healthy_p50_none_slow_ms: f64,
+    /// Deliveries to slow subscriptions: expected and arrived.
+    pub slow_expected: usize,
+    pub slow_delivered: usize,
+    /// The run with none slow: deliveries/s and lost.
+    pub none_slow_deliveries_per_s: f64,
+    pub none_slow_lost: usize,
+}
+
+/// `tenants`: light tenants' latency beside a heavy tenant and without it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tenants {
+    pub tenants: usize,
+    pub subscriptions_per_tenant: usize,
+    /// Deliveries per light tenant, and the heavy tenant's share of all events with it.
+    pub deliveries_per_light_tenant: usize,
+    pub heavy_share_of_events: f64,
+    /// Light events published per second (the heavy tenant publishes as many again).
+    pub light_events_per_s: u32,
+    /// The 95th percentile over light tenants of each one's e2e p99: with the heavy tenant,
+    /// and in the phase without it.
+    pub light_p95_of_p99_ms: f64,
+    pub light_p95_of_p99_alone_ms: f64,
+    /// `light_p95_of_p99_ms / light_p95_of_p99_alone_ms` (target: at most 2).
+    pub ratio: f64,
+    /// Every light delivery's e2e p99 pooled, with and without the heavy tenant.
+    pub light_p99_ms: f64,
+    pub light_p99_alone_ms: f64,
+    pub heavy_p99_ms: f64,
+    /// The phase without the heavy tenant: deliveries/s and lost.
+    pub alone_deliveries_per_s: f64,
+    pub alone_lost: usize,
+    /// Seconds taken to create the tenants, tokens and subscriptions.
+    pub setup_s: f64,
+}
+
+/// `backlog`: a backlog published with no agent of its region, then drained by one agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct Backlog {
+    pub deliveries: usize,
+    pub subscriptions: usize,
+    /// How long publishing the backlog took (PublishEvents batches of 500), and its rate.
+    pub publish_s: f64,
+    pub published_deliveries_per_s: f64,
+    /// From the agent's connection to the last delivery's arrival.
+    pub drain_s: f64,
+    pub drain_deliveries_per_s: f64,
+    /// The control plane's peak resident set (VmHWM) at the end of the drain.
+    pub control_plane_peak_rss_mb: f64,
+    /// The prober during the drain: PublishEvent calls (20/s, another subscription served by
+    /// the built-in agent) and ListDeliveries calls (5/s, a backlog subscription's first page).
+    pub probe_publishes: usize,
+    pub probe_publish_errors: usize,
+    pub probe_publish_p50_ms: f64,
+    pub probe_publish_p99_ms: f64,
+    pub probe_list_calls: usize,
+    pub probe_list_errors: usize,
+    pub probe_list_p50_ms: f64,
+    pub probe_list_p99_ms: f64,
+    /// The probe subscription's e2e p99 during the drain.
+    pub probe_e2e_p99_ms: f64,
+}
+
+/// `chaos`: fanout-1 per tenant through agents that stop, hold, crash, and a receiver that
+/// hangs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Chaos {
+    /// What was done, in order, with the second it was done at.
+    pub faults: Vec<String>,
+    /// Unaffected tenants' expected deliveries, arrived, lost (must be 0) and duplicates.
+    pub unaffected_expected: usize,
+    pub unaffected_lost: usize,
+    pub unaffected_duplicates: usize,
+    /// Unaffected tenants' e2e p99 with faults and in the run without.
+    pub unaffected_p99_ms: f64,
+    pub unaffected_p99_no_faults_ms: f64,
+    /// `unaffected_p99_ms / unaffected_p99_no_faults_ms` (target: at most 1.5).
+    pub ratio: f64,
+    /// The hanging tenant's deliveries, and how many ended `DEAD` after `TIMEOUT` attempts
+    /// only (must be all of them).
+    pub hanging_deliveries: usize,
+    pub hanging_dead_by_timeout: usize,
+    /// Jobs the stand-in agent received and never answered.
+    pub withheld_jobs: usize,
+    /// The run without faults: deliveries/s and lost.
+    pub no_faults_deliveries_per_s: f64,
+    pub no_faults_lost: usize,
+}
+
+impl Detail {
+    /// Renders the lines of the table's detail section.
+    fn lines(&self) -> String {
+        match self {
+            Self::SlowMix(d) => format!(
+                "  healthy p99 {:.1} ms beside {} subscriptions answering after {:.0} ms; {:.1} ms with none slow; ratio {:.2}\n  \
+                 healthy p50 {:.1} / {:.1} ms; slow deliveries {} of {}; routing {}; none slow: {:.0} deliveries/s, lost {}\n",
+                d.healthy_p99_ms,
+                d.slow_subscriptions,
+                d.slow_delay_ms,
+                d.healthy_p99_none_slow_ms,
+                d.ratio,
+                d.healthy_p50_ms,
+                d.healthy_p50_none_slow_ms,
+                d.slow_delivered,
+                d.slow_expected,
+                d.routing,
+                d.none_slow_deliveries_per_s,
+                d.none_slow_lost,
+            ),
+            Self::Tenants(d) => format!(
+                "  {} tenants x {} subscriptions, {} deliveries per light tenant, light {} events/s, heavy share {:.0}% of events\n  \
+                 light tenants' p95 of p99s {:.1} ms with the heavy tenant, {:.1} ms without; ratio {:.2}\n  \
+                 pooled light p99 {:.1} / {:.1} ms; heavy p99 {:.1} ms; without heavy: {:.0} deliveries/s, lost {}; setup {:.1} s\n",
+                d.tenants,
+                d.subscriptions_per_tenant,
+                d.deliveries_per_light_tenant,
+                d.light_events_per_s,
+                d.heavy_share_of_events * 100.0,
+                d.light_p95_of_p99_ms,
+                d.light_p95_of_p99_alone_ms,
+                d.ratio,
+                d.light_p99_ms,
+                d.light_p99_alone_ms,
+                d.heavy_p99_ms,
+                d.alone_deliveries_per_s,
+                d.alone_lost,
+                d.setup_s,
+            ),
+            Self::Backlog(d) => format!(
+                "  {} deliveries over {} subscriptions published in {:.1} s ({:.0}/s); drained in {:.1} s: {:.0} deliveries/s; control plane peak RSS {:.0} MB\n  \
+                 during the drain: PublishEvent p50 {:.1} / p99 {:.1} ms ({} calls, {} failed), ListDeliveries p50 {:.1} / p99 {:.1} ms ({} calls, {} failed), probe e2e p99 {:.1} ms\n",
+                d.deliveries,
+                d.subscriptions,
+                d.publish_s,
+                d.published_deliveries_per_s,
+                d.drain_s,
+                d.drain_deliveries_per_s,
+                d.control_plane_peak_rss_mb,
+                d.probe_publish_p50_ms,
+                d.probe_publish_p99_ms,
+                d.probe_publishes,
+                d.probe_publish_errors,
+                d.probe_list_p50_ms,
+                d.probe_list_p99_ms,
+                d.probe_list_calls,
+                d.probe_list_errors,
+                d.probe_e2e_p99_ms,
+            ),
+            Self::Chaos(d) => format!(
+                "  faults: {}\n  \
+                 unaffected tenants: {} expected, lost {}, duplicates {}; p99 {:.1} ms, {:.1} ms without faults; ratio {:.2}\n  \
+                 hanging tenant: {} of {} deliveries dead after TIMEOUT attempts; stand-in withheld {} jobs; without faults: {:.0} deliveries/s, lost {}\n",
+                d.faults.join("; "),
+                d.unaffected_expected,
+                d.unaffected_lost,
+                d.unaffected_duplicates,
+                d.unaffected_p99_ms,
+                d.unaffected_p99_no_faults_ms,
+                d.ratio,
+                d.hanging_dead_by_timeout,
+                d.hanging_deliveries,
+                d.withheld_jobs,
+                d.no_faults_deliveries_per_s,
+                d.no_faults_lost,
+            ),
+        }
+    }
+}
+
+/// Returns `a / b`, or 0 when `b` is 0.
+pub fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { 0.0 }
 }
 
 fn since(start: Instant, end: Instant) -> Duration {
@@ -195,12 +406,12 @@ fn rate(count: usize, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64().max(1e-6)
 }
 
-fn millis(d: Duration) -> f64 {
+pub fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 /// Returns the `p` quantile (nearest rank) of sorted values; zero when empty.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -232,6 +443,7 @@ pub struct Summary {
     pub deliveries_per_s: f64,
     pub deliveries_per_s_min: f64,
     pub deliveries_per_s_max: f64,
+    pub delivered_mb_per_s: f64,
     pub e2e_p50_ms: f64,
     pub e2e_p90_ms: f64,
     pub e2e_p99_ms: f64,
@@ -268,6 +480,7 @@ impl Summary {
             deliveries_per_s: med(|r| r.deliveries_per_s),
             deliveries_per_s_min: deliveries.clone().fold(f64::INFINITY, f64::min),
             deliveries_per_s_max: deliveries.fold(0.0, f64::max),
+            delivered_mb_per_s: med(|r| r.delivered_mb_per_s),
             e2e_p50_ms: med(|r| r.e2e_p50_ms),
             e2e_p90_ms: med(|r| r.e2e_p90_ms),
             e2e_p99_ms: med(|r| r.e2e_p99_ms),
@@ -303,6 +516,14 @@ pub struct SpecReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_s: Option<f64>,
     pub receiver_fails_first_attempts: bool,
+    pub payload_bytes: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenants: Option<usize>,
+    /// Subscriptions that answer late, and after how long.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slow_subscriptions: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slow_delay_ms: Option<f64>,
 }
 
 impl From<&Spec> for SpecReport {
@@ -318,6 +539,10 @@ impl From<&Spec> for SpecReport {
             rate_per_s,
             duration_s,
             receiver_fails_first_attempts: spec.failures,
+            payload_bytes: spec.payload_bytes(),
+            tenants: (spec.tenants > 1).then_some(spec.tenants),
+            slow_subscriptions: spec.slow.map(|slow| slow.subscriptions),
+            slow_delay_ms: spec.slow.map(|slow| millis(slow.delay)),
         }
     }
 }
@@ -326,6 +551,8 @@ impl From<&Spec> for SpecReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkloadReport {
     pub workload: Workload,
+    /// The workload's name, with its rate for a `steady` of a `--rates` sweep (`steady@200`).
+    pub label: String,
     pub spec: SpecReport,
     pub median: Summary,
     pub runs: Vec<Run>,
@@ -365,7 +592,7 @@ impl Report {
             self.cpus,
             self.workloads
                 .iter()
-                .map(|w| w.workload.name())
+                .map(|w| w.label.as_str())
                 .collect::<Vec<_>>()
                 .join(", "),
             self.repeat,
@@ -379,6 +606,7 @@ impl Report {
             "p99 ms",
             "deliveries/s",
             "(min-max)",
+            "MB/s",
             "e2e p50",
             "p90",
             "p99",
@@ -404,7 +632,7 @@ impl Report {
             .map(|w| {
                 let m = &w.median;
                 vec![
-                    w.workload.name().to_owned(),
+                    w.label.clone(),
                     format!("{:.0}", m.publish_per_s),
                     format!("{:.1}", m.publish_p50_ms),
                     format!("{:.1}", m.publish_p99_ms),
@@ -413,6 +641,7 @@ impl Report {
                         "({:.0}-{:.0})",
                         m.deliveries_per_s_min, m.deliveries_per_s_max
                     ),
+                    format!("{:.1}", m.delivered_mb_per_s),
                     format!("{:.1}", m.e2e_p50_ms),
                     format!("{:.1}", m.e2e_p90_ms),
                     format!("{:.1}", m.e2e_p99_ms),
@@ -465,6 +694,13 @@ impl Report {
             out.push('\n');
         }
         for w in &self.workloads {
+            for (n, run) in w.runs.iter().enumerate() {
+                if let Some(detail) = &run.detail {
+                    out.push_str(&format!("{} run {}:\n{}", w.label, n + 1, detail.lines()));
+                }
+            }
+        }
+        for w in &self.workloads {
             if w.median.publish_errors > 0 {
                 let first = w
                     .runs
@@ -473,8 +709,7 @@ impl Report {
                     .unwrap_or("");
                 out.push_str(&format!(
                     "{}: {} publishes failed in a run ({first})\n",
-                    w.workload.name(),
-                    w.median.publish_errors
+                    w.label, w.median.publish_errors
                 ));
             }
         }
@@ -485,7 +720,7 @@ impl Report {
 
 const LEGEND: &str = "
 publish/s, p50/p99: PublishEvent calls (closed loop: N publishers; steady: open loop at a fixed rate)
-deliveries/s: unique (subscription, webhook-id) answered 2xx / (last arrival - first publish start)
+deliveries/s: unique (subscription, webhook-id) answered 2xx / (last arrival - first publish start); MB/s: their payload MiB/s
 e2e: publish call start -> the receiver's first 2xx-answered request; dup: 2xx requests beyond the first
 lost: expected deliveries missing at the deadline (must be 0)
 cpu s/1k: CPU seconds per 1,000 deliveries (control plane, agent processes, PostgreSQL backends); rss: peak resident MB

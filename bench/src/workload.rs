@@ -12,7 +12,7 @@ use herald_client::{HeraldClient, v1 as pb};
 use tokio::task::JoinSet;
 
 use crate::deploy::{Database, Deployment, Plan, Usage, proc_usage};
-use crate::receiver::{OTHER_TARGET, Receiver, Record};
+use crate::receiver::{Answer, OTHER_TARGET, Receiver, Record};
 use crate::report::Run;
 
 /// A named workload.
@@ -31,10 +31,38 @@ pub enum Workload {
     Failures,
     /// 1,000 events/s for 20 s, open loop, 1 subscription
     Steady,
+    /// 5,000 events of 64 KiB, 1 subscription, 32 concurrent publishers
+    #[value(name = "payload-64k")]
+    #[serde(rename = "payload-64k")]
+    Payload64k,
+    /// 500 events/s for 30 s over 100 subscriptions (one event type each), 10 answering after
+    /// 5 s; then the same with none slow
+    #[value(name = "slow-mix")]
+    #[serde(rename = "slow-mix")]
+    SlowMix,
+    /// 1,000 tenants x 5 subscriptions, 40 events each; then the same with one tenant
+    /// publishing as much again as all the others together
+    Tenants,
+    /// 1,000,000 deliveries published while no agent of their region is connected, then one
+    /// agent connects; not part of `all`
+    Backlog,
+    /// fanout-1 over 4 agents: one stopped, one that never reports, one killed and restarted,
+    /// and one tenant whose receiver hangs; then the same without faults
+    Chaos,
 }
 
 impl Workload {
-    pub const ALL: [Self; 4] = [Self::Fanout1, Self::Fanout10, Self::Failures, Self::Steady];
+    /// What `--workload all` runs: every workload but `backlog` (minutes of its own).
+    pub const ALL: [Self; 8] = [
+        Self::Fanout1,
+        Self::Fanout10,
+        Self::Failures,
+        Self::Steady,
+        Self::Payload64k,
+        Self::SlowMix,
+        Self::Tenants,
+        Self::Chaos,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -42,6 +70,11 @@ impl Workload {
             Self::Fanout10 => "fanout-10",
             Self::Failures => "failures",
             Self::Steady => "steady",
+            Self::Payload64k => "payload-64k",
+            Self::SlowMix => "slow-mix",
+            Self::Tenants => "tenants",
+            Self::Backlog => "backlog",
+            Self::Chaos => "chaos",
         }
     }
 }
@@ -67,12 +100,49 @@ impl Load {
 /// A workload with its numbers settled.
 #[derive(Debug, Clone, Copy)]
 pub struct Spec {
+    pub workload: Workload,
     pub load: Load,
     pub subscriptions: usize,
     /// Whether the receiver answers 500 to a fifth of first attempts.
     pub failures: bool,
     /// Concurrent clients of the loopback ceiling.
     pub concurrency: usize,
+    /// Size of each event's payload.
+    pub payload: Payload,
+    /// Which subscriptions receive an event.
+    pub routing: Routing,
+    /// Subscriptions `0..n` whose receiver answers late.
+    pub slow: Option<Slow>,
+    /// Each subscription's `max_concurrency`; `None`: the control plane's default.
+    pub max_concurrency: Option<u32>,
+    /// Tenants (the `tenants` workload; 1 elsewhere).
+    pub tenants: usize,
+}
+
+/// Size of each event's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    /// About 100 bytes of JSON.
+    Small,
+    /// JSON padded to exactly this many bytes.
+    Padded(usize),
+}
+
+/// Which subscriptions receive an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// Every subscription receives every event.
+    FanOut,
+    /// Subscription `n` receives only event type `bench.s<n>`; event `i` is of type
+    /// `bench.s<i mod subscriptions>`, so each event is one delivery.
+    OneEach,
+}
+
+/// Receivers that answer late.
+#[derive(Debug, Clone, Copy)]
+pub struct Slow {
+    pub subscriptions: usize,
+    pub delay: Duration,
 }
 
 /// Overrides from the command line.
@@ -82,7 +152,15 @@ pub struct Overrides {
     pub rate: Option<u32>,
     pub duration: Option<Duration>,
     pub concurrency: usize,
+    pub tenants: Option<usize>,
 }
+
+/// The `payload-64k` payload size.
+pub const PAYLOAD_64K: usize = 64 * 1024;
+/// Default light tenants' events of `tenants` (x 5 subscriptions = 200 deliveries each).
+pub const TENANT_EVENTS: usize = 40;
+/// Subscriptions per tenant of `tenants`.
+pub const TENANT_SUBSCRIPTIONS: usize = 5;
 
 impl Spec {
     pub fn new(workload: Workload, overrides: Overrides) -> Self {
@@ -90,25 +168,136 @@ impl Spec {
             events: overrides.events.unwrap_or(events),
             publishers: overrides.concurrency,
         };
-        let (load, subscriptions) = match workload {
-            Workload::Fanout1 => (closed(20_000), 1),
-            Workload::Fanout10 => (closed(5_000), 10),
-            Workload::Failures => (closed(10_000), 1),
-            Workload::Steady => (
-                Load::Open {
-                    rate: overrides.rate.unwrap_or(1_000),
-                    duration: overrides.duration.unwrap_or(Duration::from_secs(20)),
-                },
-                1,
-            ),
+        let open = |rate: u32, duration: Duration| Load::Open {
+            rate: overrides.rate.unwrap_or(rate),
+            duration: overrides.duration.unwrap_or(duration),
         };
-        Self {
-            load,
-            subscriptions,
+        let mut spec = Self {
+            workload,
+            load: closed(20_000),
+            subscriptions: 1,
             failures: workload == Workload::Failures,
             concurrency: overrides.concurrency,
+            payload: Payload::Small,
+            routing: Routing::FanOut,
+            slow: None,
+            // The most allowed, so that the subscription's limit is not what is measured.
+            max_concurrency: Some(1024),
+            tenants: 1,
+        };
+        match workload {
+            Workload::Fanout1 => {}
+            Workload::Chaos => {
+                // The unaffected tenants' events, one subscription each; the hanging tenant's
+                // are published before the measured phase.
+                spec.load = open(1_000, Duration::from_secs(20));
+                spec.subscriptions = 3;
+                spec.tenants = 4;
+            }
+            Workload::Fanout10 => {
+                spec.load = closed(5_000);
+                spec.subscriptions = 10;
+            }
+            Workload::Failures => spec.load = closed(10_000),
+            Workload::Steady => spec.load = open(1_000, Duration::from_secs(20)),
+            Workload::Payload64k => {
+                spec.load = closed(5_000);
+                spec.payload = Payload::Padded(PAYLOAD_64K);
+            }
+            Workload::SlowMix => {
+                spec.load = open(500, Duration::from_secs(30));
+                spec.subscriptions = 100;
+                spec.routing = Routing::OneEach;
+                spec.slow = Some(Slow {
+                    subscriptions: 10,
+                    delay: Duration::from_secs(5),
+                });
+                spec.max_concurrency = None;
+            }
+            Workload::Tenants => {
+                // The light tenants' events at `rate`/s; `--events`: events per light tenant.
+                let tenants = overrides.tenants.unwrap_or(1_000).max(2);
+                let light = (tenants - 1) * overrides.events.unwrap_or(TENANT_EVENTS);
+                let rate = overrides.rate.unwrap_or(600).max(1);
+                spec.load = Load::Open {
+                    rate,
+                    duration: Duration::from_secs_f64(light as f64 / f64::from(rate)),
+                };
+                spec.tenants = tenants;
+                spec.subscriptions = tenants * TENANT_SUBSCRIPTIONS;
+                spec.max_concurrency = None;
+            }
+            Workload::Backlog => {
+                // `--events`: deliveries, over 10 subscriptions.
+                spec.subscriptions = 10;
+                spec.load = Load::Closed {
+                    events: overrides.events.unwrap_or(1_000_000).div_ceil(10),
+                    publishers: overrides.concurrency.min(8),
+                };
+            }
+        }
+        spec
+    }
+
+    /// Returns event `n`'s publish request.
+    pub fn event(&self, n: usize) -> pb::PublishEventRequest {
+        let mut request = event(n);
+        if let Payload::Padded(size) = self.payload {
+            request.payload = padded(&request.payload, size);
+        }
+        if self.routing == Routing::OneEach {
+            request.event_type = event_type_of(n % self.subscriptions.max(1));
+        }
+        request
+    }
+
+    /// Returns the deliveries one published event makes.
+    pub fn deliveries_per_event(&self) -> usize {
+        match self.routing {
+            Routing::FanOut => self.subscriptions,
+            Routing::OneEach => 1,
         }
     }
+
+    /// Returns subscription `n`'s event types (empty: every type).
+    pub fn event_types(&self, n: usize) -> Vec<String> {
+        match self.routing {
+            Routing::FanOut => Vec::new(),
+            Routing::OneEach => vec![event_type_of(n)],
+        }
+    }
+
+    /// Returns each event's payload size in bytes.
+    pub fn payload_bytes(&self) -> usize {
+        match self.payload {
+            Payload::Small => event(0).payload.len(),
+            Payload::Padded(size) => size,
+        }
+    }
+}
+
+/// The event type only subscription `n` receives under [`Routing::OneEach`].
+fn event_type_of(n: usize) -> String {
+    format!("bench.s{n}")
+}
+
+/// Returns the JSON object `payload` with a `padding` member making it `size` bytes (or
+/// `payload` unchanged when it is as large already).
+fn padded(payload: &str, size: usize) -> String {
+    let Some(body) = payload.strip_suffix('}') else {
+        return payload.to_owned();
+    };
+    // `,"padding":""}` is 14 bytes.
+    let room = size.saturating_sub(body.len() + 14);
+    if room == 0 {
+        return payload.to_owned();
+    }
+    let mut out = String::with_capacity(size);
+    out.push_str(body);
+    out.push_str(r#","padding":""#);
+    out.extend(std::iter::repeat_n('x', room));
+    out.push_str(r#""}"#);
+    out
 }
 
 /// Settings shared by every run.
@@ -122,25 +311,48 @@ pub struct Settings {
 }
 
 /// Events published before measuring, to open connections and warm caches.
-const WARMUP_EVENTS: usize = 64;
+pub const WARMUP_EVENTS: usize = 64;
 /// The longest a publish phase may take before publishers stop.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(180);
 /// The longest the loopback ceiling runs.
-const CEILING_TIMEOUT: Duration = Duration::from_secs(20);
+pub const CEILING_TIMEOUT: Duration = Duration::from_secs(20);
 /// The longest wait for agents to connect, and for the warm-up deliveries.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One published event.
-struct Published {
+pub struct Published {
     /// The event id (`webhook-id`), or why the publish failed.
-    id: Result<String, String>,
-    start: Instant,
-    end: Instant,
+    pub id: Result<String, String>,
+    pub start: Instant,
+    pub end: Instant,
 }
 
-/// Runs `spec` once on a fresh database, control plane and receiver.
+/// Runs `spec`'s workload once: the common run, or the workload's own.
 pub async fn run(spec: &Spec, settings: &Settings) -> anyhow::Result<Run> {
-    let expected_max = spec.load.events() * spec.subscriptions;
+    match spec.workload {
+        Workload::SlowMix => crate::scenarios::slow_mix(spec, settings).await,
+        Workload::Tenants => crate::scenarios::tenants(spec, settings).await,
+        Workload::Backlog => crate::backlog::run(spec, settings).await,
+        Workload::Chaos => crate::chaos::run(spec, settings).await,
+        Workload::Fanout1
+        | Workload::Fanout10
+        | Workload::Failures
+        | Workload::Steady
+        | Workload::Payload64k => Ok(run_once(spec, settings).await?.run),
+    }
+}
+
+/// A common run's numbers, with the receiver's records and the publish starts they came from.
+pub struct Finished {
+    pub run: Run,
+    pub records: Vec<Record>,
+    pub starts: HashMap<String, Instant>,
+}
+
+/// Runs `spec` once on a fresh database, control plane and receiver: one tenant, its
+/// subscriptions, a warm-up, then the measured load.
+pub async fn run_once(spec: &Spec, settings: &Settings) -> anyhow::Result<Finished> {
+    let expected_max = spec.load.events() * spec.deliveries_per_event();
     let receiver = Receiver::start(expected_max + expected_max / 2 + 1024).await?;
     let database = Database::create(settings.backend, &settings.pg_admin_url).await?;
     let result = run_on(spec, settings, &receiver, &database).await;
@@ -153,7 +365,7 @@ async fn run_on(
     settings: &Settings,
     receiver: &Receiver,
     database: &Database,
-) -> anyhow::Result<Run> {
+) -> anyhow::Result<Finished> {
     let mut plan = settings.plan.clone();
     if spec.failures {
         plan.retry_schedule = Some("100ms".into());
@@ -162,26 +374,11 @@ async fn run_on(
     let measured = measure(spec, settings, receiver, database, &mut deployment).await;
     let measured = match measured {
         Ok(measured) => measured,
-        Err(err) => {
-            let logs = deployment
-                .control_planes
-                .iter()
-                .chain(&deployment.agents)
-                .map(|p| format!("--- {} (last lines) ---\n{}", p.name, p.tail()))
-                .collect::<Vec<_>>()
-                .join("\n");
-            deployment.stop().await;
-            return Err(err.context(logs));
-        }
+        Err(err) => return Err(fail(deployment, err).await),
     };
     deployment.stop().await;
     // Every backend of the stopped control planes has published its counts by now.
-    let after = After {
-        commits: database.commits().await?,
-        rows: database.rows_written().await?,
-        wal: database.wal_position().await?,
-        size: database.size().await?,
-    };
+    let after = After::read(database).await?;
     let records = receiver.take();
 
     let ceiling = ceiling(
@@ -191,7 +388,25 @@ async fn run_on(
         CEILING_TIMEOUT,
     )
     .await?;
-    Ok(Run::compute(spec, &measured, &records, &after, ceiling))
+    let run = Run::compute(spec, &measured, &records, &after, ceiling);
+    Ok(Finished {
+        run,
+        records,
+        starts: measured.starts,
+    })
+}
+
+/// Stops `deployment` after `err`, adding its processes' last log lines to the error.
+pub async fn fail(deployment: Deployment, err: anyhow::Error) -> anyhow::Error {
+    let logs = deployment
+        .control_planes
+        .iter()
+        .chain(&deployment.agents)
+        .map(|p| format!("--- {} (last lines) ---\n{}", p.name, p.tail()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    deployment.stop().await;
+    err.context(logs)
 }
 
 /// What the measured phase produced, before the numbers are worked out.
@@ -230,6 +445,17 @@ pub struct After {
     pub size: Option<u64>,
 }
 
+impl After {
+    pub async fn read(database: &Database) -> anyhow::Result<Self> {
+        Ok(Self {
+            commits: database.commits().await?,
+            rows: database.rows_written().await?,
+            wal: database.wal_position().await?,
+            size: database.size().await?,
+        })
+    }
+}
+
 async fn measure(
     spec: &Spec,
     settings: &Settings,
@@ -258,8 +484,8 @@ async fn measure(
             .create_subscription(pb::CreateSubscriptionRequest {
                 name: format!("bench {n}"),
                 url: receiver.url(n),
-                // The most allowed, so that the subscription's limit is not what is measured.
-                max_concurrency: 1024,
+                event_types: spec.event_types(n),
+                max_concurrency: spec.max_concurrency.unwrap_or(0),
                 ..Default::default()
             })
             .await
@@ -267,8 +493,15 @@ async fn measure(
     }
 
     // Warm up (connections, caches), then forget it.
-    let warmup = publish_closed(&clients, WARMUP_EVENTS, spec.concurrency.min(WARMUP_EVENTS)).await;
-    let warm_expected = warmup.iter().filter(|p| p.id.is_ok()).count() * spec.subscriptions;
+    let warmup = publish_closed(
+        spec,
+        &clients,
+        WARMUP_EVENTS,
+        spec.concurrency.min(WARMUP_EVENTS),
+    )
+    .await;
+    let warm_expected =
+        warmup.iter().filter(|p| p.id.is_ok()).count() * spec.deliveries_per_event();
     let deadline = Instant::now() + READY_TIMEOUT;
     while receiver.ok_count() < warm_expected as u64 {
         deployment.check_alive()?;
@@ -284,7 +517,41 @@ async fn measure(
     tokio::time::sleep(Duration::from_millis(200)).await;
     receiver.take();
     receiver.fail_first(spec.failures);
+    if let Some(slow) = spec.slow {
+        for n in 0..slow.subscriptions {
+            receiver.answer(n, Answer::After(slow.delay));
+        }
+    }
+    let publish = async {
+        match spec.load {
+            Load::Closed { events, publishers } => {
+                publish_closed(spec, &clients, events, publishers).await
+            }
+            Load::Open { rate, duration } => publish_open(spec, &clients, rate, duration).await,
+        }
+    };
+    measure_phase(
+        settings,
+        receiver,
+        database,
+        deployment,
+        spec.deliveries_per_event(),
+        publish,
+    )
+    .await
+}
 
+/// Measures one phase: reads the processes and the database, runs `publish`, waits for the
+/// deliveries its successful publishes make (`deliveries_per_event` each, at most
+/// `drain_timeout` after the last publish returned), and reads them again.
+pub async fn measure_phase(
+    settings: &Settings,
+    receiver: &Receiver,
+    database: &Database,
+    deployment: &mut Deployment,
+    deliveries_per_event: usize,
+    publish: impl std::future::Future<Output = Vec<Published>>,
+) -> anyhow::Result<Measured> {
     let usage = |deployment: &Deployment| -> anyhow::Result<_> {
         let cps = deployment
             .control_planes
@@ -309,10 +576,7 @@ async fn measure(
     let database_before = database.backend_cpu().await?;
     let before = usage(deployment)?;
 
-    let published = match spec.load {
-        Load::Closed { events, publishers } => publish_closed(&clients, events, publishers).await,
-        Load::Open { rate, duration } => publish_open(&clients, rate, duration).await,
-    };
+    let published = publish.await;
     let first_start = published
         .iter()
         .map(|p| p.start)
@@ -339,7 +603,7 @@ async fn measure(
             }
         }
     }
-    let expected = starts.len() * spec.subscriptions;
+    let expected = starts.len() * deliveries_per_event;
 
     // Wait for every delivery, at most `drain_timeout` after the last publish returned.
     let deadline = last_end + settings.drain_timeout;
@@ -395,7 +659,7 @@ async fn measure(
 }
 
 /// Waits until `n` agents are connected to the control plane.
-async fn wait_for_agents(
+pub async fn wait_for_agents(
     admin: &HeraldClient,
     deployment: &mut Deployment,
     n: usize,
@@ -472,7 +736,7 @@ async fn spread_agents(
 }
 
 /// Creates the tenant `bench` and returns a token for it.
-async fn tenant_token(admin: &HeraldClient) -> anyhow::Result<String> {
+pub async fn tenant_token(admin: &HeraldClient) -> anyhow::Result<String> {
     let tenant = admin
         .admin()
         .create_tenant(pb::CreateTenantRequest {
@@ -495,7 +759,7 @@ async fn tenant_token(admin: &HeraldClient) -> anyhow::Result<String> {
 }
 
 /// Returns event `n`'s publish request: a payload of about 100 bytes.
-fn event(n: usize) -> pb::PublishEventRequest {
+pub fn event(n: usize) -> pb::PublishEventRequest {
     pb::PublishEventRequest {
         event_type: "user.new".into(),
         payload: format!(
@@ -508,9 +772,13 @@ fn event(n: usize) -> pb::PublishEventRequest {
     }
 }
 
-async fn publish_one(client: &HeraldClient, n: usize, start: Instant) -> Published {
+pub async fn publish_one(
+    client: &HeraldClient,
+    request: pb::PublishEventRequest,
+    start: Instant,
+) -> Published {
     let id = client
-        .publish(event(n))
+        .publish(request)
         .await
         .map(|r| r.event_id)
         .map_err(|status| format!("{:?}: {}", status.code(), status.message()));
@@ -524,7 +792,8 @@ async fn publish_one(client: &HeraldClient, n: usize, start: Instant) -> Publish
 /// Publishes `events` events with `publishers` concurrent tasks (all spawned before any is
 /// awaited; publisher `i` calls control plane `i mod clients`), stopping early after
 /// [`PUBLISH_TIMEOUT`].
-async fn publish_closed(
+pub async fn publish_closed(
+    spec: &Spec,
     clients: &[HeraldClient],
     events: usize,
     publishers: usize,
@@ -535,6 +804,7 @@ async fn publish_closed(
     for i in 0..publishers.max(1) {
         let client = clients[i % clients.len()].clone();
         let next = next.clone();
+        let spec = *spec;
         tasks.spawn(async move {
             let mut done = Vec::with_capacity(events / publishers.max(1) + 1);
             loop {
@@ -542,7 +812,7 @@ async fn publish_closed(
                 if n >= events || Instant::now() > deadline {
                     return done;
                 }
-                done.push(publish_one(&client, n, Instant::now()).await);
+                done.push(publish_one(&client, spec.event(n), Instant::now()).await);
             }
         });
     }
@@ -553,11 +823,27 @@ async fn publish_closed(
     published
 }
 
-/// Starts one publish every `1/rate` s for `duration` without waiting for earlier ones (event
-/// `n` on control plane `n mod clients`); a publish's start is its scheduled instant, so a stall
-/// on the way counts against latency.
-async fn publish_open(clients: &[HeraldClient], rate: u32, duration: Duration) -> Vec<Published> {
+/// Starts one publish of `spec`'s events every `1/rate` s for `duration` (see
+/// [`publish_open_with`]).
+pub async fn publish_open(
+    spec: &Spec,
+    clients: &[HeraldClient],
+    rate: u32,
+    duration: Duration,
+) -> Vec<Published> {
     let events = Load::Open { rate, duration }.events();
+    publish_open_with(clients, rate, events, |n| spec.event(n)).await
+}
+
+/// Starts one publish every `1/rate` s, `events` in all, without waiting for earlier ones
+/// (event `n`, made by `request(n)`, on control plane `n mod clients`); a publish's start is its
+/// scheduled instant, so a stall on the way counts against latency.
+pub async fn publish_open_with(
+    clients: &[HeraldClient],
+    rate: u32,
+    events: usize,
+    request: impl Fn(usize) -> pb::PublishEventRequest,
+) -> Vec<Published> {
     let period = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
     let begin = Instant::now() + Duration::from_millis(5);
     let mut tasks = JoinSet::new();
@@ -565,7 +851,8 @@ async fn publish_open(clients: &[HeraldClient], rate: u32, duration: Duration) -
         let at = begin + period.mul_f64(n as f64);
         tokio::time::sleep_until(at.into()).await;
         let client = clients[n % clients.len()].clone();
-        tasks.spawn(async move { publish_one(&client, n, at).await });
+        let request = request(n);
+        tasks.spawn(async move { publish_one(&client, request, at).await });
     }
     let mut published = Vec::with_capacity(events);
     let deadline = tokio::time::Instant::now() + PUBLISH_TIMEOUT;
@@ -586,7 +873,7 @@ pub struct Ceiling {
 
 /// Sends `requests` POSTs (a 100-byte JSON body and a `webhook-id`, as Herald's) to `receiver`
 /// from `concurrency` tasks sharing one reqwest client, for at most `limit`.
-async fn ceiling(
+pub async fn ceiling(
     receiver: &Receiver,
     requests: usize,
     concurrency: usize,
