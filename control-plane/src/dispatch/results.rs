@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use herald_proto::v1 as pb;
+use sea_orm::ConnectionTrait;
 
 use super::model::Lease;
 use super::scheduler::AttemptRecord;
@@ -187,17 +188,34 @@ pub async fn write(
 ) -> Result<Vec<String>, storage::Error> {
     let tick = std::time::Instant::now();
     let mut summarized = Vec::new();
-    let written = write_steps(
-        store,
+    let mut batch = Batch {
         replica_id,
         disable_after,
         summaries,
-        &mut summarized,
-        steps,
+        summarized: &mut summarized,
         now,
         tick,
-    )
-    .await;
+        shared: store.shared(),
+    };
+    let written = match store.writer.begin_pipelined().await {
+        // SQLite: the leases' moves in one hand-off, the rest and the COMMIT in another.
+        Ok(Some(txn)) => match batch.write_steps(&txn, steps).await {
+            Ok(disabled) => txn
+                .commit()
+                .await
+                .map(|()| disabled)
+                .map_err(|(err, _)| err),
+            Err(err) => Err(err),
+        },
+        Ok(None) => match store.begin_scheduler_write().await {
+            Ok(txn) => match batch.write_steps(&txn, steps).await {
+                Ok(disabled) => txn.commit().await.map(|()| disabled),
+                Err(err) => Err(err),
+            },
+            Err(err) => Err(err),
+        },
+        Err(err) => Err(err),
+    };
     if written.is_err() {
         // What this write summarized is not in the database: the next write does it again.
         for id in &summarized {
@@ -207,180 +225,195 @@ pub async fn write(
     written
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn write_steps(
-    store: &Store,
-    replica_id: &str,
+/// One results write's settings and bookkeeping.
+struct Batch<'a> {
+    replica_id: &'a str,
     disable_after: Duration,
-    summaries: &Summaries,
-    summarized: &mut Vec<String>,
-    steps: &mut [Step],
+    summaries: &'a Summaries,
+    /// Subscriptions whose summary this write rewrites.
+    summarized: &'a mut Vec<String>,
     now: DateTime<Utc>,
     tick: std::time::Instant,
-) -> Result<Vec<String>, storage::Error> {
-    let txn = store.begin_scheduler_write().await?;
-    // The newest applied step per subscription decides its summary and health; a 410
-    // anywhere in the batch disables it.
-    let mut per_subscription: HashMap<String, (usize, bool)> = HashMap::new();
-    for step in steps.iter_mut() {
-        step.reset();
-    }
-    // Results with the same outcome (most often: 200, succeeded) move their deliveries in
-    // one statement each; a lease that is no longer valid is simply not among those moved.
-    let mut groups: HashMap<CompletionKey, Vec<usize>> = HashMap::new();
-    for (index, step) in steps.iter().enumerate() {
-        if step.lease.is_some() {
-            let key = (
-                step.state as i32,
-                step.next_attempt_at.map(|at| at.timestamp_millis()),
-                step.attempt.status_code,
-                step.attempt.error as i32,
-                step.at_expiry,
-            );
-            groups.entry(key).or_default().push(index);
+    shared: bool,
+}
+
+impl Batch<'_> {
+    /// Writes the steps in `txn` (the caller commits); returns the subscriptions disabled.
+    async fn write_steps(
+        &mut self,
+        txn: &impl ConnectionTrait,
+        steps: &mut [Step],
+    ) -> Result<Vec<String>, storage::Error> {
+        let (replica_id, disable_after, summaries, now, tick) = (
+            self.replica_id,
+            self.disable_after,
+            self.summaries,
+            self.now,
+            self.tick,
+        );
+        let summarized = &mut *self.summarized;
+        // The newest applied step per subscription decides its summary and health; a 410
+        // anywhere in the batch disables it.
+        let mut per_subscription: HashMap<String, (usize, bool)> = HashMap::new();
+        for step in steps.iter_mut() {
+            step.reset();
         }
-    }
-    for indices in groups.values() {
-        for chunk in indices.chunks(200) {
-            let first = &steps[chunk[0]];
-            let leases: Vec<(&str, &str)> = chunk
-                .iter()
-                .filter_map(|&i| steps[i].lease.as_ref())
-                .map(|lease| (lease.delivery.id.as_str(), lease.lease_id.as_str()))
-                .collect();
-            let outcome = deliveries::Completion {
-                state: first.state,
-                next_attempt_at: first.next_attempt_at,
-                status_code: first.attempt.status_code,
-                error: first.attempt.error,
-                at_expiry: first.at_expiry,
-            };
-            let moved: std::collections::HashSet<String> =
-                deliveries::complete_many(&txn, &leases, &outcome, now)
-                    .await?
-                    .into_iter()
+        // Results with the same outcome (most often: 200, succeeded) move their deliveries in
+        // one statement each; a lease that is no longer valid is simply not among those moved.
+        let mut groups: HashMap<CompletionKey, Vec<usize>> = HashMap::new();
+        for (index, step) in steps.iter().enumerate() {
+            if step.lease.is_some() {
+                let key = (
+                    step.state as i32,
+                    step.next_attempt_at.map(|at| at.timestamp_millis()),
+                    step.attempt.status_code,
+                    step.attempt.error as i32,
+                    step.at_expiry,
+                );
+                groups.entry(key).or_default().push(index);
+            }
+        }
+        for indices in groups.values() {
+            for chunk in indices.chunks(200) {
+                let first = &steps[chunk[0]];
+                let leases: Vec<(&str, &str)> = chunk
+                    .iter()
+                    .filter_map(|&i| steps[i].lease.as_ref())
+                    .map(|lease| (lease.delivery.id.as_str(), lease.lease_id.as_str()))
                     .collect();
-            for &i in chunk {
-                let applied = steps[i]
-                    .lease
-                    .as_ref()
-                    .is_some_and(|lease| moved.contains(&lease.delivery.id));
-                steps[i].applied = applied;
-            }
-        }
-    }
-    for (index, step) in steps.iter_mut().enumerate() {
-        let delivery = match &step.lease {
-            Some(lease) => lease.delivery.clone(),
-            // A result this replica did not lease, or no longer holds.
-            None => match deliveries::get_any(&txn, &step.attempt.delivery_id).await? {
-                Some(delivery) => delivery,
-                None => continue,
-            },
-        };
-        if !step.applied {
-            step.attempt.error = AttemptError::LeaseExpired;
-            step.state = delivery.state;
-        } else {
-            let gone = step.outcome == retry::Outcome::Gone;
-            let entry = per_subscription
-                .entry(delivery.subscription_id.clone())
-                .or_insert((index, gone));
-            if gone || !entry.1 {
-                *entry = (index, gone);
-            }
-        }
-        step.record = Some(AttemptRecord {
-            tenant_id: delivery.tenant_id,
-            delivery_id: delivery.id,
-            subscription_id: delivery.subscription_id,
-            event_id: delivery.event_id,
-            attempt: step.attempt.clone(),
-            state: step.state,
-        });
-    }
-    let attempts: Vec<Attempt> = steps
-        .iter()
-        .filter(|s| s.record.is_some())
-        .map(|s| s.attempt.clone())
-        .collect();
-    deliveries::insert_attempts(&txn, &attempts).await?;
-    let mut disabled = Vec::new();
-    for (subscription_id, (index, _)) in per_subscription {
-        let step = &steps[index];
-        if step.outcome == retry::Outcome::Delivered {
-            // Successes in a row change only the summary's time: written once a second.
-            if summaries.due(&subscription_id, step.state, step.attempt.status_code, tick) {
-                summarized.push(subscription_id.clone());
-                let last = LastDelivery {
-                    state: step.state,
-                    status_code: step.attempt.status_code,
-                    at: now,
+                let outcome = deliveries::Completion {
+                    state: first.state,
+                    next_attempt_at: first.next_attempt_at,
+                    status_code: first.attempt.status_code,
+                    error: first.attempt.error,
+                    at_expiry: first.at_expiry,
                 };
-                subscriptions::record_last_delivery(&txn, &subscription_id, &last).await?;
-            }
-            continue;
-        }
-        // Anything else is written every time (and the next success is too).
-        summaries.forget(&subscription_id);
-        let last = LastDelivery {
-            state: step.state,
-            status_code: step.attempt.status_code,
-            at: now,
-        };
-        subscriptions::record_last_delivery(&txn, &subscription_id, &last).await?;
-        if step.subscription_disabled {
-            continue;
-        }
-        let failing_since = subscriptions::failing_since(&txn, &subscription_id).await?;
-        if let Some(reason) = health::disable_reason(
-            &step.outcome,
-            step.attempt.status_code,
-            failing_since,
-            disable_after,
-            now,
-        ) {
-            subscriptions::set_status(
-                &txn,
-                &subscription_id,
-                SubscriptionStatus::Disabled,
-                Some(&reason),
-                now,
-            )
-            .await?;
-            // Waiting deliveries, the ones just made FAILED included, go DEAD (replayable).
-            deliveries::kill_waiting(&txn, &subscription_id, now).await?;
-            tracing::warn!(%subscription_id, %reason, "subscription disabled");
-            disabled.push(subscription_id);
-        }
-    }
-    for step in steps.iter_mut() {
-        let killed = step.state == DeliveryState::Failed
-            && step
-                .record
-                .as_ref()
-                .is_some_and(|r| disabled.contains(&r.subscription_id));
-        if killed {
-            step.state = DeliveryState::Dead;
-            step.next_attempt_at = None;
-            if let Some(record) = &mut step.record {
-                record.state = DeliveryState::Dead;
+                let moved: std::collections::HashSet<String> =
+                    deliveries::complete_many(txn, &leases, &outcome, now)
+                        .await?
+                        .into_iter()
+                        .collect();
+                for &i in chunk {
+                    let applied = steps[i]
+                        .lease
+                        .as_ref()
+                        .is_some_and(|lease| moved.contains(&lease.delivery.id));
+                    steps[i].applied = applied;
+                }
             }
         }
-    }
-    if store.shared() {
-        // Watchers on the other replicas hear of these attempts once they are committed.
-        let recorded: Vec<(String, DeliveryState)> = steps
+        for (index, step) in steps.iter_mut().enumerate() {
+            let delivery = match &step.lease {
+                Some(lease) => lease.delivery.clone(),
+                // A result this replica did not lease, or no longer holds.
+                None => match deliveries::get_any(txn, &step.attempt.delivery_id).await? {
+                    Some(delivery) => delivery,
+                    None => continue,
+                },
+            };
+            if !step.applied {
+                step.attempt.error = AttemptError::LeaseExpired;
+                step.state = delivery.state;
+            } else {
+                let gone = step.outcome == retry::Outcome::Gone;
+                let entry = per_subscription
+                    .entry(delivery.subscription_id.clone())
+                    .or_insert((index, gone));
+                if gone || !entry.1 {
+                    *entry = (index, gone);
+                }
+            }
+            step.record = Some(AttemptRecord {
+                tenant_id: delivery.tenant_id,
+                delivery_id: delivery.id,
+                subscription_id: delivery.subscription_id,
+                event_id: delivery.event_id,
+                attempt: step.attempt.clone(),
+                state: step.state,
+            });
+        }
+        let attempts: Vec<Attempt> = steps
             .iter()
-            .filter_map(|s| s.record.as_ref())
-            .map(|r| (r.attempt.id.clone(), r.state))
+            .filter(|s| s.record.is_some())
+            .map(|s| s.attempt.clone())
             .collect();
-        for payload in watch::encode(replica_id, &recorded) {
-            storage::notify(&txn, watch::CHANNEL, &payload).await?;
+        deliveries::insert_attempts(txn, &attempts).await?;
+        let mut disabled = Vec::new();
+        for (subscription_id, (index, _)) in per_subscription {
+            let step = &steps[index];
+            if step.outcome == retry::Outcome::Delivered {
+                // Successes in a row change only the summary's time: written once a second.
+                if summaries.due(&subscription_id, step.state, step.attempt.status_code, tick) {
+                    summarized.push(subscription_id.clone());
+                    let last = LastDelivery {
+                        state: step.state,
+                        status_code: step.attempt.status_code,
+                        at: now,
+                    };
+                    subscriptions::record_last_delivery(txn, &subscription_id, &last).await?;
+                }
+                continue;
+            }
+            // Anything else is written every time (and the next success is too).
+            summaries.forget(&subscription_id);
+            let last = LastDelivery {
+                state: step.state,
+                status_code: step.attempt.status_code,
+                at: now,
+            };
+            subscriptions::record_last_delivery(txn, &subscription_id, &last).await?;
+            if step.subscription_disabled {
+                continue;
+            }
+            let failing_since = subscriptions::failing_since(txn, &subscription_id).await?;
+            if let Some(reason) = health::disable_reason(
+                &step.outcome,
+                step.attempt.status_code,
+                failing_since,
+                disable_after,
+                now,
+            ) {
+                subscriptions::set_status(
+                    txn,
+                    &subscription_id,
+                    SubscriptionStatus::Disabled,
+                    Some(&reason),
+                    now,
+                )
+                .await?;
+                // Waiting deliveries, the ones just made FAILED included, go DEAD (replayable).
+                deliveries::kill_waiting(txn, &subscription_id, now).await?;
+                tracing::warn!(%subscription_id, %reason, "subscription disabled");
+                disabled.push(subscription_id);
+            }
         }
+        for step in steps.iter_mut() {
+            let killed = step.state == DeliveryState::Failed
+                && step
+                    .record
+                    .as_ref()
+                    .is_some_and(|r| disabled.contains(&r.subscription_id));
+            if killed {
+                step.state = DeliveryState::Dead;
+                step.next_attempt_at = None;
+                if let Some(record) = &mut step.record {
+                    record.state = DeliveryState::Dead;
+                }
+            }
+        }
+        if self.shared {
+            // Watchers on the other replicas hear of these attempts once they are committed.
+            let recorded: Vec<(String, DeliveryState)> = steps
+                .iter()
+                .filter_map(|s| s.record.as_ref())
+                .map(|r| (r.attempt.id.clone(), r.state))
+                .collect();
+            for payload in watch::encode(replica_id, &recorded) {
+                storage::notify(txn, watch::CHANNEL, &payload).await?;
+            }
+        }
+        Ok(disabled)
     }
-    txn.commit().await?;
-    Ok(disabled)
 }
 
 /// One result on its way to storage.

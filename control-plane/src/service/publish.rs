@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use sea_orm::ConnectionTrait;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
@@ -311,6 +312,26 @@ impl Writer {
     /// Writes every call of the batch in one transaction. Refusals (a reused idempotency key) are
     /// decided before anything of that call is written.
     async fn write(&self, batch: &[Call]) -> Result<Written, Failed> {
+        let pipelined = self
+            .store
+            .writer
+            .begin_pipelined()
+            .await
+            .map_err(Failed::BeforeCommit)?;
+        if let Some(txn) = pipelined {
+            // SQLite: two hand-offs to the connection's thread (read, then write and commit).
+            let written = stage(&self.store, &txn, batch, Utc::now())
+                .await
+                .map_err(Failed::BeforeCommit)?;
+            if let Some(hook) = &self.before_commit {
+                hook().await;
+            }
+            return match txn.commit().await {
+                Ok(()) => Ok(written),
+                Err((err, false)) => Err(Failed::BeforeCommit(err)),
+                Err((err, true)) => Err(Failed::AtCommit(err, written)),
+            };
+        }
         let txn = self
             .store
             .begin_write()
@@ -356,7 +377,7 @@ struct Written {
 /// Writes every call of the batch into `txn`.
 async fn stage(
     store: &Store,
-    txn: &storage::Transaction,
+    txn: &impl ConnectionTrait,
     batch: &[Call],
     now: DateTime<Utc>,
 ) -> Result<Written, storage::Error> {
@@ -502,7 +523,7 @@ async fn stage(
 /// process only: another replica's clock, or the same millisecond, could otherwise put an event
 /// published after an acknowledged one before it.
 async fn order_after_earlier(
-    txn: &storage::Transaction,
+    txn: &impl ConnectionTrait,
     fanned_out: &mut [Delivery],
     newest_of_entity: &mut HashMap<(String, String), String>,
 ) -> Result<(), storage::Error> {

@@ -9,6 +9,7 @@ pub mod deliveries;
 mod entity;
 pub mod events;
 mod migration;
+pub mod pipeline;
 pub mod retention;
 pub mod seal;
 pub mod secrets;

@@ -51,7 +51,7 @@ impl WriteHealth {
 /// What the writer's connections share.
 pub(crate) struct WriterState {
     /// On SQLite: the connection now in use must be closed when it goes back to the pool.
-    discard: AtomicBool,
+    pub(super) discard: AtomicBool,
     healthy: watch::Sender<bool>,
     /// The storage is full: only a write that needs room (the probe) proves it has room again;
     /// an update in place may still succeed on a full disk.
@@ -72,6 +72,13 @@ impl WriterState {
         })
     }
 
+    /// Tests: the page limit every SQLite write runs under, when one is set.
+    pub(super) fn page_limit(&self) -> Option<u64> {
+        self.page_limit
+            .as_ref()
+            .map(|limit| limit.load(Ordering::Acquire))
+    }
+
     /// Whether the connection being released must be closed (see the module comment); read by
     /// the SQLite writer pool's `after_release`.
     pub(crate) fn take_discard(&self) -> bool {
@@ -79,7 +86,7 @@ impl WriterState {
     }
 
     /// Counts a failed write and, for faults of the storage itself, marks writes as failing.
-    fn failed(&self, err: &Error) {
+    pub(super) fn failed(&self, err: &Error) {
         self.errors
             .get_or_create(&ErrorKind { kind: err.kind() })
             .inc();
@@ -103,7 +110,7 @@ impl WriterState {
     }
 
     /// A write succeeded. After a full disk, only one that needed room counts (`room`).
-    fn succeeded(&self, room: bool) {
+    pub(super) fn succeeded(&self, room: bool) {
         if !room && self.full.load(Ordering::Acquire) {
             return;
         }
@@ -124,6 +131,26 @@ pub struct Writer {
 }
 
 impl Writer {
+    /// Begins a write transaction whose statements are sent in batches (SQLite only; see
+    /// [`super::pipeline`]). On PostgreSQL, `None`: use [`Writer::begin`].
+    pub async fn begin_pipelined(&self) -> Result<Option<super::pipeline::Pipelined>, Error> {
+        let DbBackend::Sqlite = self.db.get_database_backend() else {
+            return Ok(None);
+        };
+        let pool = self.db.get_sqlite_connection_pool();
+        match pool.acquire().await {
+            Ok(conn) => Ok(Some(super::pipeline::Pipelined::begin(
+                conn,
+                self.state.clone(),
+            ))),
+            Err(err) => {
+                let err = Error::of(&DbErr::Conn(sea_orm::RuntimeErr::SqlxError(Arc::new(err))));
+                self.state.failed(&err);
+                Err(err)
+            }
+        }
+    }
+
     /// Begins a write transaction.
     pub async fn begin(&self) -> Result<Transaction, Error> {
         let txn = match self.db.begin().await {
