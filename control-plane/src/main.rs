@@ -54,6 +54,25 @@ const EXIT_CONFIG: u8 = 64;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The runtime's worker threads: `TOKIO_WORKER_THREADS` when set, else one fewer than the cores
+/// (at least one). The database's work runs outside the runtime — SQLite on sqlx's connection
+/// threads, PostgreSQL in its own processes — and a worker per core only adds wake-ups between
+/// idle workers: on 2 cores one worker costs 12% less CPU per delivery at 200–3,000/s and
+/// delivers as fast at saturation (docs/SCALING.md).
+fn worker_threads() -> usize {
+    if let Some(n) = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+    {
+        return n;
+    }
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .saturating_sub(1)
+        .max(1)
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let config = match Config::load(
@@ -71,7 +90,11 @@ fn main() -> ExitCode {
         }
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads())
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("herald-control-plane: cannot start the runtime: {err}");
