@@ -10,8 +10,10 @@
 //! - a delivery is queued or leased at most once (`known`);
 //! - an agent never holds more leases plus credits than the capacity of its hello;
 //! - every lease ends: by its result, by its expiry (`expire`), or with its agent (`agent_gone`);
-//! - a subscription never has more than `max_concurrency` deliveries picked or leased here, nor
-//!   more than its fair share of its region's agent capacity while others have work;
+//! - a subscription never has more than `max_concurrency` deliveries picked or leased here; it
+//!   takes more than its fair share of its region's agent capacity only out of credits that no
+//!   subscription within its share could use in the same pick, and never an agent's reserve
+//!   (an eighth of its capacity, kept for work that arrives next);
 //! - an ordered subscription's entity has at most one delivery picked or leased, and one whose
 //!   lease was released waits until that lease would have expired;
 //! - every tenant with queued work is visited in each round (round-robin).
@@ -83,6 +85,12 @@ pub struct Lease {
     /// The attempt number this lease makes (attempts before + 1).
     pub attempt: u32,
     pub expires_at: Instant,
+}
+
+/// The credits of an agent that work beyond its subscription's fair share may not take: an
+/// eighth of its capacity (at least one), so work that arrives next starts at once.
+fn reserve_of(capacity: u32) -> u32 {
+    (capacity / 8).max(1)
 }
 
 #[derive(Debug)]
@@ -453,6 +461,26 @@ impl Model {
     ) -> Picks {
         let mut picks: Picks = HashMap::new();
         let shares = self.fair_shares(subscriptions);
+        self.pick_round(now, subscriptions, Some(&shares), &mut picks);
+        // Work-conserving: the credits nobody within their fair share could use go, turn by
+        // turn, to subscriptions with more work than their share, all but a reserve per agent
+        // kept for work that arrives next. Without this, hundreds of subscriptions with a
+        // little work each would hold a busy one to a credit or two while most sat idle.
+        if !self.tenants.is_empty() {
+            self.pick_round(now, subscriptions, None, &mut picks);
+        }
+        picks
+    }
+
+    /// One round of [`Model::pick`]: within the fair `shares`, or (`None`) beyond them out of
+    /// the credits above each agent's reserve.
+    fn pick_round(
+        &mut self,
+        now: Instant,
+        subscriptions: &HashMap<String, Arc<Subscription>>,
+        shares: Option<&HashMap<Option<&str>, u32>>,
+        picks: &mut Picks,
+    ) {
         // A round ends when every queued subscription was visited since the last pick: tenants
         // take turns and each tenant's subscriptions take turns, so that is at most
         // tenants × the most subscriptions of one tenant visits.
@@ -478,11 +506,13 @@ impl Model {
             };
             let picked = match subscriptions.get(&subscription_id) {
                 Some(subscription) => {
-                    let share = shares
-                        .get(&subscription.region.as_deref())
-                        .copied()
-                        .unwrap_or(u32::MAX);
-                    self.pick_from(subscription, share, now, &mut picks)
+                    let share = shares.map_or(u32::MAX, |shares| {
+                        shares
+                            .get(&subscription.region.as_deref())
+                            .copied()
+                            .unwrap_or(u32::MAX)
+                    });
+                    self.pick_from(subscription, share, shares.is_none(), now, picks)
                 }
                 None => false,
             };
@@ -501,7 +531,6 @@ impl Model {
             }
             idle = if picked { 0 } else { idle + 1 };
         }
-        picks
     }
 
     /// The fair share of each region's agent capacity (by the subscriptions' region, `None`: any
@@ -542,6 +571,7 @@ impl Model {
         &mut self,
         subscription: &Arc<Subscription>,
         share: u32,
+        beyond_share: bool,
         now: Instant,
         picks: &mut Picks,
     ) -> bool {
@@ -558,7 +588,14 @@ impl Model {
         {
             return false;
         }
-        let Some(agent_key) = self.agent_for(subscription.region.as_deref()) else {
+        let reserve = |agent: &AgentSlot| {
+            if beyond_share {
+                reserve_of(agent.capacity)
+            } else {
+                0
+            }
+        };
+        let Some(agent_key) = self.agent_for(subscription.region.as_deref(), reserve) else {
             return false;
         };
         // A quick look before taking a rate token: is there anything to take?
@@ -614,9 +651,14 @@ impl Model {
 
     /// The agent that should take a job of `region` (None = any): the eligible one with the
     /// most credits.
-    fn agent_for(&self, region: Option<&str>) -> Option<AgentKey> {
+    /// The agent with the most credits above `reserve` for a subscription of `region`.
+    fn agent_for(
+        &self,
+        region: Option<&str>,
+        reserve: impl Fn(&AgentSlot) -> u32,
+    ) -> Option<AgentKey> {
         self.eligible_agents(region)
-            .filter(|(_, a)| a.credits > 0)
+            .filter(|(_, a)| a.credits > reserve(a))
             .max_by_key(|(key, a)| (a.credits, std::cmp::Reverse(*key)))
             .map(|(key, _)| key)
     }

@@ -301,6 +301,40 @@ fn slow_subscriptions_get_no_more_than_their_fair_share_of_an_agent() {
     assert_eq!(picked_ids(&picks), vec!["h1".to_owned()]);
 }
 
+/// Fair shares do not leave credits idle: with a hundred subscriptions holding one delivery each
+/// (share 2 = 256 ÷ 101), a busy one takes what they leave, all but the agent's reserve (32), so
+/// a newcomer's work still goes at once.
+#[test]
+fn a_busy_subscription_uses_the_credits_others_leave_idle_all_but_the_reserve() {
+    let t0 = Instant::now();
+    let mut model = Model::new(limits());
+    model.agent_connected(1, "local", 256, t0);
+    let light: Vec<Subscription> = (0..100)
+        .map(|i| subscription(&format!("light{i}"), &format!("t{i}")))
+        .collect();
+    for sub in &light {
+        model.enqueue(delivery(&format!("{}-0", sub.id), sub, None));
+    }
+    let mut busy = subscription("busy", "heavy");
+    busy.max_concurrency = 512;
+    for i in 0..1_000 {
+        model.enqueue(delivery(&format!("busy-{i}"), &busy, None));
+    }
+    let newcomer = subscription("new", "late");
+    let mut all = light.clone();
+    all.push(busy.clone());
+    all.push(newcomer.clone());
+    let picks = model.pick(t0, &subs(&all));
+    let ids = picked_ids(&picks);
+    let busy_picked = ids.iter().filter(|id| id.starts_with("busy-")).count();
+    assert_eq!(ids.len() - busy_picked, 100, "every light subscription served");
+    assert_eq!(busy_picked, 256 - 32 - 100, "the busy one takes all but the reserve");
+    lease_all(&mut model, picks, t0);
+    model.enqueue(delivery("n1", &newcomer, None));
+    let picks = model.pick(t0, &subs(&all));
+    assert_eq!(picked_ids(&picks), vec!["n1".to_owned()]);
+}
+
 #[test]
 fn an_entity_goes_one_at_a_time_and_a_hot_one_does_not_hold_back_the_others() {
     let t0 = Instant::now();
