@@ -6,6 +6,7 @@ pub mod filter;
 pub mod health;
 pub mod ids;
 pub mod model;
+pub mod payload_filter;
 pub mod retry;
 pub mod throttle;
 pub mod validate;

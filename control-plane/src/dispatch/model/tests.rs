@@ -327,8 +327,16 @@ fn a_busy_subscription_uses_the_credits_others_leave_idle_all_but_the_reserve() 
     let picks = model.pick(t0, &subs(&all));
     let ids = picked_ids(&picks);
     let busy_picked = ids.iter().filter(|id| id.starts_with("busy-")).count();
-    assert_eq!(ids.len() - busy_picked, 100, "every light subscription served");
-    assert_eq!(busy_picked, 256 - 32 - 100, "the busy one takes all but the reserve");
+    assert_eq!(
+        ids.len() - busy_picked,
+        100,
+        "every light subscription served"
+    );
+    assert_eq!(
+        busy_picked,
+        256 - 32 - 100,
+        "the busy one takes all but the reserve"
+    );
     lease_all(&mut model, picks, t0);
     model.enqueue(delivery("n1", &newcomer, None));
     let picks = model.pick(t0, &subs(&all));
