@@ -72,6 +72,8 @@ pub struct WebhookForm {
     pub max_attempts: String,
     pub max_concurrency: String,
     pub rate_limit_per_s: String,
+    /// A JSON filter on the payload; empty: none.
+    pub payload_filter: String,
     /// Field name -> the problem, shown next to the field.
     pub errors: BTreeMap<String, String>,
 }
@@ -116,6 +118,11 @@ impl WebhookForm {
             max_attempts: s.max_attempts.to_string(),
             max_concurrency: s.max_concurrency.to_string(),
             rate_limit_per_s: s.rate_limit_per_s.to_string(),
+            payload_filter: s
+                .payload_filter
+                .as_ref()
+                .map(|f| f.text.clone())
+                .unwrap_or_default(),
             errors: BTreeMap::new(),
         }
     }
@@ -140,6 +147,7 @@ impl WebhookForm {
             max_attempts: form.text("max_attempts").to_owned(),
             max_concurrency: form.text("max_concurrency").to_owned(),
             rate_limit_per_s: form.text("rate_limit_per_s").to_owned(),
+            payload_filter: form.text("payload_filter").trim().to_owned(),
             errors: BTreeMap::new(),
         }
     }
@@ -175,6 +183,7 @@ impl WebhookForm {
             max_attempts: number("max_attempts", &self.max_attempts)?,
             max_concurrency: number("max_concurrency", &self.max_concurrency)?,
             rate_limit_per_s: number("rate_limit_per_s", &self.rate_limit_per_s)?,
+            payload_filter: self.payload_filter.clone(),
             ordered: self.ordered,
         })
     }
@@ -198,6 +207,7 @@ impl WebhookForm {
             max_attempts: Some(number("max_attempts", &self.max_attempts)?),
             max_concurrency: Some(number("max_concurrency", &self.max_concurrency)?),
             rate_limit_per_s: Some(number("rate_limit_per_s", &self.rate_limit_per_s)?),
+            payload_filter: Some(self.payload_filter.clone()),
             ordered: Some(self.ordered),
         })
     }

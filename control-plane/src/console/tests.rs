@@ -46,6 +46,7 @@ fn subscription() -> Subscription {
         max_concurrency: 64,
         rate_limit_per_s: 0,
         ordered: false,
+        payload_filter: None,
         last_delivery: Some(LastDelivery {
             state: DeliveryState::Dead,
             status_code: 500,

@@ -131,6 +131,8 @@ pub struct Subscription {
     pub max_concurrency: u32,
     pub rate_limit_per_s: u32,
     pub ordered: bool,
+    /// Which events, by their payload, get a delivery here (on top of `event_types`).
+    pub payload_filter: Option<crate::domain::payload_filter::PayloadFilter>,
     pub last_delivery: Option<LastDelivery>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -142,6 +144,23 @@ impl Subscription {
         self.active
             && self.status == SubscriptionStatus::Enabled
             && super::filter::matches_any(&self.event_types, event_type)
+    }
+
+    /// Returns whether a published event gets a delivery here: its type is subscribed to and
+    /// its payload passes the payload filter, if any (SPEC 5, fan-out).
+    pub fn receives_event(&self, event: &Event) -> bool {
+        self.receives(&event.event_type)
+            && self.payload_filter.as_ref().is_none_or(|filter| {
+                filter.matches(
+                    &event.payload,
+                    &crate::domain::payload_filter::EventFields {
+                        event_type: &event.event_type,
+                        entity_type: event.entity_type.as_deref(),
+                        entity_id: event.entity_id.as_deref(),
+                        action: event.action.as_deref(),
+                    },
+                )
+            })
     }
 
     /// Returns the secrets that sign at `now`: the current one, then the previous one while its

@@ -15,6 +15,7 @@
 //! filter names, reading numbers as their text (so nothing is rounded).
 
 use std::cmp::Ordering;
+use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
@@ -23,8 +24,32 @@ pub const MAX_BYTES: usize = 8 * 1024;
 /// The deepest nesting of a filter (objects and lists).
 pub const MAX_DEPTH: usize = 8;
 
+/// A subscription's filter: as written (what the API shows) and parsed (what fan-out runs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadFilter {
+    pub text: String,
+    pub filter: Arc<Filter>,
+}
+
+impl PayloadFilter {
+    /// Parses a filter as sent; `None` for an empty one (no filter).
+    pub fn parse(text: &str) -> Result<Option<Self>, String> {
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            text: text.to_owned(),
+            filter: Arc::new(parse(text)?),
+        }))
+    }
+
+    pub fn matches(&self, payload: &str, event: &EventFields<'_>) -> bool {
+        matches(&self.filter, payload, event)
+    }
+}
+
 /// A parsed filter.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Filter {
     And(Vec<Filter>),
     Or(Vec<Filter>),
@@ -37,7 +62,7 @@ pub enum Filter {
 }
 
 /// Where a value is: the event's own field, or a dotted path into the payload.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Path {
     Event(EventField),
     Payload(Vec<String>),
@@ -52,7 +77,7 @@ pub enum EventField {
 }
 
 /// A scalar a filter compares with.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scalar {
     Null,
     Bool(bool),
@@ -60,7 +85,7 @@ pub enum Scalar {
     String(String),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Condition {
     Eq(Scalar),
     Ne(Scalar),
@@ -501,10 +526,19 @@ mod tests {
             (r#"{"customer.country": {"$nin": ["FR"]}}"#, false),
             (r#"{"customer.id": {"$prefix": "cus_"}}"#, true),
             (r#"{"paid": true, "note": null}"#, true),
-            (r#"{"$or": [{"currency": "USD"}, {"customer.tier": 2}]}"#, true),
-            (r#"{"$and": [{"currency": "EUR"}, {"customer.tier": 3}]}"#, false),
+            (
+                r#"{"$or": [{"currency": "USD"}, {"customer.tier": 2}]}"#,
+                true,
+            ),
+            (
+                r#"{"$and": [{"currency": "EUR"}, {"customer.tier": 3}]}"#,
+                false,
+            ),
             (r#"{"$not": {"currency": "USD"}}"#, true),
-            (r#"{"$event_type": {"$prefix": "invoice."}, "$action": "paid"}"#, true),
+            (
+                r#"{"$event_type": {"$prefix": "invoice."}, "$action": "paid"}"#,
+                true,
+            ),
             (r#"{"$entity_id": "inv_2"}"#, false),
         ] {
             assert_eq!(check(filter), expected, "{filter}");
@@ -567,20 +601,42 @@ mod tests {
         for (filter, expected) in [
             ("[1]", "a filter must be a JSON object"),
             ("{", "is not valid JSON"),
-            (r#"{"amount": {"$gt": true}}"#, "$gt needs a number or string at amount"),
-            (r#"{"amount": {"$between": 1}}"#, "unknown operator $between at amount"),
-            (r#"{"$where": "1"}"#, "unknown operator or event field $where"),
-            (r#"{"tags": ["a"]}"#, "equality to a list is not supported at tags"),
-            (r#"{"customer": {"id": 1}}"#, "equality to an object is not supported at customer"),
+            (
+                r#"{"amount": {"$gt": true}}"#,
+                "$gt needs a number or string at amount",
+            ),
+            (
+                r#"{"amount": {"$between": 1}}"#,
+                "unknown operator $between at amount",
+            ),
+            (
+                r#"{"$where": "1"}"#,
+                "unknown operator or event field $where",
+            ),
+            (
+                r#"{"tags": ["a"]}"#,
+                "equality to a list is not supported at tags",
+            ),
+            (
+                r#"{"customer": {"id": 1}}"#,
+                "equality to an object is not supported at customer",
+            ),
             (r#"{"a..b": 1}"#, "path \"a..b\" has an empty segment"),
             (r#"{"x": {"$in": 1}}"#, "$in needs a list at x"),
             (r#"{"$or": []}"#, "$or needs at least one filter"),
-            (r#"{"x": {"$exists": 1}}"#, "$exists needs true or false at x"),
+            (
+                r#"{"x": {"$exists": 1}}"#,
+                "$exists needs true or false at x",
+            ),
         ] {
             let err = parse(filter).unwrap_err();
             assert!(err.starts_with(expected), "{filter}: {err}");
         }
-        let deep = format!("{}{}", r#"{"$not":"#.repeat(9), "{\"a\":1}".to_owned() + &"}".repeat(9));
+        let deep = format!(
+            "{}{}",
+            r#"{"$not":"#.repeat(9),
+            "{\"a\":1}".to_owned() + &"}".repeat(9)
+        );
         assert!(parse(&deep).unwrap_err().contains("at most 8 levels"));
         let long = format!(r#"{{"a": "{}"}}"#, "x".repeat(MAX_BYTES));
         assert!(parse(&long).unwrap_err().contains("at most 8192 bytes"));

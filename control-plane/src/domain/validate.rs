@@ -242,6 +242,14 @@ pub fn max_concurrency(value: u32) -> Result<u32, Invalid> {
     ranged("max_concurrency", value, DEFAULT_MAX_CONCURRENCY, 1, 1024)
 }
 
+/// Checks a payload filter (see `domain::payload_filter`); empty: none.
+pub fn payload_filter(
+    text: &str,
+) -> Result<Option<crate::domain::payload_filter::PayloadFilter>, Invalid> {
+    crate::domain::payload_filter::PayloadFilter::parse(text)
+        .map_err(|problem| Invalid::new("payload_filter", problem))
+}
+
 pub fn rate_limit(value: u32) -> Result<u32, Invalid> {
     if value > MAX_RATE_LIMIT_PER_S {
         return Err(Invalid::new(

@@ -67,6 +67,7 @@ pub fn subscription(s: Subscription, with_secret: bool) -> pb::Subscription {
         } else {
             String::new()
         },
+        payload_filter: s.payload_filter.map(|f| f.text).unwrap_or_default(),
     }
 }
 
@@ -84,6 +85,7 @@ pub fn new_subscription(r: pb::CreateSubscriptionRequest) -> NewSubscription {
         max_concurrency: r.max_concurrency,
         rate_limit_per_s: r.rate_limit_per_s,
         ordered: r.ordered,
+        payload_filter: r.payload_filter.unwrap_or_default(),
     }
 }
 
@@ -101,6 +103,7 @@ pub fn subscription_patch(r: pb::UpdateSubscriptionRequest) -> SubscriptionPatch
         max_concurrency: r.max_concurrency,
         rate_limit_per_s: r.rate_limit_per_s,
         ordered: r.ordered,
+        payload_filter: r.payload_filter,
     }
 }
 

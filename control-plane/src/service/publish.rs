@@ -568,7 +568,7 @@ fn fan_out(
 ) -> Vec<Delivery> {
     subscriptions
         .iter()
-        .filter(|s| !apply_filters || s.receives(&event.event_type))
+        .filter(|s| !apply_filters || s.receives_event(event))
         .map(|s| Delivery {
             id: ids::new(ids::DELIVERY),
             tenant_id: event.tenant_id.clone(),

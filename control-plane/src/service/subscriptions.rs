@@ -23,6 +23,8 @@ pub struct NewSubscription {
     pub max_concurrency: u32,
     pub rate_limit_per_s: u32,
     pub ordered: bool,
+    /// Empty: none.
+    pub payload_filter: String,
 }
 
 /// Changes to a subscription: `None` leaves a field as it is.
@@ -40,6 +42,8 @@ pub struct SubscriptionPatch {
     pub max_concurrency: Option<u32>,
     pub rate_limit_per_s: Option<u32>,
     pub ordered: Option<bool>,
+    /// `Some("")` removes the filter.
+    pub payload_filter: Option<String>,
 }
 
 /// The default grace period of a secret rotation.
@@ -78,6 +82,7 @@ impl Services {
             max_concurrency: validate::max_concurrency(new.max_concurrency)?,
             rate_limit_per_s: validate::rate_limit(new.rate_limit_per_s)?,
             ordered: new.ordered,
+            payload_filter: validate::payload_filter(&new.payload_filter)?,
             last_delivery: None,
             created_at: now,
             updated_at: now,
@@ -147,6 +152,9 @@ impl Services {
         }
         if let Some(ordered) = patch.ordered {
             s.ordered = ordered;
+        }
+        if let Some(filter) = patch.payload_filter {
+            s.payload_filter = validate::payload_filter(&filter)?;
         }
         s.updated_at = Utc::now();
         let txn = self.store.begin_write().await?;

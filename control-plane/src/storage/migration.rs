@@ -16,6 +16,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0004Replicas),
             Box::new(M0005WaitingBySubscription),
             Box::new(M0006ConsoleSessions),
+            Box::new(M0007PayloadFilters),
         ]
     }
 }
@@ -272,6 +273,24 @@ CREATE TABLE console_links (
 );
 CREATE INDEX console_links_expiry ON console_links (expires_at)
 "#;
+
+struct M0007PayloadFilters;
+
+impl MigrationName for M0007PayloadFilters {
+    fn name(&self) -> &str {
+        "m0007_payload_filters"
+    }
+}
+
+/// A subscription's payload filter, as written (JSON text; NULL: none).
+const M0007: &str = "ALTER TABLE subscriptions ADD COLUMN payload_filter TEXT";
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0007PayloadFilters {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run_statements(manager, M0007).await
+    }
+}
 
 #[async_trait::async_trait]
 impl MigrationTrait for M0006ConsoleSessions {

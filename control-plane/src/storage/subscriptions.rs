@@ -13,6 +13,7 @@ use crate::domain::model::{
     DeliveryState, LastDelivery, Page, PageRequest, PreviousSecret, Subscription,
     SubscriptionStatus, api_key_hint,
 };
+use crate::domain::payload_filter::PayloadFilter;
 
 fn to_active(s: &Subscription, sealer: &Sealer) -> subscription::ActiveModel {
     subscription::ActiveModel {
@@ -36,6 +37,7 @@ fn to_active(s: &Subscription, sealer: &Sealer) -> subscription::ActiveModel {
         max_concurrency: Set(s.max_concurrency as i32),
         rate_limit_per_s: Set(s.rate_limit_per_s as i32),
         ordered: Set(s.ordered),
+        payload_filter: Set(s.payload_filter.as_ref().map(|f| f.text.clone())),
         // Written by delivery results only (see `record_last_delivery`).
         last_delivery_state: NotSet,
         last_delivery_status: NotSet,
@@ -63,6 +65,12 @@ fn from_model(m: subscription::Model, sealer: &Sealer) -> Result<Subscription, E
         }),
         _ => None,
     };
+    let payload_filter = match m.payload_filter.as_deref() {
+        None => None,
+        Some(text) => PayloadFilter::parse(text).map_err(|err| {
+            Error::Internal(format!("subscription {}: payload_filter: {err}", m.id))
+        })?,
+    };
     Ok(Subscription {
         event_types: serde_json::from_str(&m.event_types)
             .map_err(|err| Error::Internal(format!("subscription {}: event_types: {err}", m.id)))?,
@@ -87,6 +95,7 @@ fn from_model(m: subscription::Model, sealer: &Sealer) -> Result<Subscription, E
         max_concurrency: m.max_concurrency.max(1) as u32,
         rate_limit_per_s: m.rate_limit_per_s.max(0) as u32,
         ordered: m.ordered,
+        payload_filter,
         last_delivery,
         created_at: time(m.created_at),
         updated_at: time(m.updated_at),

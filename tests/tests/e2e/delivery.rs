@@ -963,3 +963,98 @@ async fn agents_refuse_loopback_in_every_spelling_and_ignore_proxies() {
     );
     herald.stop().await;
 }
+
+fn invoice(amount: &str, action: &str) -> pb::PublishEventRequest {
+    pb::PublishEventRequest {
+        event_type: "invoice.updated".into(),
+        payload: format!(r#"{{"amount": {amount}, "customer": {{"country": "FR"}}}}"#),
+        entity_type: "invoice".into(),
+        entity_id: amount.into(),
+        action: action.into(),
+        ..Default::default()
+    }
+}
+
+/// A payload filter decides which events get a delivery for its subscription (none is created
+/// for the others), numbers compare exactly, a bad filter is refused naming the problem, and
+/// removing the filter delivers everything again.
+async fn payload_filters_choose_which_events_are_delivered(backend: Backend) {
+    let herald = Herald::builder(backend).start().await;
+    let (_, client) = herald.tenant("acme").await;
+    let receiver = Receiver::start().await;
+    let filter = r#"{"amount": {"$gt": 9007199254740992}, "$action": "paid", "customer.country": {"$in": ["FR", "DE"]}}"#;
+    let filtered = subscribe(&client, receiver.url("/filtered"), |r| {
+        r.payload_filter = Some(filter.into());
+    })
+    .await;
+    assert_eq!(filtered.payload_filter, filter);
+    subscribe(&client, receiver.url("/all"), |_| {}).await;
+    // Only the first matches: one above 2^53 (by one), paid, in FR.
+    for event in [
+        invoice("9007199254740993", "paid"),
+        invoice("9007199254740992", "paid"),
+        invoice("9007199254740993", "refunded"),
+        invoice("150", "paid"),
+    ] {
+        client.publish(event).await.unwrap();
+    }
+    let received = receiver.wait_for(5, DEADLINE).await;
+    let paths: Vec<&str> = received.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(
+        paths.iter().filter(|p| **p == "/all").count(),
+        4,
+        "{paths:?}"
+    );
+    let mine: Vec<&Received> = received.iter().filter(|r| r.path == "/filtered").collect();
+    assert_eq!(mine.len(), 1, "{paths:?}");
+    assert!(String::from_utf8_lossy(&mine[0].body).contains("9007199254740993"));
+    let log = client
+        .deliveries()
+        .list_deliveries(pb::ListDeliveriesRequest {
+            subscription_id: filtered.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        log.deliveries.len(),
+        1,
+        "no delivery for the events it filtered out"
+    );
+
+    let refused = client
+        .subscriptions()
+        .update_subscription(pb::UpdateSubscriptionRequest {
+            id: filtered.id.clone(),
+            payload_filter: Some(r#"{"amount": {"$gt": true}}"#.into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        refused.message(),
+        "payload_filter: $gt needs a number or string at amount"
+    );
+    let cleared = client
+        .subscriptions()
+        .update_subscription(pb::UpdateSubscriptionRequest {
+            id: filtered.id.clone(),
+            payload_filter: Some(String::new()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cleared.payload_filter, "");
+    client.publish(invoice("1", "refunded")).await.unwrap();
+    let received = receiver.wait_for(7, DEADLINE).await;
+    assert_eq!(
+        received.iter().filter(|r| r.path == "/filtered").count(),
+        2,
+        "without a filter every event is delivered"
+    );
+    herald.stop().await;
+}
+both_backends!(payload_filters_choose_which_events_are_delivered);

@@ -780,7 +780,8 @@ async fn replicas_starting_together_migrate_an_empty_database_once() {
             "m0003_agent_credentials",
             "m0004_replicas",
             "m0005_waiting_by_subscription",
-            "m0006_console_sessions"
+            "m0006_console_sessions",
+            "m0007_payload_filters"
         ],
         "each migration ran once"
     );

@@ -42,6 +42,7 @@ fn subscription(id: &str, tenant: &str) -> Subscription {
         max_concurrency: 64,
         rate_limit_per_s: 0,
         ordered: false,
+        payload_filter: None,
         last_delivery: None,
         created_at: DateTime::<Utc>::default(),
         updated_at: DateTime::<Utc>::default(),

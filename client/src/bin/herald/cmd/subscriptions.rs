@@ -72,6 +72,10 @@ pub struct CreateArgs {
     /// Deliver the events of one entity one at a time, in publish order
     #[arg(long)]
     pub ordered: bool,
+    /// Deliver only events whose payload matches this JSON filter, e.g.
+    /// '{"amount": {"$gte": 100}, "customer.country": "FR"}'
+    #[arg(long, value_name = "JSON")]
+    pub payload_filter: Option<String>,
     /// Create it switched off: nothing is delivered until `update --active`
     #[arg(long)]
     pub inactive: bool,
@@ -128,6 +132,9 @@ pub struct UpdateArgs {
     /// Deliver each entity's events in order (`--ordered false` to stop)
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub ordered: Option<bool>,
+    /// New payload filter (JSON); an empty string removes it
+    #[arg(long, value_name = "JSON")]
+    pub payload_filter: Option<String>,
     /// New time-out of each request in milliseconds
     #[arg(long, value_name = "MS")]
     pub timeout_ms: Option<u32>,
@@ -161,6 +168,7 @@ pub async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
                 max_concurrency: a.max_concurrency.unwrap_or(0),
                 rate_limit_per_s: a.rate_limit.unwrap_or(0),
                 ordered: a.ordered,
+                payload_filter: a.payload_filter,
             };
             let sub = subs().create_subscription(request).await?.into_inner();
             show(ctx, &sub, |s| s.id.clone())
@@ -243,6 +251,7 @@ pub async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
                 max_concurrency: a.max_concurrency,
                 rate_limit_per_s: a.rate_limit,
                 ordered: a.ordered,
+                payload_filter: a.payload_filter,
             };
             let sub = ctx
                 .client
@@ -389,6 +398,14 @@ pub fn view(style: &Style, s: &pb::Subscription) -> String {
         ),
         ("limits", limits),
         ("ordered", if s.ordered { "yes" } else { "no" }.to_owned()),
+        (
+            "payload filter",
+            if s.payload_filter.is_empty() {
+                "none".to_owned()
+            } else {
+                s.payload_filter.clone()
+            },
+        ),
         (
             "last delivery",
             style.paint(last_color(s), &last_delivery(style, s, true)),
