@@ -72,6 +72,10 @@ struct Args {
     #[arg(long, value_name = "N,N,..", value_delimiter = ',', conflicts_with = "rate",
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     rates: Vec<u32>,
+    /// Give every subscription a payload filter that every event passes (a string, an event
+    /// field and a numeric range), to measure what evaluating filters in the fan-out costs
+    #[arg(long)]
+    payload_filter: bool,
     /// tenants: how many tenants (default 1,000; one of them is the heavy one)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..=100_000))]
     tenants: Option<u64>,
@@ -187,6 +191,7 @@ async fn bench(args: Args) -> anyhow::Result<Report> {
         duration: args.duration,
         concurrency: args.concurrency as usize,
         tenants: args.tenants.map(|n| n as usize),
+        payload_filter: args.payload_filter,
     };
     let repeat = args.repeat as usize;
     let mut workloads = Vec::new();

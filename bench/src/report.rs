@@ -524,6 +524,8 @@ pub struct SpecReport {
     pub slow_subscriptions: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slow_delay_ms: Option<f64>,
+    /// Every subscription had a payload filter (that every event passes).
+    pub payload_filter: bool,
 }
 
 impl From<&Spec> for SpecReport {
@@ -543,6 +545,7 @@ impl From<&Spec> for SpecReport {
             tenants: (spec.tenants > 1).then_some(spec.tenants),
             slow_subscriptions: spec.slow.map(|slow| slow.subscriptions),
             slow_delay_ms: spec.slow.map(|slow| millis(slow.delay)),
+            payload_filter: spec.payload_filter,
         }
     }
 }

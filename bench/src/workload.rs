@@ -117,7 +117,13 @@ pub struct Spec {
     pub max_concurrency: Option<u32>,
     /// Tenants (the `tenants` workload; 1 elsewhere).
     pub tenants: usize,
+    /// Every subscription has [`PASSING_FILTER`].
+    pub payload_filter: bool,
 }
+
+/// A payload filter every event of the bench passes: what a filter costs, not what it saves.
+pub const PASSING_FILTER: &str =
+    r#"{"result.plan": "pro", "$action": "new", "result.id": {"$gte": 0}}"#;
 
 /// Size of each event's payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +159,7 @@ pub struct Overrides {
     pub duration: Option<Duration>,
     pub concurrency: usize,
     pub tenants: Option<usize>,
+    pub payload_filter: bool,
 }
 
 /// The `payload-64k` payload size.
@@ -184,6 +191,7 @@ impl Spec {
             // The most allowed, so that the subscription's limit is not what is measured.
             max_concurrency: Some(1024),
             tenants: 1,
+            payload_filter: overrides.payload_filter,
         };
         match workload {
             Workload::Fanout1 => {}
@@ -486,6 +494,7 @@ async fn measure(
                 url: receiver.url(n),
                 event_types: spec.event_types(n),
                 max_concurrency: spec.max_concurrency.unwrap_or(0),
+                payload_filter: spec.payload_filter.then(|| PASSING_FILTER.to_owned()),
                 ..Default::default()
             })
             .await
