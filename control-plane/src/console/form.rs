@@ -184,6 +184,8 @@ impl WebhookForm {
             max_concurrency: number("max_concurrency", &self.max_concurrency)?,
             rate_limit_per_s: number("rate_limit_per_s", &self.rate_limit_per_s)?,
             payload_filter: self.payload_filter.clone(),
+            // Custom headers are set through the API and the CLI.
+            headers: Vec::new(),
             ordered: self.ordered,
         })
     }
@@ -208,6 +210,7 @@ impl WebhookForm {
             max_concurrency: Some(number("max_concurrency", &self.max_concurrency)?),
             rate_limit_per_s: Some(number("rate_limit_per_s", &self.rate_limit_per_s)?),
             payload_filter: Some(self.payload_filter.clone()),
+            headers: None,
             ordered: Some(self.ordered),
         })
     }

@@ -47,6 +47,7 @@ fn subscription() -> Subscription {
         rate_limit_per_s: 0,
         ordered: false,
         payload_filter: None,
+        headers: Vec::new(),
         last_delivery: Some(LastDelivery {
             state: DeliveryState::Dead,
             status_code: 500,

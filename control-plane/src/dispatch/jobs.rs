@@ -56,6 +56,13 @@ pub fn build(
     if let Some(traceparent) = traceparent {
         headers.push(header("traceparent", traceparent));
     }
+    // The subscription's own, checked not to collide with any of the above.
+    headers.extend(
+        subscription
+            .headers
+            .iter()
+            .map(|h| header(&h.name, &h.value)),
+    );
     pb::Job {
         delivery_id: delivery.id.clone(),
         lease_id: lease_id.to_owned(),

@@ -111,6 +111,14 @@ pub struct PreviousSecret {
     pub expires_at: DateTime<Utc>,
 }
 
+/// A header of a subscription's requests; a secret one is sealed at rest and read by hint.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CustomHeader {
+    pub name: String,
+    pub value: String,
+    pub secret: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscription {
     pub id: String,
@@ -133,6 +141,8 @@ pub struct Subscription {
     pub ordered: bool,
     /// Which events, by their payload, get a delivery here (on top of `event_types`).
     pub payload_filter: Option<crate::domain::payload_filter::PayloadFilter>,
+    /// Sent with every request, after Herald's own headers.
+    pub headers: Vec<CustomHeader>,
     pub last_delivery: Option<LastDelivery>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

@@ -242,6 +242,88 @@ pub fn max_concurrency(value: u32) -> Result<u32, Invalid> {
     ranged("max_concurrency", value, DEFAULT_MAX_CONCURRENCY, 1, 1024)
 }
 
+/// The most custom headers of a subscription.
+pub const MAX_CUSTOM_HEADERS: usize = 20;
+/// The longest custom header value, in bytes.
+pub const MAX_CUSTOM_HEADER_VALUE: usize = 1024;
+/// Hop-by-hop headers (RFC 9110 7.6.1), which a sender must not forward as its own.
+const HOP_BY_HOP: &[&str] = &[
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Checks a subscription's custom headers against its API-key header: at most 20, names valid
+/// and not Herald's own (nor hop-by-hop, `webhook-*`, or the API-key header), no name twice,
+/// values valid header values.
+pub fn custom_headers(
+    headers: &[crate::domain::model::CustomHeader],
+    api_key_header: &str,
+) -> Result<(), Invalid> {
+    const FIELD: &str = "headers";
+    if headers.len() > MAX_CUSTOM_HEADERS {
+        return Err(Invalid::new(
+            FIELD,
+            format!("at most {MAX_CUSTOM_HEADERS} headers"),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for header in headers {
+        let name = header.name.as_str();
+        let lower = name.to_ascii_lowercase();
+        if name.is_empty() || name.len() > MAX_HEADER_NAME_CHARS {
+            return Err(Invalid::new(
+                FIELD,
+                format!("a header name must be 1 to {MAX_HEADER_NAME_CHARS} characters"),
+            ));
+        }
+        let is_tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if !name.bytes().all(is_tchar) {
+            return Err(Invalid::new(
+                FIELD,
+                format!("{name:?} is not a valid header name (RFC 9110 token characters only)"),
+            ));
+        }
+        if RESERVED_HEADERS.contains(&lower.as_str())
+            || HOP_BY_HOP.contains(&lower.as_str())
+            || lower.starts_with("webhook-")
+        {
+            return Err(Invalid::new(
+                FIELD,
+                format!("{name} is set by Herald or by HTTP itself; choose another header"),
+            ));
+        }
+        if lower == api_key_header.to_ascii_lowercase() {
+            return Err(Invalid::new(
+                FIELD,
+                format!("{name} carries the API key; set it with api_key"),
+            ));
+        }
+        if !seen.insert(lower) {
+            return Err(Invalid::new(FIELD, format!("{name} is given twice")));
+        }
+        let value = header.value.as_str();
+        let valid = value.len() <= MAX_CUSTOM_HEADER_VALUE
+            && value
+                .bytes()
+                .all(|b| b == b' ' || b == b'\t' || (0x21..=0x7e).contains(&b));
+        if !valid {
+            return Err(Invalid::new(
+                FIELD,
+                format!(
+                    "the value of {name} must be printable ASCII of at most \
+                     {MAX_CUSTOM_HEADER_VALUE} bytes"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks a payload filter (see `domain::payload_filter`); empty: none.
 pub fn payload_filter(
     text: &str,

@@ -68,6 +68,28 @@ pub fn subscription(s: Subscription, with_secret: bool) -> pb::Subscription {
             String::new()
         },
         payload_filter: s.payload_filter.map(|f| f.text).unwrap_or_default(),
+        headers: s
+            .headers
+            .into_iter()
+            .map(|h| pb::CustomHeader {
+                value_hint: if h.secret {
+                    crate::domain::model::api_key_hint(&h.value)
+                } else {
+                    String::new()
+                },
+                value: if h.secret { String::new() } else { h.value },
+                name: h.name,
+                secret: h.secret,
+            })
+            .collect(),
+    }
+}
+
+fn custom_header(h: pb::CustomHeader) -> crate::domain::model::CustomHeader {
+    crate::domain::model::CustomHeader {
+        name: h.name,
+        value: h.value,
+        secret: h.secret,
     }
 }
 
@@ -86,6 +108,7 @@ pub fn new_subscription(r: pb::CreateSubscriptionRequest) -> NewSubscription {
         rate_limit_per_s: r.rate_limit_per_s,
         ordered: r.ordered,
         payload_filter: r.payload_filter.unwrap_or_default(),
+        headers: r.headers.into_iter().map(custom_header).collect(),
     }
 }
 
@@ -104,6 +127,9 @@ pub fn subscription_patch(r: pb::UpdateSubscriptionRequest) -> SubscriptionPatch
         rate_limit_per_s: r.rate_limit_per_s,
         ordered: r.ordered,
         payload_filter: r.payload_filter,
+        headers: r
+            .headers
+            .map(|wrapper| wrapper.values.into_iter().map(custom_header).collect()),
     }
 }
 

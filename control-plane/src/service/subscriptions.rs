@@ -4,7 +4,9 @@ use chrono::Utc;
 use rand::RngCore;
 
 use super::{Error, Services};
-use crate::domain::model::{Page, PageRequest, PreviousSecret, Subscription, SubscriptionStatus};
+use crate::domain::model::{
+    CustomHeader, Page, PageRequest, PreviousSecret, Subscription, SubscriptionStatus,
+};
 use crate::domain::{ids, validate};
 use crate::storage::{deliveries, events, subscriptions};
 
@@ -25,6 +27,7 @@ pub struct NewSubscription {
     pub ordered: bool,
     /// Empty: none.
     pub payload_filter: String,
+    pub headers: Vec<CustomHeader>,
 }
 
 /// Changes to a subscription: `None` leaves a field as it is.
@@ -44,6 +47,8 @@ pub struct SubscriptionPatch {
     pub ordered: Option<bool>,
     /// `Some("")` removes the filter.
     pub payload_filter: Option<String>,
+    /// The new list; a secret header sent with an empty value keeps its current value.
+    pub headers: Option<Vec<CustomHeader>>,
 }
 
 /// The default grace period of a secret rotation.
@@ -83,10 +88,12 @@ impl Services {
             rate_limit_per_s: validate::rate_limit(new.rate_limit_per_s)?,
             ordered: new.ordered,
             payload_filter: validate::payload_filter(&new.payload_filter)?,
+            headers: new.headers,
             last_delivery: None,
             created_at: now,
             updated_at: now,
         };
+        validate::custom_headers(&subscription.headers, &subscription.api_key_header)?;
         self.ensure_tenant(tenant_id).await?;
         subscriptions::insert(&self.store.writer, &self.store.sealer, &subscription).await?;
         Ok(subscription)
@@ -156,6 +163,25 @@ impl Services {
         if let Some(filter) = patch.payload_filter {
             s.payload_filter = validate::payload_filter(&filter)?;
         }
+        if let Some(headers) = patch.headers {
+            s.headers = headers
+                .into_iter()
+                .map(|mut header| {
+                    if header.secret && header.value.is_empty() {
+                        // Unchanged: the caller saw only its hint.
+                        if let Some(current) = s
+                            .headers
+                            .iter()
+                            .find(|h| h.secret && h.name.eq_ignore_ascii_case(&header.name))
+                        {
+                            header.value = current.value.clone();
+                        }
+                    }
+                    header
+                })
+                .collect();
+        }
+        validate::custom_headers(&s.headers, &s.api_key_header)?;
         s.updated_at = Utc::now();
         let txn = self.store.begin_write().await?;
         subscriptions::update(&txn, &self.store.sealer, &s).await?;

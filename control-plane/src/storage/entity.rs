@@ -86,6 +86,7 @@ pub mod subscription {
         pub max_concurrency: i32,
         pub rate_limit_per_s: i32,
         pub payload_filter: Option<String>,
+        pub headers: Option<String>,
         pub ordered: bool,
         pub last_delivery_state: Option<i32>,
         pub last_delivery_status: Option<i32>,

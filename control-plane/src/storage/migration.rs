@@ -17,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0005WaitingBySubscription),
             Box::new(M0006ConsoleSessions),
             Box::new(M0007PayloadFilters),
+            Box::new(M0008CustomHeaders),
         ]
     }
 }
@@ -284,6 +285,25 @@ impl MigrationName for M0007PayloadFilters {
 
 /// A subscription's payload filter, as written (JSON text; NULL: none).
 const M0007: &str = "ALTER TABLE subscriptions ADD COLUMN payload_filter TEXT";
+
+struct M0008CustomHeaders;
+
+impl MigrationName for M0008CustomHeaders {
+    fn name(&self) -> &str {
+        "m0008_custom_headers"
+    }
+}
+
+/// A subscription's custom headers: JSON `[{name, value, secret}]`, secret values sealed like
+/// the API key (NULL: none).
+const M0008: &str = "ALTER TABLE subscriptions ADD COLUMN headers TEXT";
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0008CustomHeaders {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run_statements(manager, M0008).await
+    }
+}
 
 #[async_trait::async_trait]
 impl MigrationTrait for M0007PayloadFilters {

@@ -36,7 +36,9 @@ pub async fn reseal(store: &Store, which: Reseal, batch: u64) -> Result<u64, Err
                 Condition::any()
                     .add(clear(subscription::Column::SigningSecret))
                     .add(clear(subscription::Column::ApiKey))
-                    .add(clear(subscription::Column::PreviousSecret)),
+                    .add(clear(subscription::Column::PreviousSecret))
+                    // Secret custom headers are checked one by one below.
+                    .add(subscription::Column::Headers.like("%\"secret\":true%")),
             );
         }
         let rows = query.all(&store.db).await?;
@@ -58,7 +60,30 @@ pub async fn reseal(store: &Store, which: Reseal, batch: u64) -> Result<u64, Err
             let signing_secret = again(&Some(row.signing_secret.clone()))?;
             let api_key = again(&row.api_key)?;
             let previous_secret = again(&row.previous_secret)?;
-            if signing_secret.is_none() && api_key.is_none() && previous_secret.is_none() {
+            let headers = match row.headers.as_deref() {
+                Some(text) => {
+                    let mut headers: Vec<crate::domain::model::CustomHeader> =
+                        serde_json::from_str(text)
+                            .map_err(|err| Error::Internal(err.to_string()))?;
+                    let mut changed = false;
+                    for header in headers.iter_mut().filter(|h| h.secret) {
+                        if let Some(v) = again(&Some(header.value.clone()))? {
+                            header.value = v;
+                            changed = true;
+                        }
+                    }
+                    changed
+                        .then(|| serde_json::to_string(&headers))
+                        .transpose()
+                        .map_err(|err| Error::Internal(err.to_string()))?
+                }
+                None => None,
+            };
+            if signing_secret.is_none()
+                && api_key.is_none()
+                && previous_secret.is_none()
+                && headers.is_none()
+            {
                 continue;
             }
             let mut update = subscription::ActiveModel {
@@ -73,6 +98,9 @@ pub async fn reseal(store: &Store, which: Reseal, batch: u64) -> Result<u64, Err
             }
             if let Some(v) = previous_secret {
                 update.previous_secret = Set(Some(v));
+            }
+            if let Some(v) = headers {
+                update.headers = Set(Some(v));
             }
             // Only if the row still holds what was read: a secret rotated meanwhile was sealed
             // under the current key already.

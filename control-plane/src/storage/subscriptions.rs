@@ -10,7 +10,7 @@ use super::entity::subscription;
 use super::tenants::paginate;
 use super::{Error, Sealer, ms, time};
 use crate::domain::model::{
-    DeliveryState, LastDelivery, Page, PageRequest, PreviousSecret, Subscription,
+    CustomHeader, DeliveryState, LastDelivery, Page, PageRequest, PreviousSecret, Subscription,
     SubscriptionStatus, api_key_hint,
 };
 use crate::domain::payload_filter::PayloadFilter;
@@ -38,6 +38,7 @@ fn to_active(s: &Subscription, sealer: &Sealer) -> subscription::ActiveModel {
         rate_limit_per_s: Set(s.rate_limit_per_s as i32),
         ordered: Set(s.ordered),
         payload_filter: Set(s.payload_filter.as_ref().map(|f| f.text.clone())),
+        headers: Set(seal_headers(&s.headers, sealer)),
         // Written by delivery results only (see `record_last_delivery`).
         last_delivery_state: NotSet,
         last_delivery_status: NotSet,
@@ -47,6 +48,41 @@ fn to_active(s: &Subscription, sealer: &Sealer) -> subscription::ActiveModel {
         created_at: Set(ms(s.created_at)),
         updated_at: Set(ms(s.updated_at)),
     }
+}
+
+/// The headers as stored: JSON, secret values sealed; `None` when there are none.
+pub(crate) fn seal_headers(headers: &[CustomHeader], sealer: &Sealer) -> Option<String> {
+    if headers.is_empty() {
+        return None;
+    }
+    let sealed: Vec<CustomHeader> = headers
+        .iter()
+        .map(|h| CustomHeader {
+            value: if h.secret {
+                sealer.seal(&h.value)
+            } else {
+                h.value.clone()
+            },
+            ..h.clone()
+        })
+        .collect();
+    serde_json::to_string(&sealed).ok()
+}
+
+/// The headers of a stored row, secret values opened.
+pub(crate) fn open_headers(
+    stored: Option<&str>,
+    sealer: &Sealer,
+) -> Result<Vec<CustomHeader>, Error> {
+    let Some(text) = stored else {
+        return Ok(Vec::new());
+    };
+    let mut headers: Vec<CustomHeader> =
+        serde_json::from_str(text).map_err(|err| Error::Internal(err.to_string()))?;
+    for header in headers.iter_mut().filter(|h| h.secret) {
+        header.value = sealer.open(&header.value)?;
+    }
+    Ok(headers)
 }
 
 fn from_model(m: subscription::Model, sealer: &Sealer) -> Result<Subscription, Error> {
@@ -71,6 +107,8 @@ fn from_model(m: subscription::Model, sealer: &Sealer) -> Result<Subscription, E
             Error::Internal(format!("subscription {}: payload_filter: {err}", m.id))
         })?,
     };
+    let headers = open_headers(m.headers.as_deref(), sealer)
+        .map_err(|err| Error::Internal(format!("subscription {}: headers: {err}", m.id)))?;
     Ok(Subscription {
         event_types: serde_json::from_str(&m.event_types)
             .map_err(|err| Error::Internal(format!("subscription {}: event_types: {err}", m.id)))?,
@@ -96,6 +134,7 @@ fn from_model(m: subscription::Model, sealer: &Sealer) -> Result<Subscription, E
         rate_limit_per_s: m.rate_limit_per_s.max(0) as u32,
         ordered: m.ordered,
         payload_filter,
+        headers,
         last_delivery,
         created_at: time(m.created_at),
         updated_at: time(m.updated_at),

@@ -1058,3 +1058,109 @@ async fn payload_filters_choose_which_events_are_delivered(backend: Backend) {
     herald.stop().await;
 }
 both_backends!(payload_filters_choose_which_events_are_delivered);
+
+/// Custom headers go out with every request; a secret one is sealed at rest, read back by
+/// hint only, and kept by an update that sends it without its value; Herald's own headers,
+/// hop-by-hop ones and the API-key header cannot be overridden.
+async fn custom_headers_are_sent_and_secret_ones_stay_sealed(backend: Backend) {
+    let herald = Herald::builder(backend)
+        .configure(|c| c.master_key = Some([7u8; 32]))
+        .start()
+        .await;
+    let (_, client) = herald.tenant("acme").await;
+    let receiver = Receiver::start().await;
+    let header = |name: &str, value: &str, secret: bool| pb::CustomHeader {
+        name: name.into(),
+        value: value.into(),
+        secret,
+        ..Default::default()
+    };
+    let sub = subscribe(&client, receiver.url("/hook"), |r| {
+        r.headers = vec![
+            header("X-Tenant", "acme", false),
+            header("X-Shared-Key", "s3cr3t-value", true),
+        ];
+    })
+    .await;
+    assert_eq!(sub.headers[0].value, "acme");
+    assert_eq!(
+        sub.headers[1].value, "",
+        "a secret value is never read back"
+    );
+    assert_eq!(sub.headers[1].value_hint, "alue");
+    client.publish(user_new(1)).await.unwrap();
+    let got = receiver.wait_for(1, DEADLINE).await;
+    assert_eq!(got[0].header("x-tenant"), Some("acme"));
+    assert_eq!(got[0].header("x-shared-key"), Some("s3cr3t-value"));
+    assert!(got[0].header("webhook-signature").is_some());
+
+    // At rest: sealed, not in clear.
+    use sea_orm::ConnectionTrait as _;
+    let db = sea_orm::Database::connect(&herald.database.url)
+        .await
+        .unwrap();
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            format!("SELECT headers FROM subscriptions WHERE id = '{}'", sub.id),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let stored: String = row.try_get_by_index(0).unwrap();
+    assert!(
+        !stored.contains("s3cr3t-value") && stored.contains("sealed1:"),
+        "{stored}"
+    );
+    let _ = db.close().await;
+
+    for (name, expected) in [
+        ("Webhook-Id", "headers: Webhook-Id is set by Herald"),
+        ("Host", "headers: Host is set by Herald"),
+        ("Upgrade", "headers: Upgrade is set by Herald"),
+        ("x-api-key", "headers: x-api-key carries the API key"),
+        (
+            "Bad Name",
+            "headers: \"Bad Name\" is not a valid header name",
+        ),
+    ] {
+        let refused = client
+            .subscriptions()
+            .update_subscription(pb::UpdateSubscriptionRequest {
+                id: sub.id.clone(),
+                headers: Some(pb::CustomHeaders {
+                    values: vec![header(name, "x", false)],
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{name}");
+        assert!(
+            refused.message().starts_with(expected),
+            "{name}: {}",
+            refused.message()
+        );
+    }
+
+    // The secret sent back without its value keeps it; the plain one is dropped.
+    let updated = client
+        .subscriptions()
+        .update_subscription(pb::UpdateSubscriptionRequest {
+            id: sub.id.clone(),
+            headers: Some(pb::CustomHeaders {
+                values: vec![header("X-Shared-Key", "", true)],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.headers.len(), 1);
+    client.publish(user_new(2)).await.unwrap();
+    let got = receiver.wait_for(2, DEADLINE).await;
+    assert_eq!(got[1].header("x-shared-key"), Some("s3cr3t-value"));
+    assert_eq!(got[1].header("x-tenant"), None);
+    herald.stop().await;
+}
+both_backends!(custom_headers_are_sent_and_secret_ones_stay_sealed);

@@ -43,6 +43,7 @@ fn subscription(id: &str, tenant: &str) -> Subscription {
         rate_limit_per_s: 0,
         ordered: false,
         payload_filter: None,
+        headers: Vec::new(),
         last_delivery: None,
         created_at: DateTime::<Utc>::default(),
         updated_at: DateTime::<Utc>::default(),

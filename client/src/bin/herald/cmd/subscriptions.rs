@@ -76,6 +76,12 @@ pub struct CreateArgs {
     /// '{"amount": {"$gte": 100}, "customer.country": "FR"}'
     #[arg(long, value_name = "JSON")]
     pub payload_filter: Option<String>,
+    /// A header sent with every request, NAME=VALUE (repeatable)
+    #[arg(long = "header", value_name = "NAME=VALUE", value_parser = name_value)]
+    pub headers: Vec<(String, String)>,
+    /// A header whose value is sealed at rest and shown by hint only, NAME=VALUE (repeatable)
+    #[arg(long = "secret-header", value_name = "NAME=VALUE", value_parser = name_value)]
+    pub secret_headers: Vec<(String, String)>,
     /// Create it switched off: nothing is delivered until `update --active`
     #[arg(long)]
     pub inactive: bool,
@@ -135,6 +141,16 @@ pub struct UpdateArgs {
     /// New payload filter (JSON); an empty string removes it
     #[arg(long, value_name = "JSON")]
     pub payload_filter: Option<String>,
+    /// Replace the custom headers with these, NAME=VALUE (repeatable); a secret header given
+    /// as NAME= keeps its current value
+    #[arg(long = "header", value_name = "NAME=VALUE", value_parser = name_value)]
+    pub headers: Vec<(String, String)>,
+    /// Like --header, sealed at rest and shown by hint only
+    #[arg(long = "secret-header", value_name = "NAME=VALUE", value_parser = name_value)]
+    pub secret_headers: Vec<(String, String)>,
+    /// Remove every custom header
+    #[arg(long, conflicts_with_all = ["headers", "secret_headers"])]
+    pub clear_headers: bool,
     /// New time-out of each request in milliseconds
     #[arg(long, value_name = "MS")]
     pub timeout_ms: Option<u32>,
@@ -169,6 +185,7 @@ pub async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
                 rate_limit_per_s: a.rate_limit.unwrap_or(0),
                 ordered: a.ordered,
                 payload_filter: a.payload_filter,
+                headers: custom_headers(a.headers, a.secret_headers),
             };
             let sub = subs().create_subscription(request).await?.into_inner();
             show(ctx, &sub, |s| s.id.clone())
@@ -252,6 +269,15 @@ pub async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
                 rate_limit_per_s: a.rate_limit,
                 ordered: a.ordered,
                 payload_filter: a.payload_filter,
+                headers: if a.clear_headers {
+                    Some(pb::CustomHeaders::default())
+                } else if a.headers.is_empty() && a.secret_headers.is_empty() {
+                    None
+                } else {
+                    Some(pb::CustomHeaders {
+                        values: custom_headers(a.headers, a.secret_headers),
+                    })
+                },
             };
             let sub = ctx
                 .client
@@ -407,6 +433,24 @@ pub fn view(style: &Style, s: &pb::Subscription) -> String {
             },
         ),
         (
+            "headers",
+            if s.headers.is_empty() {
+                "none".to_owned()
+            } else {
+                s.headers
+                    .iter()
+                    .map(|h| {
+                        if h.secret {
+                            format!("{}: …{} (secret)", h.name, h.value_hint)
+                        } else {
+                            format!("{}: {}", h.name, h.value)
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        ),
+        (
             "last delivery",
             style.paint(last_color(s), &last_delivery(style, s, true)),
         ),
@@ -466,4 +510,31 @@ fn last_color(s: &pb::Subscription) -> Option<Color> {
         .as_ref()
         .filter(|last| last.state != pb::DeliveryState::Unspecified as i32)
         .and_then(|last| state_cell(last.state).1)
+}
+
+/// Parses `NAME=VALUE`.
+fn name_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_owned(), value.to_owned()))
+        }
+        _ => Err(format!("{text:?}: expected NAME=VALUE")),
+    }
+}
+
+fn custom_headers(
+    plain: Vec<(String, String)>,
+    secret: Vec<(String, String)>,
+) -> Vec<pb::CustomHeader> {
+    let header = |(name, value): (String, String), secret: bool| pb::CustomHeader {
+        name,
+        value,
+        secret,
+        value_hint: String::new(),
+    };
+    plain
+        .into_iter()
+        .map(|nv| header(nv, false))
+        .chain(secret.into_iter().map(|nv| header(nv, true)))
+        .collect()
 }
