@@ -1012,54 +1012,35 @@ async fn console_serves_https_with_secure_cookies_when_tls_is_on() {
 async fn console_sessions_end_when_their_token_is_revoked() {
     let (herald, console) = herald_with_console().await;
     let (_, token, _) = tenant_with_token(&herald, "acme").await;
-    let login = http(console, "GET", "/login", "", "").await;
-    let login_cookie = login
-        .set_cookie("herald_login")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
-    let signed = http(
-        console,
-        "POST",
-        "/login",
-        &login_cookie,
-        &form(&[("csrf", &login.csrf()), ("token", &token)]),
-    )
-    .await;
-    assert_eq!(signed.status, 303);
-    let session = signed
-        .set_cookie("herald_session")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
+    let session = sign_in_over_http(console, &token).await;
     assert_eq!(http(console, "GET", "/", &session, "").await.status, 200);
 
+    revoke_console_token(&herald).await;
+    let after = http(console, "GET", "/", &session, "").await;
+    assert_eq!(after.status, 303, "signed out: {}", after.body);
+    assert_eq!(after.header("location"), Some("/login"));
+    herald.stop().await;
+}
+
+/// Revokes the tenant token `tenant_with_token` made (named "console").
+async fn revoke_console_token(herald: &Herald) {
     let admin = herald.admin();
-    let tokens = admin
+    let token_id = admin
         .admin()
         .list_tokens(pb::ListTokensRequest::default())
         .await
         .unwrap()
         .into_inner()
-        .tokens;
-    let id = tokens
-        .iter()
+        .tokens
+        .into_iter()
         .find(|t| t.name == "console")
-        .map(|t| t.id.clone())
-        .unwrap();
+        .unwrap()
+        .id;
     admin
         .admin()
-        .revoke_token(pb::RevokeTokenRequest { token_id: id })
+        .revoke_token(pb::RevokeTokenRequest { token_id })
         .await
         .unwrap();
-    let after = http(console, "GET", "/", &session, "").await;
-    assert_eq!(after.status, 303, "signed out: {}", after.body);
-    assert_eq!(after.header("location"), Some("/login"));
-    herald.stop().await;
 }
 
 /// Signs in with a tenant token over plain HTTP; returns the session cookie (`name=value`).
@@ -1255,23 +1236,7 @@ async fn console_sessions_are_shared_by_replicas() {
     let mut head = [0u8; 12];
     live.read_exact(&mut head).await.unwrap();
     assert_eq!(&head, b"HTTP/1.1 200");
-    let token_id = a
-        .admin()
-        .admin()
-        .list_tokens(pb::ListTokensRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .tokens
-        .into_iter()
-        .find(|t| t.name == "console")
-        .unwrap()
-        .id;
-    a.admin()
-        .admin()
-        .revoke_token(pb::RevokeTokenRequest { token_id })
-        .await
-        .unwrap();
+    revoke_console_token(&a).await;
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), live.read_to_end(&mut rest))
         .await
