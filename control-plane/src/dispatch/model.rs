@@ -466,7 +466,11 @@ impl Model {
         // turn, to subscriptions with more work than their share, all but a reserve per agent
         // kept for work that arrives next. Without this, hundreds of subscriptions with a
         // little work each would hold a busy one to a credit or two while most sat idle.
-        if !self.tenants.is_empty() {
+        let spare = self
+            .agents
+            .values()
+            .any(|agent| agent.credits > reserve_of(agent.capacity));
+        if spare && !self.tenants.is_empty() {
             self.pick_round(now, subscriptions, None, &mut picks);
         }
         picks
