@@ -145,6 +145,7 @@ pub fn event(e: Event) -> pb::Event {
         idempotency_key: e.idempotency_key.unwrap_or_default(),
         occurred_at: Some(timestamp(e.occurred_at)),
         traceparent: e.traceparent.unwrap_or_default(),
+        subscription_ids: Vec::new(),
     }
 }
 

@@ -130,11 +130,14 @@ impl pb::event_service_server::EventService for EventApi {
     ) -> Result<Response<pb::Event>, Status> {
         let caller = auth::caller(&self.0, &request).await?;
         let r = request.get_ref();
-        let event = self
+        let (event, matched) = self
             .0
-            .get_event(&caller.tenant(&r.tenant_id)?, &r.id)
+            .get_event_and_matches(&caller.tenant(&r.tenant_id)?, &r.id)
             .await?;
-        Ok(Response::new(convert::event(event)))
+        Ok(Response::new(pb::Event {
+            subscription_ids: matched,
+            ..convert::event(event)
+        }))
     }
 
     async fn list_events(

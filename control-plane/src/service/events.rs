@@ -63,6 +63,18 @@ impl Services {
             .ok_or_else(|| Error::not_found("event", id))
     }
 
+    /// Returns an event and the subscriptions it matched when it was published (`GetEvent`).
+    pub async fn get_event_and_matches(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<(Event, Vec<String>), Error> {
+        let event = self.get_event(tenant_id, id).await?;
+        let matched =
+            crate::storage::deliveries::subscriptions_for_event(&self.store.db, &event.id).await?;
+        Ok((event, matched))
+    }
+
     pub async fn list_events(
         &self,
         tenant_id: &str,

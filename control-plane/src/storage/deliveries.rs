@@ -62,6 +62,23 @@ pub async fn ids_for_event(
         .await?)
 }
 
+/// Returns the subscriptions that got a delivery of an event, sorted.
+pub async fn subscriptions_for_event(
+    db: &impl ConnectionTrait,
+    event_id: &str,
+) -> Result<Vec<String>, Error> {
+    let mut ids: Vec<String> = delivery::Entity::find()
+        .select_only()
+        .column(delivery::Column::SubscriptionId)
+        .filter(delivery::Column::EventId.eq(event_id))
+        .into_tuple()
+        .all(db)
+        .await?;
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
 pub async fn get(
     db: &impl ConnectionTrait,
     tenant_id: &str,

@@ -988,15 +988,31 @@ async fn payload_filters_choose_which_events_are_delivered(backend: Backend) {
     })
     .await;
     assert_eq!(filtered.payload_filter, filter);
-    subscribe(&client, receiver.url("/all"), |_| {}).await;
+    let all = subscribe(&client, receiver.url("/all"), |_| {}).await;
     // Only the first matches: one above 2^53 (by one), paid, in FR.
+    let mut published = Vec::new();
     for event in [
         invoice("9007199254740993", "paid"),
         invoice("9007199254740992", "paid"),
         invoice("9007199254740993", "refunded"),
         invoice("150", "paid"),
     ] {
-        client.publish(event).await.unwrap();
+        published.push(client.publish(event).await.unwrap().event_id);
+    }
+    // GetEvent says which subscriptions each event matched.
+    let mut both = vec![filtered.id.clone(), all.id.clone()];
+    both.sort();
+    for (event_id, expected) in published.iter().zip([both, vec![all.id.clone()]]) {
+        let event = client
+            .events()
+            .get_event(pb::GetEventRequest {
+                id: event_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(event.subscription_ids, expected);
     }
     let received = receiver.wait_for(5, DEADLINE).await;
     let paths: Vec<&str> = received.iter().map(|r| r.path.as_str()).collect();
