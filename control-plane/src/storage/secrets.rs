@@ -114,3 +114,100 @@ pub async fn reseal(store: &Store, which: Reseal, batch: u64) -> Result<u64, Err
         txn.commit().await?;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use chrono::Utc;
+
+    use super::*;
+    use crate::domain::model::{CustomHeader, Subscription, SubscriptionStatus};
+    use crate::storage::{StoreOptions, subscriptions};
+
+    async fn open(dir: &tempfile::TempDir, key: Option<[u8; 32]>) -> Store {
+        Store::open(StoreOptions {
+            url: format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display()),
+            max_connections: 2,
+            master_key: key,
+            previous_master_key: None,
+            sqlite_page_limit: None,
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Secret custom headers written without a key are sealed by the first start with one,
+    /// like the API key and signing secret, and still open to their values.
+    #[tokio::test]
+    async fn secret_headers_are_sealed_once_a_key_is_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = Utc::now();
+        let subscription = Subscription {
+            id: "sub_1".into(),
+            tenant_id: "ten_a".into(),
+            name: "hook".into(),
+            url: "http://127.0.0.1:9/hook".into(),
+            event_types: Vec::new(),
+            active: true,
+            status: SubscriptionStatus::Enabled,
+            disabled_reason: None,
+            api_key: None,
+            api_key_header: "X-API-Key".into(),
+            signing_secret: "whsec_x".into(),
+            previous_secret: None,
+            region: None,
+            timeout: Duration::from_secs(15),
+            max_attempts: 11,
+            max_concurrency: 64,
+            rate_limit_per_s: 0,
+            ordered: false,
+            payload_filter: None,
+            headers: vec![
+                CustomHeader {
+                    name: "X-Plain".into(),
+                    value: "visible".into(),
+                    secret: false,
+                },
+                CustomHeader {
+                    name: "X-Shared".into(),
+                    value: "s3cr3t".into(),
+                    secret: true,
+                },
+            ],
+            last_delivery: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let clear = open(&dir, None).await;
+        subscriptions::insert(&clear.writer, &clear.sealer, &subscription)
+            .await
+            .unwrap();
+        clear.close().await;
+
+        let keyed = open(&dir, Some([9u8; 32])).await;
+        // What a start with a key does first: the signing secret and the secret header.
+        assert_eq!(reseal(&keyed, Reseal::Clear, 10).await.unwrap(), 2);
+        let stored = |store: Store| async move {
+            let row = subscription::Entity::find_by_id("sub_1".to_owned())
+                .one(&store.db)
+                .await
+                .unwrap()
+                .unwrap();
+            row.headers.unwrap()
+        };
+        let headers = stored(keyed.clone()).await;
+        assert!(!headers.contains("s3cr3t"), "{headers}");
+        assert!(
+            headers.contains("visible"),
+            "plain values stay in clear: {headers}"
+        );
+        let read = subscriptions::get(&keyed.db, &keyed.sealer, "ten_a", "sub_1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(read.headers, subscription.headers);
+        // Nothing left to seal: a second pass changes nothing.
+        assert_eq!(reseal(&keyed, Reseal::Clear, 10).await.unwrap(), 0);
+    }
+}
