@@ -197,25 +197,14 @@ pub async fn write(
         tick,
         shared: store.shared(),
     };
-    let written = match store.writer.begin_pipelined().await {
-        // SQLite: the leases' moves in one hand-off, the rest and the COMMIT in another.
-        Ok(Some(txn)) => match batch.write_steps(&txn, steps).await {
-            Ok(disabled) => txn
-                .commit()
-                .await
-                .map(|()| disabled)
-                .map_err(|(err, _)| err),
-            Err(err) => Err(err),
-        },
-        Ok(None) => match store.begin_scheduler_write().await {
-            Ok(txn) => match batch.write_steps(&txn, steps).await {
-                Ok(disabled) => txn.commit().await.map(|()| disabled),
-                Err(err) => Err(err),
-            },
-            Err(err) => Err(err),
-        },
-        Err(err) => Err(err),
-    };
+    let written: Result<Vec<String>, storage::Error> = async {
+        // On SQLite the leases' moves in one hand-off, the rest and the COMMIT in another.
+        let txn = store.begin_batched_write(true).await?;
+        let disabled = batch.write_steps(&txn, steps).await?;
+        txn.commit().await.map_err(|(err, _)| err)?;
+        Ok(disabled)
+    }
+    .await;
     if written.is_err() {
         // What this write summarized is not in the database: the next write does it again.
         for id in &summarized {

@@ -158,19 +158,18 @@ impl Subscription {
 
     /// Returns whether a published event gets a delivery here: its type is subscribed to and
     /// its payload passes the payload filter, if any (SPEC 5, fan-out).
-    pub fn receives_event(&self, event: &Event) -> bool {
-        self.receives(&event.event_type)
-            && self.payload_filter.as_ref().is_none_or(|filter| {
-                filter.matches(
-                    &event.payload,
-                    &crate::domain::payload_filter::EventFields {
-                        event_type: &event.event_type,
-                        entity_type: event.entity_type.as_deref(),
-                        entity_id: event.entity_id.as_deref(),
-                        action: event.action.as_deref(),
-                    },
-                )
-            })
+    /// `document` is the event as filters see it ([`Event::document`]), shared by every
+    /// subscription the event is matched against.
+    pub fn receives_event(
+        &self,
+        event_type: &str,
+        document: &crate::domain::payload_filter::Document<'_>,
+    ) -> bool {
+        self.receives(event_type)
+            && self
+                .payload_filter
+                .as_ref()
+                .is_none_or(|filter| filter.matches(document))
     }
 
     /// Returns the secrets that sign at `now`: the current one, then the previous one while its
@@ -209,6 +208,53 @@ pub struct Event {
     pub idempotency_key: Option<String>,
     pub traceparent: Option<String>,
     pub occurred_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+impl Subscription {
+    /// A plain enabled subscription with defaults, for tests.
+    pub(crate) fn example(id: &str, tenant: &str) -> Self {
+        Self {
+            id: id.into(),
+            tenant_id: tenant.into(),
+            name: id.into(),
+            url: "http://127.0.0.1/".into(),
+            event_types: vec![],
+            active: true,
+            status: SubscriptionStatus::Enabled,
+            disabled_reason: None,
+            api_key: None,
+            api_key_header: "x-api-key".into(),
+            signing_secret: "whsec_x".into(),
+            previous_secret: None,
+            region: None,
+            timeout: Duration::from_secs(2),
+            max_attempts: 5,
+            max_concurrency: 64,
+            rate_limit_per_s: 0,
+            ordered: false,
+            payload_filter: None,
+            headers: Vec::new(),
+            last_delivery: None,
+            created_at: DateTime::<Utc>::default(),
+            updated_at: DateTime::<Utc>::default(),
+        }
+    }
+}
+
+impl Event {
+    /// The event as payload filters see it.
+    pub fn document(&self) -> crate::domain::payload_filter::Document<'_> {
+        crate::domain::payload_filter::Document::new(
+            &self.payload,
+            crate::domain::payload_filter::EventFields {
+                event_type: &self.event_type,
+                entity_type: self.entity_type.as_deref(),
+                entity_id: self.entity_id.as_deref(),
+                action: self.action.as_deref(),
+            },
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -43,8 +43,36 @@ impl PayloadFilter {
         }))
     }
 
-    pub fn matches(&self, payload: &str, event: &EventFields<'_>) -> bool {
-        matches(&self.filter, payload, event)
+    pub fn matches(&self, document: &Document<'_>) -> bool {
+        document
+            .root()
+            .is_some_and(|root| eval(&self.filter, root, &document.fields))
+    }
+}
+
+/// An event as filters see it: its fields, and its payload read once (on the first filter that
+/// needs it) for every subscription it is matched against.
+pub struct Document<'a> {
+    payload: &'a str,
+    fields: EventFields<'a>,
+    root: std::cell::OnceCell<Option<&'a RawValue>>,
+}
+
+impl<'a> Document<'a> {
+    pub fn new(payload: &'a str, fields: EventFields<'a>) -> Self {
+        Self {
+            payload,
+            fields,
+            root: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// The payload's top level; `None` when it is not JSON (Herald accepts only JSON objects,
+    /// so this does not happen).
+    fn root(&self) -> Option<&'a RawValue> {
+        *self
+            .root
+            .get_or_init(|| serde_json::from_str::<&RawValue>(self.payload).ok())
     }
 }
 
@@ -415,13 +443,9 @@ fn lookup(payload: &RawValue, segments: &[String], out: &mut Vec<Scalar>, presen
     }
 }
 
-/// Whether an event matches `filter`. A payload that is not JSON matches nothing (Herald
-/// accepts only JSON objects, so this does not happen).
+/// Whether an event matches `filter`. A payload that is not JSON matches nothing.
 pub fn matches(filter: &Filter, payload: &str, event: &EventFields<'_>) -> bool {
-    let Ok(root) = serde_json::from_str::<&RawValue>(payload) else {
-        return false;
-    };
-    eval(filter, root, event)
+    serde_json::from_str::<&RawValue>(payload).is_ok_and(|root| eval(filter, root, event))
 }
 
 fn eval(filter: &Filter, root: &RawValue, event: &EventFields<'_>) -> bool {

@@ -312,29 +312,10 @@ impl Writer {
     /// Writes every call of the batch in one transaction. Refusals (a reused idempotency key) are
     /// decided before anything of that call is written.
     async fn write(&self, batch: &[Call]) -> Result<Written, Failed> {
-        let pipelined = self
-            .store
-            .writer
-            .begin_pipelined()
-            .await
-            .map_err(Failed::BeforeCommit)?;
-        if let Some(txn) = pipelined {
-            // SQLite: two hand-offs to the connection's thread (read, then write and commit).
-            let written = stage(&self.store, &txn, batch, Utc::now())
-                .await
-                .map_err(Failed::BeforeCommit)?;
-            if let Some(hook) = &self.before_commit {
-                hook().await;
-            }
-            return match txn.commit().await {
-                Ok(()) => Ok(written),
-                Err((err, false)) => Err(Failed::BeforeCommit(err)),
-                Err((err, true)) => Err(Failed::AtCommit(err, written)),
-            };
-        }
+        // On SQLite two hand-offs to the connection's thread: read, then write and commit.
         let txn = self
             .store
-            .begin_write()
+            .begin_batched_write(false)
             .await
             .map_err(Failed::BeforeCommit)?;
         let written = stage(&self.store, &txn, batch, Utc::now())
@@ -345,7 +326,8 @@ impl Writer {
         }
         match txn.commit().await {
             Ok(()) => Ok(written),
-            Err(err) => Err(Failed::AtCommit(err, written)),
+            Err((err, false)) => Err(Failed::BeforeCommit(err)),
+            Err((err, true)) => Err(Failed::AtCommit(err, written)),
         }
     }
 }
@@ -566,9 +548,11 @@ fn fan_out(
     apply_filters: bool,
     now: DateTime<Utc>,
 ) -> Vec<Delivery> {
+    // The payload is read at most once, whatever the number of filters.
+    let document = event.document();
     subscriptions
         .iter()
-        .filter(|s| !apply_filters || s.receives_event(event))
+        .filter(|s| !apply_filters || s.receives_event(&event.event_type, &document))
         .map(|s| Delivery {
             id: ids::new(ids::DELIVERY),
             tenant_id: event.tenant_id.clone(),

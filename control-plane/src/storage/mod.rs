@@ -329,6 +329,24 @@ impl Store {
         Ok(txn)
     }
 
+    /// Begins a write transaction whose writes go in batches on SQLite (see `pipeline`); a
+    /// [`Store::begin_write`] (or, `scheduler`, a [`Store::begin_scheduler_write`]) on
+    /// PostgreSQL.
+    pub async fn begin_batched_write(
+        &self,
+        scheduler: bool,
+    ) -> Result<pipeline::BatchedWrite, Error> {
+        if let Some(txn) = self.writer.begin_pipelined().await? {
+            return Ok(pipeline::BatchedWrite::Pipelined(txn));
+        }
+        let txn = if scheduler {
+            self.begin_scheduler_write().await?
+        } else {
+            self.begin_write().await?
+        };
+        Ok(pipeline::BatchedWrite::Plain(txn))
+    }
+
     /// Whether writes succeed, for the health service.
     pub fn write_health(&self) -> WriteHealth {
         self.writer.health()

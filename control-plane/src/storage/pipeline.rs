@@ -168,6 +168,62 @@ impl Drop for Pipelined {
     }
 }
 
+/// A write transaction whose writes may be buffered: [`Pipelined`] on SQLite, an ordinary
+/// [`super::Transaction`] on PostgreSQL (its round trips are per statement anyway). For code
+/// that never reads what its writes return (see the module comment).
+pub enum BatchedWrite {
+    Pipelined(Pipelined),
+    Plain(super::Transaction),
+}
+
+impl BatchedWrite {
+    /// Commits; on an error, whether the transaction may be in the database (see
+    /// [`Pipelined::commit`]; a failed plain `COMMIT` always may be).
+    pub async fn commit(self) -> Result<(), (Error, bool)> {
+        match self {
+            Self::Pipelined(txn) => txn.commit().await,
+            Self::Plain(txn) => txn.commit().await.map_err(|err| (err, true)),
+        }
+    }
+}
+
+/// Runs `$body` on whichever transaction `$write` holds.
+macro_rules! on_either {
+    ($write:expr, $txn:ident => $body:expr) => {
+        match $write {
+            BatchedWrite::Pipelined($txn) => $body,
+            BatchedWrite::Plain($txn) => $body,
+        }
+    };
+}
+
+#[async_trait::async_trait]
+impl ConnectionTrait for BatchedWrite {
+    fn get_database_backend(&self) -> DbBackend {
+        on_either!(self, txn => txn.get_database_backend())
+    }
+
+    async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
+        on_either!(self, txn => txn.execute_raw(stmt).await)
+    }
+
+    async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
+        on_either!(self, txn => txn.execute_unprepared(sql).await)
+    }
+
+    async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
+        on_either!(self, txn => txn.query_one_raw(stmt).await)
+    }
+
+    async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
+        on_either!(self, txn => txn.query_all_raw(stmt).await)
+    }
+
+    fn support_returning(&self) -> bool {
+        on_either!(self, txn => txn.support_returning())
+    }
+}
+
 fn exec_result() -> ExecResult {
     ExecResult::from(SqliteQueryResult::default())
 }

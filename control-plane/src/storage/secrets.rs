@@ -117,12 +117,8 @@ pub async fn reseal(store: &Store, which: Reseal, batch: u64) -> Result<u64, Err
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use chrono::Utc;
-
     use super::*;
-    use crate::domain::model::{CustomHeader, Subscription, SubscriptionStatus};
+    use crate::domain::model::{CustomHeader, Subscription};
     use crate::storage::{StoreOptions, subscriptions};
 
     async fn open(dir: &tempfile::TempDir, key: Option<[u8; 32]>) -> Store {
@@ -142,27 +138,7 @@ mod tests {
     #[tokio::test]
     async fn secret_headers_are_sealed_once_a_key_is_set() {
         let dir = tempfile::tempdir().unwrap();
-        let now = Utc::now();
         let subscription = Subscription {
-            id: "sub_1".into(),
-            tenant_id: "ten_a".into(),
-            name: "hook".into(),
-            url: "http://127.0.0.1:9/hook".into(),
-            event_types: Vec::new(),
-            active: true,
-            status: SubscriptionStatus::Enabled,
-            disabled_reason: None,
-            api_key: None,
-            api_key_header: "X-API-Key".into(),
-            signing_secret: "whsec_x".into(),
-            previous_secret: None,
-            region: None,
-            timeout: Duration::from_secs(15),
-            max_attempts: 11,
-            max_concurrency: 64,
-            rate_limit_per_s: 0,
-            ordered: false,
-            payload_filter: None,
             headers: vec![
                 CustomHeader {
                     name: "X-Plain".into(),
@@ -175,9 +151,7 @@ mod tests {
                     secret: true,
                 },
             ],
-            last_delivery: None,
-            created_at: now,
-            updated_at: now,
+            ..Subscription::example("sub_1", "ten_a")
         };
         let clear = open(&dir, None).await;
         subscriptions::insert(&clear.writer, &clear.sealer, &subscription)

@@ -133,7 +133,9 @@ pub struct Writer {
 impl Writer {
     /// Begins a write transaction whose statements are sent in batches (SQLite only; see
     /// [`super::pipeline`]). On PostgreSQL, `None`: use [`Writer::begin`].
-    pub async fn begin_pipelined(&self) -> Result<Option<super::pipeline::Pipelined>, Error> {
+    pub(super) async fn begin_pipelined(
+        &self,
+    ) -> Result<Option<super::pipeline::Pipelined>, Error> {
         let DbBackend::Sqlite = self.db.get_database_backend() else {
             return Ok(None);
         };

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use proptest::prelude::*;
 
 use super::*;
-use crate::domain::model::{DeliveryState, SubscriptionStatus};
+use crate::domain::model::DeliveryState;
 
 fn limits() -> Limits {
     Limits {
@@ -23,31 +23,7 @@ fn limits() -> Limits {
 }
 
 fn subscription(id: &str, tenant: &str) -> Subscription {
-    Subscription {
-        id: id.into(),
-        tenant_id: tenant.into(),
-        name: id.into(),
-        url: "http://127.0.0.1/".into(),
-        event_types: vec![],
-        active: true,
-        status: SubscriptionStatus::Enabled,
-        disabled_reason: None,
-        api_key: None,
-        api_key_header: "x-api-key".into(),
-        signing_secret: "whsec_x".into(),
-        previous_secret: None,
-        region: None,
-        timeout: Duration::from_secs(2),
-        max_attempts: 5,
-        max_concurrency: 64,
-        rate_limit_per_s: 0,
-        ordered: false,
-        payload_filter: None,
-        headers: Vec::new(),
-        last_delivery: None,
-        created_at: DateTime::<Utc>::default(),
-        updated_at: DateTime::<Utc>::default(),
-    }
+    Subscription::example(id, tenant)
 }
 
 fn delivery(id: &str, subscription: &Subscription, entity: Option<&str>) -> Delivery {
