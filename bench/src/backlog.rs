@@ -49,10 +49,9 @@ struct Probe {
 pub async fn run(spec: &Spec, settings: &Settings) -> anyhow::Result<Run> {
     let deliveries = spec.load.events() * spec.subscriptions;
     let receiver = Receiver::start(deliveries + deliveries / 10 + 100_000).await?;
-    let database = Database::create(settings.backend, &settings.pg_admin_url).await?;
-    let result = run_on(spec, settings, &receiver, &database).await;
-    database.drop_database().await;
-    result
+    settings
+        .on_fresh_database(async |database| run_on(spec, settings, &receiver, database).await)
+        .await
 }
 
 async fn run_on(

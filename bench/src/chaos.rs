@@ -77,10 +77,11 @@ pub async fn run(spec: &Spec, settings: &Settings) -> anyhow::Result<Run> {
 
 async fn run_once(spec: &Spec, settings: &Settings, faults: bool) -> anyhow::Result<Outcome> {
     let receiver = Receiver::start(2 * spec.load.events() + 1024).await?;
-    let database = Database::create(settings.backend, &settings.pg_admin_url).await?;
-    let result = run_on(spec, settings, &receiver, &database, faults).await;
-    database.drop_database().await;
-    result
+    settings
+        .on_fresh_database(async |database| {
+            run_on(spec, settings, &receiver, database, faults).await
+        })
+        .await
 }
 
 /// The agents of a chaos run, owned here (not by the deployment, whose liveness check would

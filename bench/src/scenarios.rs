@@ -103,10 +103,9 @@ pub async fn tenants(spec: &Spec, settings: &Settings) -> anyhow::Result<Run> {
     let light_events = spec.load.events();
     let capacity = 3 * light_events * TENANT_SUBSCRIPTIONS + 1024;
     let receiver = Receiver::start(capacity).await?;
-    let database = Database::create(settings.backend, &settings.pg_admin_url).await?;
-    let result = tenants_on(spec, settings, &receiver, &database).await;
-    database.drop_database().await;
-    result
+    settings
+        .on_fresh_database(async |database| tenants_on(spec, settings, &receiver, database).await)
+        .await
 }
 
 async fn tenants_on(

@@ -318,6 +318,20 @@ pub struct Settings {
     pub drain_timeout: Duration,
 }
 
+impl Settings {
+    /// Runs `run` on a fresh database (SQLite file or PostgreSQL database), dropped afterwards
+    /// whatever the outcome.
+    pub async fn on_fresh_database<T>(
+        &self,
+        run: impl AsyncFnOnce(&Database) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let database = Database::create(self.backend, &self.pg_admin_url).await?;
+        let result = run(&database).await;
+        database.drop_database().await;
+        result
+    }
+}
+
 /// Events published before measuring, to open connections and warm caches.
 pub const WARMUP_EVENTS: usize = 64;
 /// The longest a publish phase may take before publishers stop.
@@ -362,10 +376,9 @@ pub struct Finished {
 pub async fn run_once(spec: &Spec, settings: &Settings) -> anyhow::Result<Finished> {
     let expected_max = spec.load.events() * spec.deliveries_per_event();
     let receiver = Receiver::start(expected_max + expected_max / 2 + 1024).await?;
-    let database = Database::create(settings.backend, &settings.pg_admin_url).await?;
-    let result = run_on(spec, settings, &receiver, &database).await;
-    database.drop_database().await;
-    result
+    settings
+        .on_fresh_database(async |database| run_on(spec, settings, &receiver, database).await)
+        .await
 }
 
 async fn run_on(
