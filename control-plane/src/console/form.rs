@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::domain::model::Subscription;
+use crate::domain::model::{CustomHeader, SignatureScheme, Subscription};
 use crate::domain::validate::Invalid;
 use crate::service::subscriptions::{NewSubscription, SubscriptionPatch};
 
@@ -74,8 +74,60 @@ pub struct WebhookForm {
     pub rate_limit_per_s: String,
     /// A JSON filter on the payload; empty: none.
     pub payload_filter: String,
+    /// The custom header rows, blank ones included (they are ignored).
+    pub headers: Vec<HeaderRow>,
+    /// `hmac` or `ed25519`; chosen on create (a change is a rotation, on the webhook page).
+    pub signature_scheme: String,
     /// Field name -> the problem, shown next to the field.
     pub errors: BTreeMap<String, String>,
+}
+
+/// One custom header row of the form.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct HeaderRow {
+    pub name: String,
+    /// Empty for a stored secret header: it keeps its value unless a new one is typed.
+    pub value: String,
+    pub secret: bool,
+    /// The last 4 characters of a stored secret value, for the placeholder.
+    pub hint: String,
+}
+
+impl HeaderRow {
+    fn is_blank(&self) -> bool {
+        self.name.trim().is_empty() && self.value.is_empty()
+    }
+}
+
+/// How many blank header rows a form offers beyond the filled ones.
+const BLANK_HEADER_ROWS: usize = 2;
+
+/// Appends blank rows, up to the limit of the API.
+fn with_blank_rows(mut rows: Vec<HeaderRow>) -> Vec<HeaderRow> {
+    rows.retain(|row| !row.is_blank());
+    let blanks = BLANK_HEADER_ROWS
+        .min(crate::domain::validate::MAX_CUSTOM_HEADERS.saturating_sub(rows.len()));
+    rows.extend(std::iter::repeat_with(HeaderRow::default).take(blanks));
+    rows
+}
+
+fn scheme_name(scheme: SignatureScheme) -> &'static str {
+    match scheme {
+        SignatureScheme::HmacSha256 => "hmac",
+        SignatureScheme::Ed25519 => "ed25519",
+    }
+}
+
+/// Reads the scheme picker (`hmac`, `ed25519`).
+pub fn parse_scheme(text: &str) -> Result<SignatureScheme, Invalid> {
+    match text {
+        "" | "hmac" => Ok(SignatureScheme::HmacSha256),
+        "ed25519" => Ok(SignatureScheme::Ed25519),
+        other => Err(Invalid::new(
+            "signature_scheme",
+            format!("must be hmac or ed25519, not {other:?}"),
+        )),
+    }
 }
 
 /// Splits free-entry event types on commas and white space.
@@ -98,6 +150,8 @@ impl WebhookForm {
     pub fn blank() -> Self {
         Self {
             active: true,
+            headers: with_blank_rows(Vec::new()),
+            signature_scheme: scheme_name(SignatureScheme::HmacSha256).to_owned(),
             ..Self::default()
         }
     }
@@ -123,6 +177,26 @@ impl WebhookForm {
                 .as_ref()
                 .map(|f| f.text.clone())
                 .unwrap_or_default(),
+            headers: with_blank_rows(
+                s.headers
+                    .iter()
+                    .map(|h| HeaderRow {
+                        name: h.name.clone(),
+                        value: if h.secret {
+                            String::new()
+                        } else {
+                            h.value.clone()
+                        },
+                        secret: h.secret,
+                        hint: if h.secret {
+                            crate::domain::model::api_key_hint(&h.value)
+                        } else {
+                            String::new()
+                        },
+                    })
+                    .collect(),
+            ),
+            signature_scheme: scheme_name(s.signature_scheme()).to_owned(),
             errors: BTreeMap::new(),
         }
     }
@@ -148,6 +222,22 @@ impl WebhookForm {
             max_concurrency: form.text("max_concurrency").to_owned(),
             rate_limit_per_s: form.text("rate_limit_per_s").to_owned(),
             payload_filter: form.text("payload_filter").trim().to_owned(),
+            // Rows are numbered from 0 without gaps, as the template writes them; blank ones
+            // are offered again after the filled ones.
+            headers: with_blank_rows(
+                (0..=crate::domain::validate::MAX_CUSTOM_HEADERS + BLANK_HEADER_ROWS)
+                    .map_while(|i| {
+                        let name = form.get(&format!("header_name_{i}"))?;
+                        Some(HeaderRow {
+                            name: name.trim().to_owned(),
+                            value: form.text(&format!("header_value_{i}")).to_owned(),
+                            secret: form.checked(&format!("header_secret_{i}")),
+                            hint: form.text(&format!("header_hint_{i}")).to_owned(),
+                        })
+                    })
+                    .collect(),
+            ),
+            signature_scheme: form.text("signature_scheme").to_owned(),
             errors: BTreeMap::new(),
         }
     }
@@ -162,6 +252,28 @@ impl WebhookForm {
             }
         }
         out
+    }
+
+    /// The filled header rows as the API takes them; a row with a value and no name is refused.
+    fn custom_headers(&self) -> Result<Vec<CustomHeader>, Invalid> {
+        let mut headers = Vec::new();
+        for (i, row) in self.headers.iter().enumerate() {
+            if row.is_blank() {
+                continue;
+            }
+            if row.name.is_empty() {
+                return Err(Invalid::new(
+                    "headers",
+                    format!("row {}: a value needs a header name", i + 1),
+                ));
+            }
+            headers.push(CustomHeader {
+                name: row.name.clone(),
+                value: row.value.clone(),
+                secret: row.secret,
+            });
+        }
+        Ok(headers)
     }
 
     /// Records a problem to show next to its field.
@@ -184,8 +296,8 @@ impl WebhookForm {
             max_concurrency: number("max_concurrency", &self.max_concurrency)?,
             rate_limit_per_s: number("rate_limit_per_s", &self.rate_limit_per_s)?,
             payload_filter: self.payload_filter.clone(),
-            // Custom headers are set through the API and the CLI.
-            headers: Vec::new(),
+            headers: self.custom_headers()?,
+            signature_scheme: Some(parse_scheme(&self.signature_scheme)?),
             ordered: self.ordered,
         })
     }
@@ -210,7 +322,9 @@ impl WebhookForm {
             max_concurrency: Some(number("max_concurrency", &self.max_concurrency)?),
             rate_limit_per_s: Some(number("rate_limit_per_s", &self.rate_limit_per_s)?),
             payload_filter: Some(self.payload_filter.clone()),
-            headers: None,
+            headers: Some(self.custom_headers()?),
+            // A change of scheme is a rotation (the webhook page's signing card).
+            signature_scheme: None,
             ordered: Some(self.ordered),
         })
     }

@@ -158,6 +158,8 @@ fn router(console: Console) -> Router {
         .route("/", get(pages::webhooks))
         .route("/webhooks", post(pages::create_webhook))
         .route("/webhooks/new", get(pages::new_webhook))
+        .route("/webhooks/preview", post(pages::preview_new_webhook))
+        .route("/webhooks/{id}/preview", post(pages::preview_webhook))
         .route(
             "/webhooks/{id}",
             get(pages::webhook).post(pages::update_webhook),

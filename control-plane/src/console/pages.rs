@@ -14,14 +14,16 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde::Deserialize;
 
-use super::form::{FormData, WebhookForm, type_choices};
+use super::form::{FormData, WebhookForm, parse_scheme, type_choices};
 use super::session::{self, Notice, SESSION_TTL};
-use super::views::{self, AttemptView, DeliveryView, LiveAttempt, STATE_FILTERS, SubscriptionView};
+use super::views::{
+    self, AttemptView, DeliveryView, FilterPreview, LiveAttempt, STATE_FILTERS, SubscriptionView,
+};
 use super::{
     Console, LOGIN_COOKIE, SESSION_COOKIE, Signed, cookie, failure, form_of, render, see_other,
     service_failure, set_cookie,
 };
-use crate::domain::model::{DeliveryState, PageRequest, Scope, Subscription};
+use crate::domain::model::{DeliveryState, PageRequest, Scope, SignatureScheme, Subscription};
 use crate::service::Error;
 use crate::service::deliveries::DEFAULT_PAGE_SIZE;
 
@@ -300,6 +302,7 @@ async fn new_page(
     console: &Console,
     signed: &Signed,
     webhook: WebhookForm,
+    preview: Option<FilterPreview>,
     status: StatusCode,
 ) -> Response {
     let published = published_types(console, &signed.session.tenant_id).await;
@@ -310,7 +313,7 @@ async fn new_page(
         "webhooks",
         status,
         "new.html",
-        serde_json::json!({ "form": webhook, "choices": choices }),
+        serde_json::json!({ "form": webhook, "choices": choices, "preview": preview }),
     )
 }
 
@@ -318,7 +321,102 @@ pub async fn new_webhook(
     State(console): State<Console>,
     Extension(signed): Extension<Signed>,
 ) -> Response {
-    new_page(&console, &signed, WebhookForm::blank(), StatusCode::OK).await
+    new_page(
+        &console,
+        &signed,
+        WebhookForm::blank(),
+        None,
+        StatusCode::OK,
+    )
+    .await
+}
+
+/// How many of the tenant's latest events the filter editor's preview runs against.
+const PREVIEW_EVENTS: u32 = 50;
+
+/// Runs the form's filters against the tenant's latest events; a filter that does not parse
+/// becomes the form's field error (and no preview).
+async fn filter_preview(
+    console: &Console,
+    signed: &Signed,
+    webhook: &mut WebhookForm,
+) -> Result<Option<FilterPreview>, Response> {
+    match console
+        .services
+        .preview_filters(
+            &signed.session.tenant_id,
+            &webhook.all_event_types(),
+            &webhook.payload_filter,
+            PREVIEW_EVENTS,
+        )
+        .await
+    {
+        Ok(events) => Ok(Some(FilterPreview::new(&events, Utc::now()))),
+        Err(Error::Invalid(invalid)) => {
+            webhook.set_error(&invalid);
+            Ok(None)
+        }
+        Err(err) => Err(service_failure(signed, err)),
+    }
+}
+
+fn preview_status(webhook: &WebhookForm) -> StatusCode {
+    if webhook.errors.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    }
+}
+
+/// "Preview" on the new-webhook form: the form again, with the events it would have received.
+pub async fn preview_new_webhook(
+    State(console): State<Console>,
+    Extension(signed): Extension<Signed>,
+    body: Bytes,
+) -> Response {
+    let mut webhook = WebhookForm::from_form(&form_of(&body));
+    let preview = match filter_preview(&console, &signed, &mut webhook).await {
+        Ok(preview) => preview,
+        Err(response) => return response,
+    };
+    let status = preview_status(&webhook);
+    new_page(&console, &signed, webhook, preview, status).await
+}
+
+/// "Preview" on a webhook's settings: nothing is saved.
+pub async fn preview_webhook(
+    State(console): State<Console>,
+    Extension(signed): Extension<Signed>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let subscription = match console
+        .services
+        .get_subscription(&signed.session.tenant_id, &id)
+        .await
+    {
+        Ok(s) => s,
+        Err(err) => return service_failure(&signed, err),
+    };
+    let mut webhook = WebhookForm::from_form(&form_of(&body));
+    let preview = match filter_preview(&console, &signed, &mut webhook).await {
+        Ok(preview) => preview,
+        Err(response) => return response,
+    };
+    let status = preview_status(&webhook);
+    webhook_page(
+        &console,
+        &signed,
+        &subscription,
+        &LogQuery::default(),
+        Extras {
+            form: Some(webhook),
+            preview,
+            status: Some(status),
+            ..Extras::default()
+        },
+    )
+    .await
 }
 
 pub async fn create_webhook(
@@ -352,7 +450,14 @@ pub async fn create_webhook(
         }
         Err(Error::Invalid(invalid)) => {
             webhook.set_error(&invalid);
-            new_page(&console, &signed, webhook, StatusCode::UNPROCESSABLE_ENTITY).await
+            new_page(
+                &console,
+                &signed,
+                webhook,
+                None,
+                StatusCode::UNPROCESSABLE_ENTITY,
+            )
+            .await
         }
         Err(err) => service_failure(&signed, err),
     }
@@ -362,6 +467,7 @@ pub async fn create_webhook(
 #[derive(Default)]
 struct Extras {
     form: Option<WebhookForm>,
+    preview: Option<FilterPreview>,
     secret: Option<(String, &'static str)>,
     notice: Option<Notice>,
     status: Option<StatusCode>,
@@ -432,7 +538,7 @@ async fn webhook_page(
         "webhooks",
         extras.status.unwrap_or(StatusCode::OK),
         "webhook.html",
-        serde_json::json!({ "webhook_view": SubscriptionView::new(subscription, now), "form": webhook, "choices": choices, "deliveries": deliveries, "filters": filters, "filter": filter, "next_page": log.next_page_token, "paged": !query.page.is_empty(), "secret": extras.secret.as_ref().map(|(s, _)| s.clone()), "secret_note": extras.secret.as_ref().map(|(_, note)| *note) }),
+        serde_json::json!({ "webhook_view": SubscriptionView::new(subscription, now), "form": webhook, "choices": choices, "deliveries": deliveries, "filters": filters, "filter": filter, "next_page": log.next_page_token, "paged": !query.page.is_empty(), "secret": extras.secret.as_ref().map(|(s, _)| s.clone()), "secret_note": extras.secret.as_ref().map(|(_, note)| *note), "preview": extras.preview }),
     )
 }
 
@@ -521,14 +627,13 @@ pub async fn reveal_secret(
         .await
     {
         Ok(subscription) => {
-            let secret = subscription.signing_secret.clone();
             webhook_page(
                 &console,
                 &signed,
                 &subscription,
                 &LogQuery::default(),
                 Extras {
-                    secret: Some((secret, "")),
+                    secret: revealable_secret(&subscription).map(|secret| (secret, "")),
                     ..Extras::default()
                 },
             )
@@ -549,26 +654,48 @@ pub async fn rotate_secret(
         "now" => Some(0),
         _ => None,
     };
+    // Empty: a new key of the current scheme.
+    let scheme = match form.text("scheme") {
+        "" => None,
+        text => match parse_scheme(text) {
+            Ok(scheme) => Some(scheme),
+            Err(invalid) => {
+                return failure(
+                    Some(&signed),
+                    StatusCode::BAD_REQUEST,
+                    "Invalid signature scheme",
+                    &invalid.to_string(),
+                );
+            }
+        },
+    };
     match console
         .services
-        .rotate_secret(&signed.session.tenant_id, &id, grace)
+        .rotate_secret(&signed.session.tenant_id, &id, grace, scheme)
         .await
     {
         Ok(subscription) => {
             let note = if grace == Some(0) {
-                "The previous secret stopped signing now."
+                "The previous key stopped signing now."
             } else {
-                "The previous secret keeps signing beside this one for 24 hours."
+                "The previous key keeps signing beside this one for 24 hours."
             };
-            let secret = subscription.signing_secret.clone();
+            let notice = match subscription.signature_scheme() {
+                SignatureScheme::HmacSha256 => "New signing secret issued.",
+                SignatureScheme::Ed25519 => {
+                    "New Ed25519 key pair issued: give your receiver the new public key."
+                }
+            };
             webhook_page(
                 &console,
                 &signed,
                 &subscription,
                 &LogQuery::default(),
                 Extras {
-                    secret: Some((secret, note)),
-                    notice: Some(Notice::ok("Signing secret rotated.")),
+                    secret: revealable_secret(&subscription)
+                        .map(|secret| (secret, note))
+                        .or(Some((String::new(), note))),
+                    notice: Some(Notice::ok(notice)),
                     ..Extras::default()
                 },
             )
@@ -576,6 +703,12 @@ pub async fn rotate_secret(
         }
         Err(err) => service_failure(&signed, err),
     }
+}
+
+/// The HMAC secret, which the tenant may see; an Ed25519 private key never leaves Herald.
+fn revealable_secret(subscription: &Subscription) -> Option<String> {
+    (subscription.signature_scheme() == SignatureScheme::HmacSha256)
+        .then(|| subscription.signing_secret.clone())
 }
 
 pub async fn enable_webhook(

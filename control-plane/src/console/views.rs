@@ -4,7 +4,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::domain::model::{
-    Attempt, AttemptError, Delivery, DeliveryState, LastDelivery, Subscription, SubscriptionStatus,
+    Attempt, AttemptError, Delivery, DeliveryState, Event, LastDelivery, SignatureScheme,
+    Subscription, SubscriptionStatus,
 };
 
 /// Formats a time for people: `2026-01-05 14:03:12 UTC`.
@@ -139,6 +140,11 @@ pub struct SubscriptionView {
     pub last_delivery: Option<LastDeliveryView>,
     /// Until when the previous signing secret still signs, after a rotation.
     pub previous_secret_until: Option<String>,
+    /// `HMAC-SHA256` or `Ed25519`.
+    pub signature_scheme: &'static str,
+    pub ed25519: bool,
+    /// `whpk_…` of an Ed25519 webhook.
+    pub signing_public_key: Option<String>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -170,8 +176,48 @@ impl SubscriptionView {
                 .as_ref()
                 .filter(|p| p.expires_at > now)
                 .map(|p| time(p.expires_at)),
+            signature_scheme: match s.signature_scheme() {
+                SignatureScheme::HmacSha256 => "HMAC-SHA256",
+                SignatureScheme::Ed25519 => "Ed25519",
+            },
+            ed25519: s.signature_scheme() == SignatureScheme::Ed25519,
+            signing_public_key: s.signing_public_key(),
             created_at: time(s.created_at),
             updated_at: time(s.updated_at),
+        }
+    }
+}
+
+/// The filter editor's preview: which recent events the form's filters would have delivered.
+#[derive(Debug, Serialize)]
+pub struct FilterPreview {
+    pub total: usize,
+    pub matched: usize,
+    pub rows: Vec<PreviewRow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PreviewRow {
+    pub id: String,
+    pub event_type: String,
+    pub ago: String,
+    pub matched: bool,
+}
+
+impl FilterPreview {
+    pub fn new(events: &[(Event, bool)], now: DateTime<Utc>) -> Self {
+        Self {
+            total: events.len(),
+            matched: events.iter().filter(|(_, matched)| *matched).count(),
+            rows: events
+                .iter()
+                .map(|(event, matched)| PreviewRow {
+                    id: event.id.clone(),
+                    event_type: event.event_type.clone(),
+                    ago: ago(event.occurred_at, now),
+                    matched: *matched,
+                })
+                .collect(),
         }
     }
 }

@@ -21,8 +21,8 @@ const MAX_JOBS_PER_MESSAGE: usize = 64;
 /// (a message over it would break the stream, and the same jobs would be sent again forever).
 pub const MAX_MESSAGE_PAYLOAD_BYTES: usize = 8 << 20;
 
-/// Builds the job of one attempt: Standard Webhooks headers signed now with every valid secret,
-/// the API key, the trace context.
+/// Builds the job of one attempt: Standard Webhooks headers signed now with every valid key
+/// (`v1` HMAC or `v1a` Ed25519), the API key, the trace context.
 pub fn build(
     delivery: &Delivery,
     subscription: &Subscription,
@@ -33,12 +33,12 @@ pub fn build(
     now: DateTime<Utc>,
 ) -> pb::Job {
     let timestamp = now.timestamp();
-    let secrets: Vec<webhook::Secret> = subscription
+    let keys: Vec<webhook::SigningKey> = subscription
         .signing_secrets(now)
         .into_iter()
-        .filter_map(|s| webhook::Secret::parse(s).ok())
+        .filter_map(|s| webhook::SigningKey::parse(s).ok())
         .collect();
-    let signature = webhook::signature_header(&secrets, &delivery.event_id, timestamp, body);
+    let signature = webhook::signature_header(&keys, &delivery.event_id, timestamp, body);
     let header = |name: &str, value: &str| pb::Header {
         name: name.to_owned(),
         value: value.to_owned(),

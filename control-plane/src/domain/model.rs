@@ -104,6 +104,10 @@ pub struct LastDelivery {
     pub at: DateTime<Utc>,
 }
 
+/// How a subscription's requests are signed: told by its key's prefix (`whsec_` HMAC, `whsk_`
+/// Ed25519), so a change of scheme is a rotation like any other.
+pub use herald_proto::webhook::Scheme as SignatureScheme;
+
 /// A signing secret that still signs until `expires_at` (a rotation's grace period).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreviousSecret {
@@ -131,6 +135,8 @@ pub struct Subscription {
     pub disabled_reason: Option<String>,
     pub api_key: Option<String>,
     pub api_key_header: String,
+    /// The current signing key: an HMAC secret (`whsec_…`) or an Ed25519 private key
+    /// (`whsk_…`); sealed at rest either way.
     pub signing_secret: String,
     pub previous_secret: Option<PreviousSecret>,
     pub region: Option<String>,
@@ -182,6 +188,35 @@ impl Subscription {
             secrets.push(previous.secret.as_str());
         }
         secrets
+    }
+
+    /// The scheme of the current signing key.
+    pub fn signature_scheme(&self) -> SignatureScheme {
+        herald_proto::webhook::SigningKey::scheme_of(&self.signing_secret)
+    }
+
+    /// `whpk_…` for an Ed25519 subscription: what receivers verify with.
+    pub fn signing_public_key(&self) -> Option<String> {
+        herald_proto::webhook::SigningKey::parse(&self.signing_secret)
+            .ok()?
+            .public_key()
+            .map(|key| key.to_text())
+    }
+
+    /// Makes `new_key` the signing key; the current one keeps signing beside it until
+    /// `now + grace` (none when `grace` is zero).
+    pub fn rotate_signing_key(
+        &mut self,
+        new_key: String,
+        grace: chrono::Duration,
+        now: DateTime<Utc>,
+    ) {
+        let current = std::mem::replace(&mut self.signing_secret, new_key);
+        self.previous_secret = (grace > chrono::Duration::zero()).then(|| PreviousSecret {
+            secret: current,
+            expires_at: now + grace,
+        });
+        self.updated_at = now;
     }
 
     /// Returns the last 4 characters of the API key, for display.

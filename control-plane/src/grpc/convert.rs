@@ -5,9 +5,10 @@ use herald_proto::v1 as pb;
 
 use crate::dispatch::registry::AgentInfo;
 use crate::domain::model::{
-    Attempt, Delivery, DeliveryState, Event, Page, Scope, Subscription, SubscriptionStatus, Tenant,
-    Token,
+    Attempt, Delivery, DeliveryState, Event, Page, Scope, SignatureScheme, Subscription,
+    SubscriptionStatus, Tenant, Token,
 };
+use crate::domain::validate::Invalid;
 use crate::service::subscriptions::{NewSubscription, SubscriptionPatch};
 
 pub fn tenant(t: Tenant) -> pb::Tenant {
@@ -35,7 +36,10 @@ pub fn token(t: Token) -> pb::Token {
 
 /// Converts a subscription; `with_secret` only for Create, RotateSecret and GetSubscriptionSecret.
 pub fn subscription(s: Subscription, with_secret: bool) -> pb::Subscription {
+    let scheme = s.signature_scheme();
     pb::Subscription {
+        signature_scheme: signature_scheme_of(scheme) as i32,
+        signing_public_key: s.signing_public_key().unwrap_or_default(),
         api_key_hint: s.api_key_hint().unwrap_or_default(),
         id: s.id,
         tenant_id: s.tenant_id,
@@ -62,7 +66,8 @@ pub fn subscription(s: Subscription, with_secret: bool) -> pb::Subscription {
         }),
         created_at: Some(timestamp(s.created_at)),
         updated_at: Some(timestamp(s.updated_at)),
-        signing_secret: if with_secret {
+        // An Ed25519 private key never leaves: receivers need only the public key.
+        signing_secret: if with_secret && scheme == SignatureScheme::HmacSha256 {
             s.signing_secret
         } else {
             String::new()
@@ -85,6 +90,26 @@ pub fn subscription(s: Subscription, with_secret: bool) -> pb::Subscription {
     }
 }
 
+fn signature_scheme_of(scheme: SignatureScheme) -> pb::SignatureScheme {
+    match scheme {
+        SignatureScheme::HmacSha256 => pb::SignatureScheme::HmacSha256,
+        SignatureScheme::Ed25519 => pb::SignatureScheme::Ed25519,
+    }
+}
+
+/// Reads a requested scheme: UNSPECIFIED is `None` (the default, or "unchanged").
+pub fn signature_scheme(value: i32) -> Result<Option<SignatureScheme>, Invalid> {
+    match pb::SignatureScheme::try_from(value) {
+        Ok(pb::SignatureScheme::Unspecified) => Ok(None),
+        Ok(pb::SignatureScheme::HmacSha256) => Ok(Some(SignatureScheme::HmacSha256)),
+        Ok(pb::SignatureScheme::Ed25519) => Ok(Some(SignatureScheme::Ed25519)),
+        Err(_) => Err(Invalid::new(
+            "signature_scheme",
+            format!("unknown value {value}"),
+        )),
+    }
+}
+
 fn custom_header(h: pb::CustomHeader) -> crate::domain::model::CustomHeader {
     crate::domain::model::CustomHeader {
         name: h.name,
@@ -93,8 +118,9 @@ fn custom_header(h: pb::CustomHeader) -> crate::domain::model::CustomHeader {
     }
 }
 
-pub fn new_subscription(r: pb::CreateSubscriptionRequest) -> NewSubscription {
-    NewSubscription {
+pub fn new_subscription(r: pb::CreateSubscriptionRequest) -> Result<NewSubscription, Invalid> {
+    Ok(NewSubscription {
+        signature_scheme: signature_scheme(r.signature_scheme)?,
         name: r.name,
         url: r.url,
         event_types: r.event_types,
@@ -109,11 +135,16 @@ pub fn new_subscription(r: pb::CreateSubscriptionRequest) -> NewSubscription {
         ordered: r.ordered,
         payload_filter: r.payload_filter.unwrap_or_default(),
         headers: r.headers.into_iter().map(custom_header).collect(),
-    }
+    })
 }
 
-pub fn subscription_patch(r: pb::UpdateSubscriptionRequest) -> SubscriptionPatch {
-    SubscriptionPatch {
+pub fn subscription_patch(r: pb::UpdateSubscriptionRequest) -> Result<SubscriptionPatch, Invalid> {
+    Ok(SubscriptionPatch {
+        signature_scheme: r
+            .signature_scheme
+            .map(signature_scheme)
+            .transpose()?
+            .flatten(),
         name: r.name,
         url: r.url,
         event_types: r.event_types.map(|wrapper| wrapper.values),
@@ -130,7 +161,7 @@ pub fn subscription_patch(r: pb::UpdateSubscriptionRequest) -> SubscriptionPatch
         headers: r
             .headers
             .map(|wrapper| wrapper.values.into_iter().map(custom_header).collect()),
-    }
+    })
 }
 
 pub fn event(e: Event) -> pb::Event {

@@ -5,7 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::{auth, convert};
 use crate::domain::model::PageRequest;
-use crate::service::Services;
+use crate::service::{Error, Services};
 
 pub struct SubscriptionApi(pub Services);
 
@@ -19,7 +19,7 @@ impl pb::subscription_service_server::SubscriptionService for SubscriptionApi {
     ) -> Result<Response<pb::Subscription>, Status> {
         let caller = auth::caller(&self.0, &request).await?;
         let tenant = caller.tenant(&request.get_ref().tenant_id)?;
-        let new = convert::new_subscription(request.into_inner());
+        let new = convert::new_subscription(request.into_inner()).map_err(Error::from)?;
         let created = self.0.create_subscription(&tenant, new).await?;
         Ok(Response::new(convert::subscription(created, true)))
     }
@@ -47,7 +47,11 @@ impl pb::subscription_service_server::SubscriptionService for SubscriptionApi {
         let id = r.id.clone();
         let s = self
             .0
-            .update_subscription(&tenant, &id, convert::subscription_patch(r))
+            .update_subscription(
+                &tenant,
+                &id,
+                convert::subscription_patch(r).map_err(Error::from)?,
+            )
             .await?;
         Ok(Response::new(convert::subscription(s, false)))
     }
@@ -93,7 +97,16 @@ impl pb::subscription_service_server::SubscriptionService for SubscriptionApi {
         let r = request.get_ref();
         let s = self
             .0
-            .rotate_secret(&caller.tenant(&r.tenant_id)?, &r.id, r.grace_period_s)
+            .rotate_secret(
+                &caller.tenant(&r.tenant_id)?,
+                &r.id,
+                r.grace_period_s,
+                r.signature_scheme
+                    .map(convert::signature_scheme)
+                    .transpose()
+                    .map_err(Error::from)?
+                    .flatten(),
+            )
             .await?;
         Ok(Response::new(convert::subscription(s, true)))
     }

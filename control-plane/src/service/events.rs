@@ -75,6 +75,38 @@ impl Services {
         Ok((event, matched))
     }
 
+    /// The filter editor's preview: the tenant's last `limit` events (newest first), each with
+    /// whether a subscription with these event-type filters and payload filter would have
+    /// received it. The filters are validated as a create would validate them.
+    pub async fn preview_filters(
+        &self,
+        tenant_id: &str,
+        event_types: &[String],
+        payload_filter: &str,
+        limit: u32,
+    ) -> Result<Vec<(Event, bool)>, Error> {
+        let event_types = crate::domain::validate::filters(event_types)?;
+        let payload_filter = crate::domain::validate::payload_filter(payload_filter)?;
+        let page = events::list(
+            &self.store.db,
+            tenant_id,
+            None,
+            &PageRequest::new(limit, "", limit),
+        )
+        .await?;
+        Ok(page
+            .items
+            .into_iter()
+            .map(|event| {
+                let matched = crate::domain::filter::matches_any(&event_types, &event.event_type)
+                    && payload_filter
+                        .as_ref()
+                        .is_none_or(|filter| filter.matches(&event.document()));
+                (event, matched)
+            })
+            .collect())
+    }
+
     pub async fn list_events(
         &self,
         tenant_id: &str,

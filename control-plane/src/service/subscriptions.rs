@@ -5,7 +5,7 @@ use rand::RngCore;
 
 use super::{Error, Services};
 use crate::domain::model::{
-    CustomHeader, Page, PageRequest, PreviousSecret, Subscription, SubscriptionStatus,
+    CustomHeader, Page, PageRequest, SignatureScheme, Subscription, SubscriptionStatus,
 };
 use crate::domain::{ids, validate};
 use crate::storage::{deliveries, events, subscriptions};
@@ -28,6 +28,8 @@ pub struct NewSubscription {
     /// Empty: none.
     pub payload_filter: String,
     pub headers: Vec<CustomHeader>,
+    /// `None`: HMAC-SHA256.
+    pub signature_scheme: Option<SignatureScheme>,
 }
 
 /// Changes to a subscription: `None` leaves a field as it is.
@@ -49,16 +51,24 @@ pub struct SubscriptionPatch {
     pub payload_filter: Option<String>,
     /// The new list; a secret header sent with an empty value keeps its current value.
     pub headers: Option<Vec<CustomHeader>>,
+    /// Another scheme than the current one rotates to a new key of it, with the default grace.
+    pub signature_scheme: Option<SignatureScheme>,
 }
 
 /// The default grace period of a secret rotation.
 pub const DEFAULT_ROTATION_GRACE_S: u32 = 86_400;
 
-/// Returns a new signing secret: `whsec_` + base64 of 32 random bytes.
-pub fn new_signing_secret() -> String {
-    let mut key = vec![0u8; 32];
+/// Returns a new signing key of `scheme` from 32 random bytes: an HMAC secret (`whsec_…`) or
+/// an Ed25519 private key (`whsk_…`, the seed).
+pub fn new_signing_key(scheme: SignatureScheme) -> String {
+    let mut key = [0u8; 32];
     rand::rng().fill_bytes(&mut key);
-    herald_proto::webhook::Secret::from_bytes(key).to_text()
+    match scheme {
+        SignatureScheme::HmacSha256 => {
+            herald_proto::webhook::Secret::from_bytes(key.to_vec()).to_text()
+        }
+        SignatureScheme::Ed25519 => herald_proto::webhook::PrivateKey::from_seed(key).to_text(),
+    }
 }
 
 impl Services {
@@ -79,7 +89,9 @@ impl Services {
             disabled_reason: None,
             api_key: validate::api_key(&new.api_key)?,
             api_key_header: validate::api_key_header(&new.api_key_header)?,
-            signing_secret: new_signing_secret(),
+            signing_secret: new_signing_key(
+                new.signature_scheme.unwrap_or(SignatureScheme::HmacSha256),
+            ),
             previous_secret: None,
             region: validate::region(&new.region)?,
             timeout: validate::timeout(new.timeout_ms)?,
@@ -183,6 +195,16 @@ impl Services {
         }
         validate::custom_headers(&s.headers, &s.api_key_header)?;
         s.updated_at = Utc::now();
+        if let Some(scheme) = patch.signature_scheme
+            && scheme != s.signature_scheme()
+        {
+            // Receivers switch to the new key while the old one still signs beside it.
+            s.rotate_signing_key(
+                new_signing_key(scheme),
+                chrono::Duration::seconds(i64::from(DEFAULT_ROTATION_GRACE_S)),
+                s.updated_at,
+            );
+        }
         let txn = self.store.begin_write().await?;
         subscriptions::update(&txn, &self.store.sealer, &s).await?;
         if deactivated {
@@ -212,12 +234,14 @@ impl Services {
         Ok(())
     }
 
-    /// Issues a new signing secret; the current one keeps signing for `grace_period_s`.
+    /// Issues a new signing key (of `scheme`, or of the current scheme); the current one keeps
+    /// signing for `grace_period_s`.
     pub async fn rotate_secret(
         &self,
         tenant_id: &str,
         id: &str,
         grace_period_s: Option<u32>,
+        scheme: Option<SignatureScheme>,
     ) -> Result<Subscription, Error> {
         let mut s = self.get_subscription(tenant_id, id).await?;
         let grace = grace_period_s.unwrap_or(DEFAULT_ROTATION_GRACE_S);
@@ -228,13 +252,12 @@ impl Services {
             )
             .into());
         }
-        let now = Utc::now();
-        s.previous_secret = (grace > 0).then(|| PreviousSecret {
-            secret: s.signing_secret.clone(),
-            expires_at: now + chrono::Duration::seconds(i64::from(grace)),
-        });
-        s.signing_secret = new_signing_secret();
-        s.updated_at = now;
+        let scheme = scheme.unwrap_or_else(|| s.signature_scheme());
+        s.rotate_signing_key(
+            new_signing_key(scheme),
+            chrono::Duration::seconds(i64::from(grace)),
+            Utc::now(),
+        );
         subscriptions::update(&self.store.writer, &self.store.sealer, &s).await?;
         self.subscription_changed(&s.id).await;
         Ok(s)

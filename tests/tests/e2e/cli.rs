@@ -927,6 +927,109 @@ async fn listen_prints_one_json_object_per_webhook() {
     herald.stop().await;
 }
 
+/// `--signature ed25519`: `reveal-secret` prints the public key, `herald listen --public-key`
+/// verifies the `v1a` signature (and refuses it with another key pair's public key);
+/// `--filter @FILE` reads the payload filter from a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_verifies_ed25519_signatures_with_the_public_key() {
+    let (herald, _, token) = with_tenant().await;
+    let addr = herald.url();
+    let dir = tempfile::tempdir().unwrap();
+    let filter_file = dir.path().join("filter.json");
+    std::fs::write(&filter_file, r#"{"result.external_id": "1815"}"#).unwrap();
+    let filter_arg = format!("@{}", filter_file.display());
+    let (port, other_port) = (free_port(), free_port());
+    let url = |port: u16| format!("http://127.0.0.1:{port}/hooks");
+    let sub = subscribe(
+        &addr,
+        &token,
+        &url(port),
+        &["--signature", "ed25519", "--filter", &filter_arg],
+    )
+    .await;
+    let other = subscribe(&addr, &token, &url(other_port), &["--signature", "ed25519"]).await;
+    let shown = run_herald(&addr, &token, &["--json", "subscriptions", "get", &sub])
+        .await
+        .json();
+    assert_eq!(shown["payload_filter"], r#"{"result.external_id": "1815"}"#);
+    assert_eq!(
+        shown["signature_scheme"], "SIGNATURE_SCHEME_ED25519",
+        "{shown}"
+    );
+    let public_key = |id: String| {
+        let (addr, token) = (addr.clone(), token.clone());
+        async move {
+            run_herald(
+                &addr,
+                &token,
+                &["subscriptions", "reveal-secret", &id, "-q"],
+            )
+            .await
+            .ok()
+            .trim()
+            .to_owned()
+        }
+    };
+    let key = public_key(sub.clone()).await;
+    let other_key = public_key(other.clone()).await;
+    assert!(key.starts_with("whpk_") && other_key.starts_with("whpk_") && key != other_key);
+    assert_eq!(shown["signing_public_key"], key.as_str());
+
+    let (port, other_port) = (port.to_string(), other_port.to_string());
+    let (_a, mut verified, a_err) = spawn(
+        &addr,
+        "",
+        &["listen", "--json", "--port", &port, "--public-key", &key],
+    );
+    // The other subscription's listener is given the first one's key: refused.
+    let (_b, mut refused, b_err) = spawn(
+        &addr,
+        "",
+        &[
+            "listen",
+            "--json",
+            "--port",
+            &other_port,
+            "--public-key",
+            &key,
+        ],
+    );
+    for err in [&a_err, &b_err] {
+        wait_for_text(err, "listening on http://127.0.0.1:").await;
+    }
+    let published = run_herald(
+        &addr,
+        &token,
+        &[
+            "--json", "events", "publish", "--type", "user.new", "--data", USER_NEW,
+        ],
+    )
+    .await
+    .json();
+    let parse = |line: String| -> Value {
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not one JSON object ({e}): {line}"))
+    };
+    let a = parse(next_line(&mut verified).await);
+    assert_eq!(a["webhook_id"], published["event_id"], "{a}");
+    assert_eq!(a["signature_valid"], true, "{a}");
+    let b = parse(next_line(&mut refused).await);
+    assert_eq!(b["signature_valid"], false, "{b}");
+    assert_eq!(
+        b["signature_error"],
+        "webhook-signature: no signature matches"
+    );
+
+    // A malformed key is refused before listening, naming the flag.
+    let bad = run_herald(&addr, "", &["listen", "--public-key", "whpk_AAAA"]).await;
+    assert_eq!(bad.code, 2, "a usage error: {bad:?}");
+    assert!(
+        bad.stderr
+            .contains("--public-key: public key: must be whpk_"),
+        "{bad:?}"
+    );
+    herald.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_prints_only_what_was_made() {
     let (herald, tenant_id, token) = with_tenant().await;

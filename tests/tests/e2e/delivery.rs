@@ -1180,3 +1180,205 @@ async fn custom_headers_are_sent_and_secret_ones_stay_sealed(backend: Backend) {
     herald.stop().await;
 }
 both_backends!(custom_headers_are_sent_and_secret_ones_stay_sealed);
+
+/// Verifies the `v1a` signatures of a request with `ring`, an Ed25519 implementation
+/// independent of the one Herald signs with; returns how many of them verify.
+fn ring_verified_v1a(request: &Received, public_key: &str) -> usize {
+    use base64::Engine as _;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let key = engine
+        .decode(public_key.strip_prefix("whpk_").expect("a whpk_ key"))
+        .unwrap();
+    let message = [
+        request.header("webhook-id").unwrap().as_bytes(),
+        b".",
+        request.header("webhook-timestamp").unwrap().as_bytes(),
+        b".",
+        &request.body,
+    ]
+    .concat();
+    request
+        .header("webhook-signature")
+        .unwrap()
+        .split(' ')
+        .filter_map(|sig| sig.strip_prefix("v1a,"))
+        .filter(|sig| {
+            let sig = engine.decode(sig).unwrap();
+            ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &key)
+                .verify(&message, &sig)
+                .is_ok()
+        })
+        .count()
+}
+
+/// Ed25519 (Standard Webhooks `v1a`): every read carries the public key, the private key is
+/// sealed at rest and never leaves; an independent Ed25519 implementation verifies the
+/// delivery and refuses a tampered body; a change of scheme and a rotation keep both keys
+/// signing through the grace period.
+async fn ed25519_signatures_verify_with_the_public_key_only(backend: Backend) {
+    let herald = Herald::builder(backend)
+        .configure(|c| c.master_key = Some([7u8; 32]))
+        .start()
+        .await;
+    let (_, client) = herald.tenant("acme").await;
+    let receiver = Receiver::start().await;
+    let sub = subscribe(&client, receiver.url("/hook"), |r| {
+        r.signature_scheme = pb::SignatureScheme::Ed25519 as i32;
+    })
+    .await;
+    assert_eq!(sub.signature_scheme, pb::SignatureScheme::Ed25519 as i32);
+    assert!(sub.signing_public_key.starts_with("whpk_"), "{sub:?}");
+    assert_eq!(sub.signing_secret, "", "the private key is never sent");
+    let public_key = sub.signing_public_key.clone();
+    let read = client
+        .subscriptions()
+        .get_subscription(pb::GetSubscriptionRequest {
+            id: sub.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read.signing_public_key, public_key);
+    let revealed = client
+        .subscriptions()
+        .get_subscription_secret(pb::GetSubscriptionSecretRequest {
+            id: sub.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revealed.signing_secret, "");
+    assert_eq!(revealed.signing_public_key, public_key);
+
+    // At rest: sealed like the HMAC secrets.
+    use sea_orm::ConnectionTrait as _;
+    let db = sea_orm::Database::connect(&herald.database.url)
+        .await
+        .unwrap();
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            format!(
+                "SELECT signing_secret FROM subscriptions WHERE id = '{}'",
+                sub.id
+            ),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let stored: String = row.try_get_by_index(0).unwrap();
+    assert!(
+        stored.starts_with("sealed1:") && !stored.contains("whsk_"),
+        "{stored}"
+    );
+    let _ = db.close().await;
+
+    client.publish(user_new(1)).await.unwrap();
+    let got = receiver.wait_for(1, DEADLINE).await;
+    let signature = got[0].header("webhook-signature").unwrap();
+    assert!(
+        signature.starts_with("v1a,") && !signature.contains(' '),
+        "{signature}"
+    );
+    assert_eq!(ring_verified_v1a(&got[0], &public_key), 1);
+    let key = herald_proto::webhook::PublicKey::parse(&public_key).unwrap();
+    let now = chrono::Utc::now().timestamp();
+    let check = |body: &[u8]| {
+        herald_proto::webhook::verify(
+            &key,
+            got[0].header("webhook-id"),
+            got[0].header("webhook-timestamp"),
+            Some(signature),
+            body,
+            now,
+            300,
+        )
+    };
+    assert_eq!(check(&got[0].body), Ok(()));
+    let mut tampered = got[0].body.to_vec();
+    tampered[2] ^= 1;
+    assert_eq!(
+        check(&tampered),
+        Err(herald_proto::webhook::Error::NoMatchingSignature)
+    );
+    let mut forged = got[0].clone();
+    forged.body = tampered.into();
+    assert_eq!(ring_verified_v1a(&forged, &public_key), 0);
+
+    // A change of scheme to HMAC: the new secret and the old public key both verify.
+    let switched = client
+        .subscriptions()
+        .update_subscription(pb::UpdateSubscriptionRequest {
+            id: sub.id.clone(),
+            signature_scheme: Some(pb::SignatureScheme::HmacSha256 as i32),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        switched.signature_scheme,
+        pb::SignatureScheme::HmacSha256 as i32
+    );
+    assert_eq!(switched.signing_public_key, "");
+    let secret = client
+        .subscriptions()
+        .get_subscription_secret(pb::GetSubscriptionSecretRequest {
+            id: sub.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .signing_secret;
+    assert!(secret.starts_with("whsec_"));
+    client.publish(user_new(2)).await.unwrap();
+    let got = receiver.wait_for(2, DEADLINE).await;
+    standardwebhooks::Webhook::new(&secret)
+        .unwrap()
+        .verify(&got[1].body, &got[1].headers)
+        .unwrap();
+    assert_eq!(ring_verified_v1a(&got[1], &public_key), 1);
+
+    // Rotation back to a new Ed25519 key: the new public key and the HMAC secret verify.
+    let rotated = client
+        .subscriptions()
+        .rotate_secret(pb::RotateSecretRequest {
+            id: sub.id.clone(),
+            signature_scheme: Some(pb::SignatureScheme::Ed25519 as i32),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(rotated.signing_public_key, public_key);
+    assert_eq!(rotated.signing_secret, "");
+    client.publish(user_new(3)).await.unwrap();
+    let got = receiver.wait_for(3, DEADLINE).await;
+    assert_eq!(ring_verified_v1a(&got[2], &rotated.signing_public_key), 1);
+    assert_eq!(
+        ring_verified_v1a(&got[2], &public_key),
+        0,
+        "only the key just replaced keeps signing"
+    );
+    standardwebhooks::Webhook::new(&secret)
+        .unwrap()
+        .verify(&got[2].body, &got[2].headers)
+        .unwrap();
+
+    let refused = client
+        .subscriptions()
+        .update_subscription(pb::UpdateSubscriptionRequest {
+            id: sub.id.clone(),
+            signature_scheme: Some(7),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert_eq!(refused.message(), "signature_scheme: unknown value 7");
+    herald.stop().await;
+}
+both_backends!(ed25519_signatures_verify_with_the_public_key_only);

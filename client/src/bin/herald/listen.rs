@@ -1,6 +1,6 @@
 //! `herald listen`: a local receiver on 127.0.0.1 that prints every webhook it gets (method,
-//! path, the headers that matter, the body) and whether its Standard Webhooks signature and its
-//! API key verify, and answers with a chosen status (what webhook.site is used for).
+//! path, the headers that matter, the body) and whether its Standard Webhooks signature (`v1`
+//! with `--secret`, `v1a` with `--public-key`) and its API key verify, and answers with a chosen status (what webhook.site is used for).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use chrono::Utc;
-use herald_proto::webhook::{self, Secret};
+use herald_proto::webhook::{self, PublicKey, Secret, VerifyingKey};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -27,6 +27,10 @@ pub struct Args {
     /// not checked
     #[arg(long, value_name = "whsec_…")]
     pub secret: Option<String>,
+    /// Ed25519 public key (whpk_…) of a subscription signing with Ed25519, to verify its v1a
+    /// signatures with
+    #[arg(long, value_name = "whpk_…", conflicts_with = "secret")]
+    pub public_key: Option<String>,
     /// API key the requests must carry; without it API keys are not checked
     #[arg(long, value_name = "KEY")]
     pub api_key: Option<String>,
@@ -41,7 +45,7 @@ pub struct Args {
 
 /// What the handler needs.
 struct Listener {
-    secret: Option<Secret>,
+    verifier: Option<VerifyingKey>,
     api_key: Option<String>,
     api_key_header: String,
     status: StatusCode,
@@ -56,7 +60,7 @@ struct Report {
     path: String,
     webhook_id: Option<String>,
     webhook_timestamp: Option<String>,
-    /// `null` without `--secret`.
+    /// `null` without `--secret` or `--public-key`.
     signature_valid: Option<bool>,
     signature_error: Option<String>,
     /// `null` without `--api-key`.
@@ -73,11 +77,21 @@ pub async fn run(args: Args, out: Output) -> anyhow::Result<()> {
         .secret
         .as_deref()
         .map(|text| {
-            Secret::parse(text.trim()).map_err(|_| {
+            Secret::parse(text.trim()).map(VerifyingKey::Secret).map_err(|_| {
                 usage("--secret: must be whsec_ followed by base64 (herald subscriptions reveal-secret ID --quiet prints it)")
             })
         })
         .transpose()?;
+    let public_key = args
+        .public_key
+        .as_deref()
+        .map(|text| {
+            PublicKey::parse(text.trim()).map(VerifyingKey::PublicKey).map_err(|err| {
+                usage(format!("--public-key: {err} (herald subscriptions reveal-secret ID --quiet prints it)"))
+            })
+        })
+        .transpose()?;
+    let verifier = secret.or(public_key);
     let status = StatusCode::from_u16(args.status)
         .map_err(|_| usage(format!("--status: {} is not an HTTP status", args.status)))?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.port));
@@ -95,12 +109,12 @@ pub async fn run(args: Args, out: Output) -> anyhow::Result<()> {
         eprintln!(
             "listening on http://{addr} (any path), answering {}; {}, {}; Ctrl-C to stop",
             status.as_u16(),
-            check("signatures", secret.is_some(), "--secret"),
+            check("signatures", verifier.is_some(), "--secret or --public-key"),
             check("API keys", args.api_key.is_some(), "--api-key"),
         );
     }
     let state = Arc::new(Listener {
-        secret,
+        verifier,
         api_key: args.api_key,
         api_key_header: args.api_key_header,
         status,
@@ -156,10 +170,10 @@ fn inspect(
     now: i64,
 ) -> Report {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let (signature_valid, signature_error) = match &listener.secret {
+    let (signature_valid, signature_error) = match &listener.verifier {
         None => (None, None),
-        Some(secret) => match webhook::verify(
-            secret,
+        Some(key) => match webhook::verify(
+            key,
             header(webhook::HEADER_ID),
             header(webhook::HEADER_TIMESTAMP),
             header(webhook::HEADER_SIGNATURE),
@@ -314,7 +328,7 @@ mod tests {
 
     fn listener(secret: Option<&Secret>, api_key: Option<&str>) -> Listener {
         Listener {
-            secret: secret.cloned(),
+            verifier: secret.cloned().map(VerifyingKey::Secret),
             api_key: api_key.map(str::to_owned),
             api_key_header: "X-API-Key".into(),
             status: StatusCode::OK,
@@ -327,6 +341,8 @@ mod tests {
             },
         }
     }
+
+    use webhook::Sign as _;
 
     fn signed(secret: &Secret, key: &str, now: i64) -> HeaderMap {
         let body = br#"{"id":42}"#;
@@ -368,6 +384,32 @@ mod tests {
         let line: serde_json::Value =
             serde_json::from_str(&serde_json::to_string(&unchecked).unwrap()).unwrap();
         assert!(line["signature_valid"].is_null() && line["api_key_valid"].is_null());
+    }
+
+    #[test]
+    fn verifies_ed25519_signatures_with_a_public_key() {
+        use webhook::{PrivateKey, Sign as _};
+        let key = PrivateKey::from_seed([9; 32]);
+        let now = 1_700_000_000;
+        let body = br#"{"id":42}"#;
+        let mut headers = HeaderMap::new();
+        headers.insert("webhook-id", "evt_1".parse().unwrap());
+        headers.insert("webhook-timestamp", now.to_string().parse().unwrap());
+        headers.insert(
+            "webhook-signature",
+            key.sign("evt_1", now, body).parse().unwrap(),
+        );
+        let mut l = listener(None, None);
+        l.verifier = Some(VerifyingKey::PublicKey(key.public_key()));
+        let uri: Uri = "/hooks".parse().unwrap();
+        let ok = inspect(&l, &Method::POST, &uri, &headers, body, now);
+        assert_eq!(ok.signature_valid, Some(true));
+        let tampered = inspect(&l, &Method::POST, &uri, &headers, br#"{"id":43}"#, now);
+        assert_eq!(tampered.signature_valid, Some(false));
+        assert_eq!(
+            tampered.signature_error.as_deref(),
+            Some("webhook-signature: no signature matches")
+        );
     }
 
     #[test]

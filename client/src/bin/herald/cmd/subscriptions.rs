@@ -1,6 +1,6 @@
 //! `herald subscriptions create|list|get|update|delete|rotate-secret|reveal-secret|enable`.
 
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use herald_client::v1 as pb;
 
 use super::{Context, Page};
@@ -25,17 +25,22 @@ pub enum Command {
         /// The subscription's id (sub_…)
         id: String,
     },
-    /// Issue a new signing secret; the previous one keeps signing during the grace period
-    /// (`--quiet`: only the new secret)
+    /// Issue a new signing key; the previous one keeps signing during the grace period
+    /// (`--quiet`: only the new secret, or the new public key for Ed25519)
     RotateSecret {
         /// The subscription's id (sub_…)
         id: String,
-        /// Seconds the previous secret stays valid beside the new one (default 86400; 0 ends
+        /// Seconds the previous key stays valid beside the new one (default 86400; 0 ends
         /// it now)
         #[arg(long, value_name = "SECONDS")]
         grace_period: Option<u32>,
+        /// The new key's scheme (default: the current one); a change of scheme keeps both
+        /// signing during the grace period
+        #[arg(long, value_enum)]
+        signature: Option<Signature>,
     },
-    /// Show the signing secret receivers verify with (`--quiet`: only the secret)
+    /// Show what receivers verify with: the signing secret, or the public key of an Ed25519
+    /// subscription (`--quiet`: only that value)
     RevealSecret {
         /// The subscription's id (sub_…)
         id: String,
@@ -45,6 +50,35 @@ pub enum Command {
         /// The subscription's id (sub_…)
         id: String,
     },
+}
+
+/// How requests are signed (Standard Webhooks).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Signature {
+    /// `v1`: HMAC-SHA256 with a shared `whsec_` secret
+    Hmac,
+    /// `v1a`: Ed25519; receivers verify with the `whpk_` public key
+    Ed25519,
+}
+
+impl Signature {
+    fn scheme(self) -> i32 {
+        match self {
+            Self::Hmac => pb::SignatureScheme::HmacSha256 as i32,
+            Self::Ed25519 => pb::SignatureScheme::Ed25519 as i32,
+        }
+    }
+}
+
+/// Reads a `--filter` value: the JSON itself or `@FILE` (checked by the control plane, which
+/// names the problem and where).
+fn read_filter(value: String) -> anyhow::Result<String> {
+    match value.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .map(|text| text.trim().to_owned())
+            .map_err(|err| super::usage(format!("--filter: cannot read {path}: {err}"))),
+        None => Ok(value),
+    }
 }
 
 /// Flags of `subscriptions create`.
@@ -73,9 +107,16 @@ pub struct CreateArgs {
     #[arg(long)]
     pub ordered: bool,
     /// Deliver only events whose payload matches this JSON filter, e.g.
-    /// '{"amount": {"$gte": 100}, "customer.country": "FR"}'
-    #[arg(long, value_name = "JSON")]
+    /// '{"amount": {"$gte": 100}, "customer.country": "FR"}', or @FILE
+    #[arg(
+        long = "filter",
+        visible_alias = "payload-filter",
+        value_name = "JSON|@FILE"
+    )]
     pub payload_filter: Option<String>,
+    /// How requests are signed (default hmac)
+    #[arg(long, value_enum)]
+    pub signature: Option<Signature>,
     /// A header sent with every request, NAME=VALUE (repeatable)
     #[arg(long = "header", value_name = "NAME=VALUE", value_parser = name_value)]
     pub headers: Vec<(String, String)>,
@@ -138,9 +179,17 @@ pub struct UpdateArgs {
     /// Deliver each entity's events in order (`--ordered false` to stop)
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub ordered: Option<bool>,
-    /// New payload filter (JSON); an empty string removes it
-    #[arg(long, value_name = "JSON")]
+    /// New payload filter (JSON or @FILE); an empty string removes it
+    #[arg(
+        long = "filter",
+        visible_alias = "payload-filter",
+        value_name = "JSON|@FILE"
+    )]
     pub payload_filter: Option<String>,
+    /// Switch to another signature scheme: a new key signs from now on and the current one
+    /// keeps signing beside it for 24 hours
+    #[arg(long, value_enum)]
+    pub signature: Option<Signature>,
     /// Replace the custom headers with these, NAME=VALUE (repeatable); a secret header given
     /// as NAME= keeps its current value
     #[arg(long = "header", value_name = "NAME=VALUE", value_parser = name_value)]
@@ -184,8 +233,9 @@ pub async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
                 max_concurrency: a.max_concurrency.unwrap_or(0),
                 rate_limit_per_s: a.rate_limit.unwrap_or(0),
                 ordered: a.ordered,
-                payload_filter: a.payload_filter,
+                payload_filter: a.payload_filter.map(read_filter).transpose()?,
                 headers: custom_headers(a.headers, a.secret_headers),
+                signature_scheme: a.signature.map_or(0, Signature::scheme),
             };
             let sub = subs().create_subscription(request).await?.into_inner();
             show(ctx, &sub, |s| s.id.clone())
@@ -268,7 +318,8 @@ pub async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
                 max_concurrency: a.max_concurrency,
                 rate_limit_per_s: a.rate_limit,
                 ordered: a.ordered,
-                payload_filter: a.payload_filter,
+                payload_filter: a.payload_filter.map(read_filter).transpose()?,
+                signature_scheme: a.signature.map(Signature::scheme),
                 headers: if a.clear_headers {
                     Some(pb::CustomHeaders::default())
                 } else if a.headers.is_empty() && a.secret_headers.is_empty() {
@@ -297,36 +348,39 @@ pub async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
             ctx.out
                 .reply(&reply, |_| String::new(), |_, _| format!("deleted {id}"))
         }
-        Command::RotateSecret { id, grace_period } => {
+        Command::RotateSecret {
+            id,
+            grace_period,
+            signature,
+        } => {
             let request = pb::RotateSecretRequest {
                 tenant_id,
                 id,
                 grace_period_s: grace_period,
+                signature_scheme: signature.map(Signature::scheme),
             };
             let sub = subs().rotate_secret(request).await?.into_inner();
             let grace = grace_period.unwrap_or(86_400);
             ctx.out.reply(
                 &sub,
-                |s| s.signing_secret.clone(),
+                |s| verifier_of(s).1,
                 |style, s| {
                     let previous = if grace == 0 {
-                        "the previous secret no longer signs".to_owned()
+                        "the previous key no longer signs".to_owned()
                     } else {
                         format!(
-                            "the previous secret keeps signing for {}",
+                            "the previous key keeps signing for {}",
                             humantime::format_duration(std::time::Duration::from_secs(
                                 grace.into()
                             ))
                         )
                     };
+                    let (label, value) = verifier_of(s);
                     details(
                         style,
                         &[
                             ("id", s.id.clone()),
-                            (
-                                "signing secret",
-                                style.paint(Some(Color::Bold), &s.signing_secret),
-                            ),
+                            (label, style.paint(Some(Color::Bold), &value)),
                         ],
                     ) + &previous
                         + "\n"
@@ -344,17 +398,15 @@ pub async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
                 .await?;
             ctx.out.reply(
                 &sub,
-                |s| s.signing_secret.clone(),
+                |s| verifier_of(s).1,
                 |style, s| {
+                    let (label, value) = verifier_of(s);
                     details(
                         style,
                         &[
                             ("id", s.id.clone()),
                             ("url", s.url.clone()),
-                            (
-                                "signing secret",
-                                style.paint(Some(Color::Bold), &s.signing_secret),
-                            ),
+                            (label, style.paint(Some(Color::Bold), &value)),
                         ],
                     )
                 },
@@ -371,6 +423,16 @@ pub async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
                 .await?;
             show(ctx, &sub, |s| s.id.clone())
         }
+    }
+}
+
+/// What a receiver verifies with: the HMAC secret, or the public key of an Ed25519 subscription
+/// (whose private key never leaves the control plane).
+fn verifier_of(s: &pb::Subscription) -> (&'static str, String) {
+    if s.signature_scheme == pb::SignatureScheme::Ed25519 as i32 {
+        ("signing public key", s.signing_public_key.clone())
+    } else {
+        ("signing secret", s.signing_secret.clone())
     }
 }
 
@@ -448,6 +510,14 @@ pub fn view(style: &Style, s: &pb::Subscription) -> String {
                     })
                     .collect::<Vec<_>>()
                     .join(", ")
+            },
+        ),
+        (
+            "signature",
+            if s.signature_scheme == pb::SignatureScheme::Ed25519 as i32 {
+                format!("Ed25519 (v1a), public key {}", s.signing_public_key)
+            } else {
+                "HMAC-SHA256 (v1)".to_owned()
             },
         ),
         (
