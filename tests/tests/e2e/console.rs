@@ -505,6 +505,176 @@ impl Browser {
     }
 }
 
+/// The filter editor's preview runs the form's filters against the tenant's latest events
+/// (and shows a bad filter's error beside it); header rows are saved with a secret value that
+/// no page shows again; an Ed25519 webhook shows its public key, and a rotation to HMAC keeps
+/// both keys signing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_edits_filters_headers_and_the_signature_scheme() {
+    let (herald, console) = herald_with_console().await;
+    let receiver = Receiver::start().await;
+    let (_tenant_id, token, client) = tenant_with_token(&herald, "acme").await;
+    let order = |amount: u32| pb::PublishEventRequest {
+        event_type: "order.paid".into(),
+        payload: format!(r#"{{"amount": {amount}, "currency": "EUR"}}"#),
+        ..Default::default()
+    };
+    for request in [order(50), order(150), user_new()] {
+        client.publish(request).await.unwrap();
+    }
+    let browser = Browser::start(console).await;
+    browser.sign_in(&token).await;
+    browser.goto("/webhooks/new").await;
+    browser.fill("#name", "Big orders").await;
+    browser.fill("#url", &receiver.url("/orders")).await;
+
+    // A bad filter: its error beside the field, no preview, nothing created.
+    browser
+        .fill("#payload_filter", r#"{"amount": {"$gt": true}}"#)
+        .await;
+    browser.click("#preview-filter").await;
+    let error = browser.text("#payload_filter-error").await;
+    assert_eq!(error, "$gt needs a number or string at amount");
+    assert!(subscriptions(&client).await.is_empty());
+
+    // The preview: 1 of the last 3 events matches; the form keeps what was typed.
+    browser
+        .fill("#payload_filter", r#"{"amount": {"$gte": 100}}"#)
+        .await;
+    browser.click("#preview-filter").await;
+    let preview = browser
+        .wait_text("#filter-preview", "of the last 3", false)
+        .await;
+    assert!(preview.contains("1 of the last 3"), "{preview}");
+    let matched = browser
+        .client
+        .find_all(Locator::Css("#filter-preview li[data-matched=true]"))
+        .await
+        .unwrap();
+    assert_eq!(
+        matched.len(),
+        1,
+        "{}",
+        browser
+            .find("#filter-preview")
+            .await
+            .html(false)
+            .await
+            .unwrap()
+    );
+    assert!(matched[0].text().await.unwrap().contains("order.paid"));
+    assert_eq!(
+        browser
+            .find("#name")
+            .await
+            .prop("value")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("Big orders")
+    );
+    // With the event types narrowed to user.*, nothing matches.
+    browser.fill("#more_event_types", "user.*").await;
+    browser.click("#preview-filter").await;
+    let preview = browser
+        .wait_text("#filter-preview", "0 of the last 3", false)
+        .await;
+    assert!(preview.contains("0 of the last 3"), "{preview}");
+    browser.fill("#more_event_types", "order.*").await;
+    browser.click("#preview-filter").await;
+    browser
+        .wait_text("#filter-preview", "1 of the last 3", false)
+        .await;
+    browser.shot("14-filter-preview").await;
+
+    // Headers (one secret) and Ed25519.
+    browser.fill("input[name=header_name_0]", "X-Tenant").await;
+    browser.fill("input[name=header_value_0]", "acme").await;
+    browser
+        .fill("input[name=header_name_1]", "X-Shared-Key")
+        .await;
+    browser
+        .fill("input[name=header_value_1]", "s3cr3t-value")
+        .await;
+    browser.click("input[name=header_secret_1]").await;
+    browser
+        .click("#signature_scheme option[value=ed25519]")
+        .await;
+    browser.click("#save").await;
+    let path = browser
+        .wait_path("the new webhook's page", |p| {
+            p.starts_with("/webhooks/sub_")
+        })
+        .await;
+    let sub_id = path.trim_start_matches("/webhooks/").to_owned();
+    let sub = &subscriptions(&client).await[0];
+    assert_eq!(sub.id, sub_id);
+    assert_eq!(sub.signature_scheme, pb::SignatureScheme::Ed25519 as i32);
+    assert_eq!(sub.payload_filter, r#"{"amount": {"$gte": 100}}"#);
+    assert_eq!(
+        (sub.headers[0].name.as_str(), sub.headers[0].value.as_str()),
+        ("X-Tenant", "acme")
+    );
+    assert!(sub.headers[1].secret && sub.headers[1].value_hint == "alue");
+    assert_eq!(browser.text("#signature-scheme").await, "Ed25519");
+    assert_eq!(
+        browser.text("#signing-public-key").await,
+        sub.signing_public_key
+    );
+    let page = browser.client.source().await.unwrap();
+    assert!(!page.contains("s3cr3t-value"), "a secret value on a page");
+    assert!(!page.contains("whsk_"), "a private key on a page");
+    let placeholder = browser
+        .find("input[name=header_value_1]")
+        .await
+        .attr("placeholder")
+        .await
+        .unwrap();
+    assert_eq!(placeholder.as_deref(), Some("unchanged (ends in alue)"));
+    browser.shot("15-ed25519-headers").await;
+
+    // Saving the form unchanged keeps the secret header's value.
+    browser.click("#save").await;
+    browser.wait_text("main", "Saved.", false).await;
+    client.publish(order(200)).await.unwrap();
+    let got = receiver.wait_for(1, WAIT).await;
+    assert_eq!(got[0].header("x-tenant"), Some("acme"));
+    assert_eq!(got[0].header("x-shared-key"), Some("s3cr3t-value"));
+    let public_key = herald_proto::webhook::PublicKey::parse(&sub.signing_public_key).unwrap();
+    let verify = |request: &herald_tests::Received, key: &dyn herald_proto::webhook::Verify| {
+        herald_proto::webhook::verify(
+            key,
+            request.header("webhook-id"),
+            request.header("webhook-timestamp"),
+            request.header("webhook-signature"),
+            &request.body,
+            chrono::Utc::now().timestamp(),
+            300,
+        )
+    };
+    assert_eq!(verify(&got[0], &public_key), Ok(()));
+
+    // Rotate to HMAC: the page shows the new secret; both keys sign during the grace period.
+    browser
+        .client
+        .execute("window.confirm = () => true", vec![])
+        .await
+        .unwrap();
+    browser.click("#scheme option[value=hmac]").await;
+    browser.click("#rotate").await;
+    let secret = browser.text("#signing-secret").await;
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    assert_eq!(browser.text("#signature-scheme").await, "HMAC-SHA256");
+    client.publish(order(300)).await.unwrap();
+    let got = receiver.wait_for(2, WAIT).await;
+    let secret = herald_proto::webhook::Secret::parse(&secret).unwrap();
+    assert_eq!(verify(&got[1], &public_key), Ok(()));
+    assert_eq!(verify(&got[1], &secret), Ok(()));
+    browser.shot("16-rotated-to-hmac").await;
+    browser.close().await;
+    herald.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_keeps_tenants_apart_and_links_sign_in_once() {
     let (herald, console) = herald_with_console().await;
