@@ -995,7 +995,8 @@ const NEW_KEY: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
 
 /// A database written without a master key holds no secret in clear after a start with one;
 /// `rotate-master-key` with two replicas running both keys, then a start with the new key
-/// alone, still delivers with the old subscriptions' secrets, and the old key alone is refused.
+/// alone, still delivers with the old subscriptions' secrets and Ed25519 keys, and the old key
+/// alone is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn master_keys_are_set_and_rotated_without_losing_a_secret() {
     let database = TestDatabase::new(Backend::Postgres).await;
@@ -1058,12 +1059,21 @@ async fn master_keys_are_set_and_rotated_without_losing_a_secret() {
         .await
         .unwrap()
         .into_inner();
-    assert!(
-        stored_secrets()
-            .await
-            .iter()
-            .any(|v| v == &sub.signing_secret)
-    );
+    let ed25519 = admin
+        .subscriptions()
+        .create_subscription(pb::CreateSubscriptionRequest {
+            tenant_id: tenant.id.clone(),
+            name: "ed25519 hook".into(),
+            url: receiver.url("/ed25519"),
+            signature_scheme: pb::SignatureScheme::Ed25519 as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let stored = stored_secrets().await;
+    assert!(stored.iter().any(|v| v == &sub.signing_secret));
+    assert!(stored.iter().any(|v| v.starts_with("whsk_")), "{stored:?}");
     plain.terminate().await;
 
     // Two replicas with the old key: nothing stays in clear.
@@ -1073,7 +1083,7 @@ async fn master_keys_are_set_and_rotated_without_losing_a_secret() {
             .push(harness::spawn_control_plane(&env(i, &[("HERALD_MASTER_KEY", OLD_KEY)])).await);
     }
     let secrets = stored_secrets().await;
-    assert_eq!(secrets.len(), 2);
+    assert_eq!(secrets.len(), 3);
     assert!(
         secrets.iter().all(|v| v.starts_with("sealed1:")),
         "{secrets:?}"
@@ -1104,7 +1114,7 @@ async fn master_keys_are_set_and_rotated_without_losing_a_secret() {
         "{}",
         String::from_utf8_lossy(&rotate.stderr)
     );
-    assert!(String::from_utf8_lossy(&rotate.stdout).contains("re-sealed 2 secrets"));
+    assert!(String::from_utf8_lossy(&rotate.stdout).contains("re-sealed 3 secrets"));
     let after = stored_secrets().await;
     assert!(
         after
@@ -1144,10 +1154,26 @@ async fn master_keys_are_set_and_rotated_without_losing_a_secret() {
     let mut event = invoice(1);
     event.tenant_id = tenant.id.clone();
     admin.publish(event).await.unwrap();
-    let got = receiver.wait_for(1, DEADLINE).await;
+    let mut got = receiver.wait_for(2, DEADLINE).await;
+    got.sort_by(|a, b| a.path.cmp(&b.path));
+    let (ed25519_request, hmac_request) = (&got[0], &got[1]);
     let webhook = standardwebhooks::Webhook::new(&sub.signing_secret).unwrap();
-    webhook.verify(&got[0].body, &got[0].headers).unwrap();
-    assert_eq!(got[0].header("x-api-key"), Some("receiver-key-0123"));
+    webhook
+        .verify(&hmac_request.body, &hmac_request.headers)
+        .unwrap();
+    assert_eq!(hmac_request.header("x-api-key"), Some("receiver-key-0123"));
+    // The Ed25519 key survived sealing and rotation: the public key given at creation verifies.
+    let public_key = herald_proto::webhook::PublicKey::parse(&ed25519.signing_public_key).unwrap();
+    herald_proto::webhook::verify(
+        &public_key,
+        ed25519_request.header("webhook-id"),
+        ed25519_request.header("webhook-timestamp"),
+        ed25519_request.header("webhook-signature"),
+        &ed25519_request.body,
+        chrono::Utc::now().timestamp(),
+        300,
+    )
+    .unwrap();
     agent.kill().await;
     replica.terminate().await;
     let mut database = database;
