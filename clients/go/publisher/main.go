@@ -1,4 +1,4 @@
-// Publishes one event to Herald and prints its id: HERALD_ADDR=127.0.0.1:50051 HERALD_TOKEN=hrld_…
+// Publishes one event and prints its id: HERALD_ADDR=127.0.0.1:50051 HERALD_TOKEN=hrld_… ./publisher
 package main
 
 import (
@@ -19,25 +19,24 @@ import (
 )
 
 func main() {
-	// Plaintext on loopback; grpc.WithTransportCredentials(credentials.NewClientTLSFromCert(…)) for TLS.
+	// Plaintext on loopback (WithInsecure also runs on Debian's older grpc-go); TLS:
+	// grpc.WithTransportCredentials(credentials.NewClientTLSFromCert(pool, "")).
 	conn, err := grpc.Dial(os.Getenv("HERALD_ADDR"), grpc.WithInsecure())
 	if err != nil {
 		log.Fatal(err)
 	}
 	defer conn.Close()
-	events := heraldv1.NewEventServiceClient(conn)
 	key := make([]byte, 16)
 	rand.Read(key)
-	request := &heraldv1.PublishEventRequest{
-		EventType:      "user.new",
+	event := &heraldv1.PublishEventRequest{
+		EventType: "user.new", EntityType: "user", EntityId: "42", Action: "new",
 		Payload:        `{"entity_type":"user","entity_id":42,"action_type":"new","result":{"id":42}}`,
 		IdempotencyKey: "idem_" + hex.EncodeToString(key), // one per event, the same on every retry
-		EntityType:     "user", EntityId: "42", Action: "new",
 	}
 	for attempt := 1; ; attempt++ {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+os.Getenv("HERALD_TOKEN"))
-		reply, err := events.PublishEvent(ctx, request)
+		reply, err := heraldv1.NewEventServiceClient(conn).PublishEvent(ctx, event)
 		cancel()
 		// UNAVAILABLE: not stored, or the outcome is unknown; the same key makes the retry safe.
 		if status.Code(err) == codes.Unavailable && attempt < 4 {

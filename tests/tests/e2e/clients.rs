@@ -239,3 +239,18 @@ async fn protos_pass_buf_lint_and_have_no_breaking_change() {
     run_script("buf", &["lint"]).await;
     run_script("buf", &["breaking", "--against", "breaking-baseline.binpb"]).await;
 }
+
+#[test]
+fn readme_shows_the_publishers_the_suite_runs() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    for file in [
+        "clients/typescript/src/publish.ts",
+        "clients/go/publisher/main.go",
+    ] {
+        let source = std::fs::read_to_string(repo().join(file)).unwrap();
+        assert!(
+            readme.contains(&source),
+            "README.md's \"From your backend\" shows {file} as it is: copy it there again"
+        );
+    }
+}
