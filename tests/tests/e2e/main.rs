@@ -3,6 +3,7 @@
 
 mod api;
 mod cli;
+mod clients;
 mod console;
 mod delivery;
 mod dispatch;
