@@ -35,6 +35,18 @@ pub struct Rpc {
     pub code: &'static str,
 }
 
+/// The status codes of failures on the server's side (the `HeraldPublishErrors` alert's), as
+/// `herald_rpc_errors_total` names them; the others are the caller's (invalid input, unknown
+/// tokens) or its choice (`RESOURCE_EXHAUSTED` is also an oversized payload or a throttled
+/// authentication, and a full disk has `herald_storage_errors_total{kind="full"}`).
+pub const SERVER_ERROR_CODES: [&str; 5] = [
+    "INTERNAL",
+    "UNAVAILABLE",
+    "UNKNOWN",
+    "DATA_LOSS",
+    "DEADLINE_EXCEEDED",
+];
+
 /// Every metric the control plane updates; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -154,6 +166,24 @@ impl Metrics {
                 metrics.rpc_errors.clone(),
             );
         });
+        // The series alerts watch exist from the start at 0: Prometheus's `increase()` cannot see
+        // a counter's first step when the series appears with it.
+        for outcome in ["succeeded", "failed", "dead"] {
+            let _ = metrics.deliveries.get_or_create(&Outcome { outcome });
+        }
+        for reason in ["gone", "failing"] {
+            let _ = metrics
+                .subscriptions_disabled
+                .get_or_create(&Reason { reason });
+        }
+        for method in ["PublishEvent", "PublishEvents"] {
+            for code in SERVER_ERROR_CODES {
+                let _ = metrics.rpc_errors.get_or_create(&Rpc {
+                    method: method.to_owned(),
+                    code,
+                });
+            }
+        }
         metrics
     }
 
