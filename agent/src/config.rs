@@ -127,7 +127,7 @@ struct Raw {
 
 /// The settings the agent reads, as lowercase keys without the `HERALD_` prefix; every other
 /// `HERALD_*` variable belongs to another process and is ignored.
-const KEYS: &[&str] = &[
+pub const KEYS: &[&str] = &[
     "control_plane",
     "agent_token",
     "region",

@@ -446,6 +446,7 @@ mod tests {
             heartbeat_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             metrics: None,
+            connected: None,
         }
     }
 
