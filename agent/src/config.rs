@@ -51,6 +51,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Where the agent's metrics go (the control plane's registry for the built-in agent).
     pub metrics: Option<crate::telemetry::AgentMetrics>,
+    /// Told `true` once a control plane has welcomed a stream and `false` when it ends: the
+    /// binary's health service follows it.
+    pub connected: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 /// What the binary loads: the agent's configuration and how it logs.
@@ -60,6 +63,9 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// `HERALD_METRICS_LISTEN`: where `/metrics` is served; unset, nothing listens.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `HERALD_HEALTH_LISTEN`: where the gRPC health service answers (`SERVING` while a stream
+    /// to a control plane is open); unset, nothing listens.
+    pub health_listen: Option<std::net::SocketAddr>,
     /// Whether `OTEL_EXPORTER_OTLP_ENDPOINT` (or its traces variant) is set: spans are exported.
     pub otlp: bool,
 }
@@ -116,11 +122,12 @@ struct Raw {
     heartbeat_interval: Option<Value>,
     shutdown_grace: Option<Value>,
     metrics_listen: Option<Value>,
+    health_listen: Option<Value>,
 }
 
 /// The settings the agent reads, as lowercase keys without the `HERALD_` prefix; every other
 /// `HERALD_*` variable belongs to another process and is ignored.
-const KEYS: &[&str] = &[
+pub const KEYS: &[&str] = &[
     "control_plane",
     "agent_token",
     "region",
@@ -135,6 +142,7 @@ const KEYS: &[&str] = &[
     "heartbeat_interval",
     "shutdown_grace",
     "metrics_listen",
+    "health_listen",
 ];
 const ENV_PREFIX: &str = "HERALD_";
 const DEFAULT_REGION: &str = "default";
@@ -160,6 +168,7 @@ impl Default for Config {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             metrics: None,
+            connected: None,
         }
     }
 }
@@ -321,6 +330,15 @@ impl Raw {
                 )
             })?),
         };
+        let health_listen = match scalar(self.health_listen, "health_listen")?.as_deref() {
+            None | Some("") => None,
+            Some(addr) => Some(addr.parse().map_err(|_| {
+                invalid(
+                    "health_listen",
+                    "not a socket address such as 127.0.0.1:50053",
+                )
+            })?),
+        };
         let log_format = match scalar(self.log_format, "log_format")?.as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
@@ -349,9 +367,11 @@ impl Raw {
                 heartbeat_interval,
                 shutdown_grace,
                 metrics: None,
+                connected: None,
             },
             log_format,
             metrics_listen,
+            health_listen,
             otlp: false,
         })
     }

@@ -42,6 +42,8 @@ pub(crate) struct Settings {
     pub(crate) authorization: AsciiMetadataValue,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) shutdown_grace: Duration,
+    /// Told whether a welcomed stream is open (the binary's health service).
+    pub(crate) connected: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 /// How a welcomed stream ended.
@@ -119,6 +121,9 @@ pub(crate) async fn run(
         connected = open(endpoint, settings) => connected?,
     };
     let (outbound, inbound, heartbeat_interval) = connected;
+    if let Some(connected) = &settings.connected {
+        connected.send_replace(true);
+    }
     let stream = Stream {
         settings,
         deliverer,
@@ -441,6 +446,7 @@ mod tests {
             heartbeat_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             metrics: None,
+            connected: None,
         }
     }
 

@@ -9,6 +9,7 @@ pub mod config;
 mod connection;
 mod deliver;
 pub mod guard;
+pub mod health;
 pub mod telemetry;
 #[cfg(test)]
 mod testing;
@@ -117,6 +118,7 @@ impl Agent {
                 authorization,
                 heartbeat_interval: config.heartbeat_interval,
                 shutdown_grace: config.shutdown_grace,
+                connected: config.connected,
             },
             deliverer: Arc::new(deliverer),
             metrics: config.metrics,
@@ -138,6 +140,9 @@ impl Agent {
             )
             .instrument(span.clone())
             .await;
+            if let Some(connected) = &self.session.connected {
+                connected.send_replace(false);
+            }
             failures = match outcome {
                 Ok(Ended::Shutdown) => return,
                 Ok(Ended::Drained) => {

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use herald_agent::config::{self, LogFormat, Overrides};
-use herald_agent::telemetry;
+use herald_agent::{health, telemetry};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -38,13 +38,23 @@ struct Args {
     /// CIDRs the SSRF guard allows, comma-separated, e.g. 127.0.0.0/8 [env: HERALD_ALLOW_DESTINATIONS]
     #[arg(long, value_name = "CIDRS")]
     allow_destinations: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Ask the running agent's health service (HERALD_HEALTH_LISTEN) whether a control plane
+    /// holds its stream: exit 0 when SERVING, 1 otherwise (for container health checks)
+    Health,
 }
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    let command = args.command.take();
     let settings = match config::load_from_process(args.into_overrides()) {
         Ok(settings) => settings,
         Err(invalid) => {
@@ -55,10 +65,44 @@ fn main() -> ExitCode {
     // One crypto provider for the process (ring); the library passes ring explicitly anyway, so
     // an earlier installation by someone else is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Some(Command::Health) = command {
+        return health(&settings);
+    }
     match serve(settings) {
         Ok(code) => code,
         Err(err) => {
             error!(error = %format!("{err:#}"), "agent failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `herald-agent health`: one check of the running agent's health service.
+fn health(settings: &config::Settings) -> ExitCode {
+    let Some(addr) = settings.health_listen else {
+        eprintln!(
+            "herald-agent health: HERALD_HEALTH_LISTEN is not set, so the agent serves no health check"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("herald-agent health: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let target = format!("http://{}", health::loopback_of(addr));
+    match runtime.block_on(health::check(&target, health::plaintext_channel(addr))) {
+        Ok(()) => {
+            println!("{target}: SERVING");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("herald-agent health: {err}");
             ExitCode::FAILURE
         }
     }
@@ -94,6 +138,7 @@ fn serve(settings: config::Settings) -> anyhow::Result<ExitCode> {
     };
     let mut config = settings.config;
     let metrics_listen = settings.metrics_listen;
+    let health_listen = settings.health_listen;
     let code = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         if let Some(addr) = metrics_listen {
@@ -103,6 +148,14 @@ fn serve(settings: config::Settings) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("HERALD_METRICS_LISTEN: cannot listen on {addr}"))?;
             tokio::spawn(metrics.serve(listener, shutdown.clone()));
+        }
+        if let Some(addr) = health_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("HERALD_HEALTH_LISTEN: cannot listen on {addr}"))?;
+            let (connected, watched) = tokio::sync::watch::channel(false);
+            config.connected = Some(connected);
+            tokio::spawn(health::serve(listener, watched, shutdown.clone()));
         }
         let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
         info!(

@@ -291,6 +291,14 @@ pub async fn start_with(
 
     let server_stop = CancellationToken::new();
     let router = tonic::transport::Server::builder()
+        // Outermost: a call refused while stopping counts as the `UNAVAILABLE` its caller saw.
+        .layer(grpc::CountErrors::new(
+            &metrics,
+            &[
+                herald_proto::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+            ],
+        ))
         .layer(grpc::RefuseWhenStopping(shutdown.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -329,6 +337,11 @@ pub async fn start_with(
         store.clone(),
         health_reporter,
         shutdown.clone(),
+        scheduler_stop.clone(),
+    ));
+    tasks.spawn(metrics::refresh_from_storage(
+        store.clone(),
+        metrics.clone(),
         scheduler_stop.clone(),
     ));
     tasks.spawn(retention_loop(

@@ -35,6 +35,16 @@ enum Command {
     /// HERALD_MASTER_KEY_PREVIOUS sealed; run once every replica runs with both keys, then
     /// restart them without the previous one. Safe to run again after an interruption.
     RotateMasterKey,
+    /// Ask the running control plane's gRPC health service (at HERALD_LISTEN, over TLS when
+    /// HERALD_TLS_CERT is set) whether it serves: exit 0 when SERVING, 1 otherwise
+    Health,
+    /// Copy the SQLite database to FILE, safely while the control plane runs (on PostgreSQL use
+    /// pg_dump). Restore: stop the control plane, put FILE in place of the database, start
+    Backup {
+        /// The new file to write (an existing file is never overwritten)
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+    },
 }
 
 /// The flags that were passed, layered over the environment.
@@ -90,6 +100,12 @@ fn main() -> ExitCode {
         }
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // One-shot commands that print their own outcome: no runtime sized for serving, no logs.
+    match &args.command {
+        Some(Command::Health) => return health(&config),
+        Some(Command::Backup { to }) => return backup(&config, to),
+        _ => {}
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads())
         .enable_all()
@@ -120,7 +136,7 @@ fn main() -> ExitCode {
         match args.command {
             Some(Command::ResetAdminToken) => reset_admin_token(config).await,
             Some(Command::RotateMasterKey) => rotate_master_key(config).await,
-            None => serve(config).await,
+            Some(Command::Health | Command::Backup { .. }) | None => serve(config).await,
         }
     });
     telemetry.shutdown();
@@ -163,6 +179,108 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     wait_for_signal().await;
     running.shutdown();
     running.wait().await
+}
+
+/// A runtime for a one-shot command.
+fn small_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| {
+            eprintln!("herald-control-plane: cannot start the runtime: {err}");
+            ExitCode::FAILURE
+        })
+}
+
+/// `herald-control-plane health`: one check of the running control plane's health service.
+fn health(config: &Config) -> ExitCode {
+    use herald_agent::health;
+    let runtime = match small_runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let addr = health::loopback_of(config.listen);
+    let checked = match &config.tls_cert {
+        None => {
+            let target = format!("http://{addr}");
+            let checked = runtime.block_on(health::check(&target, health::plaintext_channel(addr)));
+            (target, checked)
+        }
+        Some(cert) => {
+            let tls = match herald_control_plane::tls::pinned_client_config(cert) {
+                Ok(tls) => tls,
+                Err(err) => {
+                    eprintln!("herald-control-plane health: {err}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let target = format!("https://{addr}");
+            let checked = runtime.block_on(health::check(&target, tls_channel(addr, tls)));
+            (target, checked)
+        }
+    };
+    match checked {
+        (target, Ok(())) => {
+            println!("{target}: SERVING");
+            ExitCode::SUCCESS
+        }
+        (_, Err(err)) => {
+            eprintln!("herald-control-plane health: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A gRPC channel to `addr` over TLS with `tls` (which trusts the listener's own certificate).
+async fn tls_channel(
+    addr: std::net::SocketAddr,
+    tls: rustls::ClientConfig,
+) -> Result<tonic::transport::Channel, String> {
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let connect = tower::service_fn(move |_: http::Uri| {
+        let connector = connector.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    // The URL only names the authority: TLS is the connector's.
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|err| err.to_string())?
+        .connect_timeout(herald_agent::health::CHECK_TIMEOUT)
+        .connect_with_connector(connect)
+        .await
+        .map_err(|err| herald_agent::health::with_sources(&err))
+}
+
+/// `herald-control-plane backup --to FILE`.
+fn backup(config: &Config, to: &std::path::Path) -> ExitCode {
+    use herald_control_plane::storage::backup::{self, BackupError};
+    let runtime = match small_runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    match runtime.block_on(backup::sqlite(&config.database_url, to)) {
+        Ok(bytes) => {
+            println!(
+                "backed up {} to {} ({bytes} bytes)",
+                config.database_url,
+                to.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("herald-control-plane backup: {err}");
+            match err {
+                BackupError::NotSqlite | BackupError::Url(_) | BackupError::Exists(_) => {
+                    ExitCode::from(EXIT_CONFIG)
+                }
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() {

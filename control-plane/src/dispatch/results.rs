@@ -127,6 +127,9 @@ pub fn timed_out(
     step
 }
 
+/// The subscriptions a results write disabled, each with its kind (`gone`, `failing`).
+pub type Disabled = Vec<(String, &'static str)>;
+
 /// Results that move their deliveries alike: state, next attempt, status, error, at expiry.
 type CompletionKey = (i32, Option<i64>, u32, i32, bool);
 
@@ -185,7 +188,7 @@ pub async fn write(
     summaries: &Summaries,
     steps: &mut [Step],
     now: DateTime<Utc>,
-) -> Result<Vec<String>, storage::Error> {
+) -> Result<Disabled, storage::Error> {
     let tick = std::time::Instant::now();
     let mut summarized = Vec::new();
     let mut batch = Batch {
@@ -197,7 +200,7 @@ pub async fn write(
         tick,
         shared: store.shared(),
     };
-    let written: Result<Vec<String>, storage::Error> = async {
+    let written: Result<Disabled, storage::Error> = async {
         // On SQLite the leases' moves in one hand-off, the rest and the COMMIT in another.
         let txn = store.begin_batched_write(true).await?;
         let disabled = batch.write_steps(&txn, steps).await?;
@@ -232,7 +235,7 @@ impl Batch<'_> {
         &mut self,
         txn: &impl ConnectionTrait,
         steps: &mut [Step],
-    ) -> Result<Vec<String>, storage::Error> {
+    ) -> Result<Disabled, storage::Error> {
         let (replica_id, disable_after, summaries, now, tick) = (
             self.replica_id,
             self.disable_after,
@@ -355,7 +358,7 @@ impl Batch<'_> {
                 continue;
             }
             let failing_since = subscriptions::failing_since(txn, &subscription_id).await?;
-            if let Some(reason) = health::disable_reason(
+            if let Some(health::Disable { kind, reason }) = health::disable_reason(
                 &step.outcome,
                 step.attempt.status_code,
                 failing_since,
@@ -373,7 +376,7 @@ impl Batch<'_> {
                 // Waiting deliveries, the ones just made FAILED included, go DEAD (replayable).
                 deliveries::kill_waiting(txn, &subscription_id, now).await?;
                 tracing::warn!(%subscription_id, %reason, "subscription disabled");
-                disabled.push(subscription_id);
+                disabled.push((subscription_id, kind));
             }
         }
         for step in steps.iter_mut() {
@@ -381,7 +384,7 @@ impl Batch<'_> {
                 && step
                     .record
                     .as_ref()
-                    .is_some_and(|r| disabled.contains(&r.subscription_id));
+                    .is_some_and(|r| disabled.iter().any(|(id, _)| *id == r.subscription_id));
             if killed {
                 step.state = DeliveryState::Dead;
                 step.next_attempt_at = None;

@@ -197,7 +197,7 @@ pub struct Scheduler {
 /// A results write, finished.
 struct Written {
     steps: Vec<Step>,
-    outcome: Result<Vec<String>, storage::Error>,
+    outcome: Result<results::Disabled, storage::Error>,
     now: DateTime<Utc>,
 }
 
@@ -983,7 +983,11 @@ impl Scheduler {
         } = written;
         match outcome {
             Ok(disabled) => {
-                for id in disabled {
+                for (id, kind) in disabled {
+                    self.metrics
+                        .subscriptions_disabled
+                        .get_or_create(&crate::metrics::Reason { reason: kind })
+                        .inc();
                     self.subscriptions.remove(&id);
                     // Endpoint health disabled it: the other replicas stop sending too.
                     let changes = self.changes.clone();

@@ -233,6 +233,41 @@ pub async fn subscriptions_with_waiting_work(
         .collect()
 }
 
+/// The statement of [`oldest_waiting`]: the skip scan of [`WAITING_SUBSCRIPTIONS`], then each
+/// subscription's earliest waiting delivery, the first entry of its range in `deliveries_waiting`.
+const OLDEST_WAITING: &str = "WITH RECURSIVE waiting(subscription_id) AS (\
+        SELECT (SELECT subscription_id FROM deliveries WHERE state IN (1, 4) \
+                ORDER BY subscription_id LIMIT 1) \
+        UNION ALL \
+        SELECT (SELECT d.subscription_id FROM deliveries AS d WHERE d.state IN (1, 4) \
+                AND d.subscription_id > waiting.subscription_id \
+                ORDER BY d.subscription_id LIMIT 1) \
+        FROM waiting WHERE waiting.subscription_id IS NOT NULL) \
+        SELECT MIN((SELECT MIN(d.next_attempt_at) FROM deliveries AS d \
+                    WHERE d.subscription_id = waiting.subscription_id AND d.state IN (1, 4))) \
+        FROM waiting WHERE subscription_id IS NOT NULL";
+
+/// Returns when the oldest waiting delivery (pending or failed) is or was due, `None` when
+/// nothing waits: the skip scan of [`subscriptions_with_waiting_work`] with one index probe per
+/// such subscription for its earliest `next_attempt_at`, whatever the size of the backlogs.
+pub async fn oldest_waiting(
+    db: &impl ConnectionTrait,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, Error> {
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            OLDEST_WAITING,
+        ))
+        .await?;
+    let oldest = match row {
+        Some(row) => row
+            .try_get_by_index::<Option<i64>>(0)
+            .map_err(|err| Error::Internal(err.to_string()))?,
+        None => None,
+    };
+    Ok(oldest.map(time))
+}
+
 /// Returns each subscription's oldest due deliveries (pending or failed with their time come),
 /// at most the given number per subscription: one range scan of `deliveries_waiting` each, a
 /// statement per 64 subscriptions.

@@ -4,6 +4,7 @@
 
 pub mod agent_credentials;
 pub mod agents;
+pub mod backup;
 pub mod console_sessions;
 pub mod deliveries;
 mod entity;

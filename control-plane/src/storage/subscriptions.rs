@@ -327,3 +327,17 @@ pub async fn set_status(
     }
     Ok(update.exec(db).await?.rows_affected == 1)
 }
+
+/// Returns the regions that enabled, active subscriptions name (the ones that need an agent).
+pub async fn regions_in_use(db: &impl ConnectionTrait) -> Result<Vec<String>, Error> {
+    let regions: Vec<Option<String>> = subscription::Entity::find()
+        .select_only()
+        .column(subscription::Column::Region)
+        .filter(subscription::Column::Active.eq(true))
+        .filter(subscription::Column::Status.eq(SubscriptionStatus::Enabled as i32))
+        .distinct()
+        .into_tuple()
+        .all(db)
+        .await?;
+    Ok(regions.into_iter().flatten().collect())
+}

@@ -150,7 +150,7 @@ async fn one_trace_follows_an_event_from_publisher_to_receiver() {
 }
 
 /// Returns a port that was free a moment ago (for a child process that cannot report its own).
-async fn free_port() -> u16 {
+pub async fn free_port() -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap().port()
 }
@@ -187,7 +187,7 @@ pub async fn scrape(port: u16) -> std::collections::HashMap<String, f64> {
 }
 
 /// A plain HTTP/1.1 GET of /metrics on 127.0.0.1:port.
-async fn reqwest_get(port: u16) -> String {
+pub async fn reqwest_get(port: u16) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
