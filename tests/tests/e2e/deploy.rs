@@ -349,17 +349,26 @@ async fn the_environment_files_run_the_production_layout() {
     }
     for (region, receiver, subscription) in &receivers {
         receiver.wait_for(4, Duration::from_secs(30)).await;
-        let deliveries = publishers[0]
-            .deliveries()
-            .list_deliveries(pb::ListDeliveriesRequest {
-                subscription_id: subscription.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .deliveries;
-        assert_eq!(deliveries.len(), 4);
+        // A receiver answers before its agent's result is recorded: wait for the log.
+        let deliveries = eventually(
+            "4 succeeded deliveries",
+            Duration::from_secs(30),
+            || async {
+                let deliveries = publishers[0]
+                    .deliveries()
+                    .list_deliveries(pb::ListDeliveriesRequest {
+                        subscription_id: subscription.id.clone(),
+                        state: pb::DeliveryState::Succeeded as i32,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .deliveries;
+                (deliveries.len() == 4).then_some(deliveries)
+            },
+        )
+        .await;
         for delivery in deliveries {
             let delivery = publishers[1]
                 .deliveries()
