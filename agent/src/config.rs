@@ -24,6 +24,9 @@ pub const MAX_CAPACITY: u32 = 65536;
 pub struct Config {
     /// Control plane URLs (`http://127.0.0.1:50051`), tried in turn.
     pub control_planes: Vec<String>,
+    /// Instead of `control_planes` and `token`: the control plane of this process (its
+    /// built-in agent), reached without the network.
+    pub in_process: Option<crate::link::InProcessLink>,
     /// The agent credential, sent as `authorization: Bearer <token>`.
     pub token: String,
     /// Shown by `ListAgents`; unique per agent.
@@ -155,6 +158,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             control_planes: vec![DEFAULT_CONTROL_PLANE.to_owned()],
+            in_process: None,
             token: String::new(),
             agent_id: default_agent_id(),
             region: DEFAULT_REGION.to_owned(),
@@ -178,6 +182,7 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("control_planes", &self.control_planes)
+            .field("in_process", &self.in_process)
             .field("token", &"<redacted>")
             .field("agent_id", &self.agent_id)
             .field("region", &self.region)
@@ -368,6 +373,7 @@ impl Raw {
                 shutdown_grace,
                 metrics: None,
                 connected: None,
+                in_process: None,
             },
             log_format,
             metrics_listen,

@@ -12,13 +12,13 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout_at};
 use tokio_stream::wrappers::ReceiverStream;
+use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::AsciiMetadataValue;
-use tonic::transport::Endpoint;
-use tonic::{Code, Request, Status, Streaming};
+use tonic::{Code, Request, Status};
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::deliver::Deliverer;
+use crate::link::{ControlStream, Link};
 
 /// How long the control plane may take to answer the hello.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
@@ -38,8 +38,6 @@ pub(crate) struct Settings {
     pub(crate) region: String,
     pub(crate) capacity: u32,
     pub(crate) version: String,
-    /// `Bearer <token>`: never logged.
-    pub(crate) authorization: AsciiMetadataValue,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) shutdown_grace: Duration,
     /// Told whether a welcomed stream is open (the binary's health service).
@@ -79,7 +77,7 @@ struct Stream<'a> {
     settings: &'a Settings,
     deliverer: Arc<Deliverer>,
     outbound: mpsc::Sender<pb::AgentMessage>,
-    inbound: Streaming<pb::ControlMessage>,
+    inbound: ControlStream,
     jobs: JoinSet<pb::JobResult>,
     /// Bounds concurrency to the capacity even if the control plane oversends.
     permits: Arc<Semaphore>,
@@ -111,14 +109,14 @@ impl Error {
 /// them and half-closes the stream. A stream that breaks drops the results of its in-flight jobs
 /// (the control plane hands their leases out again).
 pub(crate) async fn run(
-    endpoint: Endpoint,
+    link: &Link,
     settings: &Settings,
     deliverer: Arc<Deliverer>,
     shutdown: &CancellationToken,
 ) -> Result<Ended, Error> {
     let connected = tokio::select! {
         () = shutdown.cancelled() => return Ok(Ended::Shutdown),
-        connected = open(endpoint, settings) => connected?,
+        connected = open(link, settings) => connected?,
     };
     let (outbound, inbound, heartbeat_interval) = connected;
     if let Some(connected) = &settings.connected {
@@ -141,19 +139,9 @@ pub(crate) async fn run(
 /// Opens the stream: sends the hello with the credential, waits for the welcome. Returns the
 /// outbound sender, the inbound stream and the heartbeat interval to use.
 async fn open(
-    endpoint: Endpoint,
+    link: &Link,
     settings: &Settings,
-) -> Result<
-    (
-        mpsc::Sender<pb::AgentMessage>,
-        Streaming<pb::ControlMessage>,
-        Duration,
-    ),
-    Error,
-> {
-    let channel = endpoint.connect().await.map_err(Error::Connect)?;
-    let mut client = pb::agent_service_client::AgentServiceClient::new(channel)
-        .max_decoding_message_size(MAX_INBOUND_MESSAGE_BYTES);
+) -> Result<(mpsc::Sender<pb::AgentMessage>, ControlStream, Duration), Error> {
     let (outbound, receiver) = mpsc::channel(OUTBOUND_BUFFER);
     let hello = Outbound::Hello(pb::Hello {
         agent_id: settings.agent_id.clone(),
@@ -167,23 +155,39 @@ async fn open(
         })
         .await
         .map_err(|_| Error::RequestStreamClosed)?;
-    let mut request = Request::new(ReceiverStream::new(receiver));
-    request
-        .metadata_mut()
-        .insert("authorization", settings.authorization.clone());
-    let deadline = Instant::now() + WELCOME_TIMEOUT;
-    let mut inbound = match timeout_at(deadline, client.connect(request)).await {
-        Err(_elapsed) => return Err(Error::NoWelcome),
-        Ok(response) => response.map_err(Error::Refused)?.into_inner(),
+    let mut inbound: ControlStream = match link {
+        Link::Grpc {
+            endpoint,
+            authorization,
+            ..
+        } => {
+            let channel = endpoint.connect().await.map_err(Error::Connect)?;
+            let mut client = pb::agent_service_client::AgentServiceClient::new(channel)
+                .max_decoding_message_size(MAX_INBOUND_MESSAGE_BYTES);
+            let mut request = Request::new(ReceiverStream::new(receiver));
+            request
+                .metadata_mut()
+                .insert("authorization", authorization.clone());
+            match timeout_at(Instant::now() + WELCOME_TIMEOUT, client.connect(request)).await {
+                Err(_elapsed) => return Err(Error::NoWelcome),
+                Ok(response) => Box::pin(response.map_err(Error::Refused)?.into_inner()),
+            }
+        }
+        Link::InProcess(control_plane) => control_plane
+            .0
+            .connect(Box::pin(ReceiverStream::new(receiver)))
+            .await
+            .map_err(Error::Refused)?,
     };
-    let welcome = match timeout_at(deadline, inbound.message()).await {
+    let deadline = Instant::now() + WELCOME_TIMEOUT;
+    let welcome = match timeout_at(deadline, inbound.next()).await {
         Err(_elapsed) => return Err(Error::NoWelcome),
-        Ok(Err(status)) => return Err(Error::Refused(status)),
-        Ok(Ok(None)) => return Err(Error::Protocol("stream closed before the welcome")),
-        Ok(Ok(Some(pb::ControlMessage {
+        Ok(Some(Err(status))) => return Err(Error::Refused(status)),
+        Ok(None) => return Err(Error::Protocol("stream closed before the welcome")),
+        Ok(Some(Ok(pb::ControlMessage {
             message: Some(Inbound::Welcome(welcome)),
         }))) => welcome,
-        Ok(Ok(Some(_))) => return Err(Error::Protocol("the first message was not a welcome")),
+        Ok(Some(Ok(_))) => return Err(Error::Protocol("the first message was not a welcome")),
     };
     // The control plane's heartbeat interval wins over the configured default.
     let heartbeat_interval = match welcome.heartbeat_interval_ms {
@@ -230,19 +234,19 @@ impl Stream<'_> {
                 Some(done) = self.jobs.join_next(), if !self.jobs.is_empty() => {
                     self.report(done).await?;
                 }
-                message = self.inbound.message() => match message {
-                    Ok(Some(message)) => {
+                message = self.inbound.next() => match message {
+                    Some(Ok(message)) => {
                         if let Some(message) = message.message {
                             self.handle(message);
                         }
                     }
-                    Ok(None) => {
+                    None => {
                         if !self.jobs.is_empty() {
                             warn!(dropped = self.jobs.len(), "stream closed with jobs in flight");
                         }
                         return Ok(Ended::Closed);
                     }
-                    Err(status) => {
+                    Some(Err(status)) => {
                         if !self.jobs.is_empty() {
                             warn!(dropped = self.jobs.len(), "stream broke with jobs in flight");
                         }
@@ -345,8 +349,8 @@ impl Stream<'_> {
             close_by = close_by.min(deadline);
         }
         loop {
-            match timeout_at(close_by, inbound.message()).await {
-                Ok(Ok(Some(pb::ControlMessage {
+            match timeout_at(close_by, inbound.next()).await {
+                Ok(Some(Ok(pb::ControlMessage {
                     message: Some(Inbound::Jobs(jobs)),
                 }))) => {
                     warn!(
@@ -354,12 +358,12 @@ impl Stream<'_> {
                         "jobs received after draining are not run"
                     );
                 }
-                Ok(Ok(Some(_))) => {}
-                Ok(Ok(None)) => {
+                Ok(Some(Ok(_))) => {}
+                Ok(None) => {
                     info!("stream closed");
                     return;
                 }
-                Ok(Err(status)) => {
+                Ok(Some(Err(status))) => {
                     debug!(code = ?status.code(), "stream ended with a status");
                     return;
                 }
@@ -447,6 +451,7 @@ mod tests {
             shutdown_grace: Duration::from_secs(10),
             metrics: None,
             connected: None,
+            in_process: None,
         }
     }
 

@@ -10,6 +10,7 @@ mod connection;
 mod deliver;
 pub mod guard;
 pub mod health;
+pub mod link;
 pub mod telemetry;
 #[cfg(test)]
 mod testing;
@@ -25,10 +26,12 @@ use tonic::transport::{ClientTlsConfig, Endpoint};
 use tracing::{Instrument, error, info, info_span, warn};
 
 pub use config::Config;
+pub use link::{InProcess, InProcessLink};
 
 use crate::connection::Ended;
 use crate::deliver::Deliverer;
 use crate::guard::Guard;
+use crate::link::Link;
 
 /// The first reconnection delay; it doubles after every failed attempt up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -65,7 +68,7 @@ pub enum Error {
 /// What one stream needs from the configuration, checked once.
 #[derive(Debug)]
 struct Agent {
-    control_planes: Vec<(String, Endpoint)>,
+    control_planes: Vec<Link>,
     session: connection::Settings,
     deliverer: Arc<Deliverer>,
     metrics: Option<telemetry::AgentMetrics>,
@@ -83,25 +86,38 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
 impl Agent {
     fn new(config: Config) -> Result<Self, Error> {
-        if config.control_planes.is_empty() {
-            return Err(Error::NoControlPlane);
-        }
         if !(1..=config::MAX_CAPACITY).contains(&config.capacity) {
             return Err(Error::Capacity);
         }
-        let control_planes = config
-            .control_planes
-            .iter()
-            .map(|url| Ok((url.clone(), endpoint(url, &config)?)))
-            .collect::<Result<Vec<_>, Error>>()?;
-        if config.token.is_empty() {
-            return Err(Error::Token);
-        }
-        let mut authorization: AsciiMetadataValue =
-            MetadataValue::try_from(format!("Bearer {}", config.token))
-                .map_err(|_| Error::Token)?;
-        // Keeps it out of `Debug` output and out of HPACK's index.
-        authorization.set_sensitive(true);
+        let control_planes = match &config.in_process {
+            Some(link) => vec![Link::InProcess(link.clone())],
+            None => {
+                if config.control_planes.is_empty() {
+                    return Err(Error::NoControlPlane);
+                }
+                let endpoints = config
+                    .control_planes
+                    .iter()
+                    .map(|url| Ok((url.clone(), endpoint(url, &config)?)))
+                    .collect::<Result<Vec<_>, Error>>()?;
+                if config.token.is_empty() {
+                    return Err(Error::Token);
+                }
+                let mut authorization: AsciiMetadataValue =
+                    MetadataValue::try_from(format!("Bearer {}", config.token))
+                        .map_err(|_| Error::Token)?;
+                // Keeps it out of `Debug` output and out of HPACK's index.
+                authorization.set_sensitive(true);
+                endpoints
+                    .into_iter()
+                    .map(|(url, endpoint)| Link::Grpc {
+                        url,
+                        endpoint,
+                        authorization: authorization.clone(),
+                    })
+                    .collect()
+            }
+        };
         let deliverer = Deliverer::new(
             config.agent_id.clone(),
             Guard::new(config.allow_destinations.clone()),
@@ -115,7 +131,6 @@ impl Agent {
                 region: config.region,
                 capacity: config.capacity,
                 version: config.version,
-                authorization,
                 heartbeat_interval: config.heartbeat_interval,
                 shutdown_grace: config.shutdown_grace,
                 connected: config.connected,
@@ -130,10 +145,10 @@ impl Agent {
         // Agents configured alike spread over the replicas: each starts at a random one, and
         // after a drain or a broken stream goes on to the next.
         let first = rand::rng().random_range(0..self.control_planes.len());
-        for (url, endpoint) in self.control_planes.iter().cycle().skip(first) {
-            let span = info_span!("control_plane", url = %url, agent_id = %self.session.agent_id);
+        for link in self.control_planes.iter().cycle().skip(first) {
+            let span = info_span!("control_plane", url = %link.name(), agent_id = %self.session.agent_id);
             let outcome = connection::run(
-                endpoint.clone(),
+                link,
                 &self.session,
                 self.deliverer.clone(),
                 &shutdown,

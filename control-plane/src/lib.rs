@@ -271,6 +271,7 @@ pub async fn start_with(
         config.tls_client_ca.is_some(),
         replica_id.clone(),
     );
+    let builtin_link = agent_api.in_process();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<herald_proto::v1::event_service_server::EventServiceServer<grpc::EventApi>>()
@@ -393,8 +394,9 @@ pub async fn start_with(
     }
     let builtin_agent = if config.builtin_agent && !tls_on {
         let agent_config = herald_agent::Config {
-            control_planes: vec![format!("http://{}", loopback_of(addr))],
-            token: agent_token.clone(),
+            // Jobs and results as values on channels: no loopback gRPC, no credential.
+            in_process: Some(builtin_link),
+            control_planes: Vec::new(),
             agent_id: "builtin".into(),
             region: "local".into(),
             capacity: 256,
@@ -531,14 +533,4 @@ async fn retention_loop(store: Store, retention: std::time::Duration, stop: Canc
             }
         }
     }
-}
-
-/// Returns the address to reach a listener on this machine (an unspecified bind becomes loopback).
-fn loopback_of(addr: SocketAddr) -> SocketAddr {
-    let ip = match addr.ip() {
-        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
-        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
-        ip => ip,
-    };
-    SocketAddr::new(ip, addr.port())
 }

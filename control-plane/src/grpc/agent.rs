@@ -1,12 +1,13 @@
 //! `AgentService.Connect`: one bidirectional stream per agent. The edge checks the agent
-//! credential and the hello, then relays messages between the stream and the scheduler.
+//! credential and the hello, then relays messages between the stream and the scheduler. The
+//! built-in agent attaches the same way in process ([`AgentApi::in_process`]): the same hello,
+//! welcome, jobs and results, as values on channels instead of over loopback HTTP/2.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use herald_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -26,6 +27,12 @@ pub struct AgentApi {
     services: Services,
     /// With `HERALD_TLS_CLIENT_CA`: agents must present a client certificate from that CA.
     certificate_required: bool,
+    streams: Arc<Streams>,
+}
+
+/// What attaches an authenticated agent's stream to the scheduler (gRPC or in process).
+struct Streams {
+    services: Services,
     replica_id: String,
     next_key: AtomicU64,
 }
@@ -47,11 +54,20 @@ impl AgentApi {
     ) -> Self {
         Self {
             agent_token: agent_token.into(),
-            services,
+            services: services.clone(),
             certificate_required,
-            replica_id,
-            next_key: AtomicU64::new(1),
+            streams: Arc::new(Streams {
+                services,
+                replica_id,
+                next_key: AtomicU64::new(1),
+            }),
         }
+    }
+
+    /// The link the built-in agent connects through: no socket, no credential (only this
+    /// process holds it).
+    pub fn in_process(&self) -> herald_agent::InProcessLink {
+        herald_agent::InProcessLink(Arc::new(InProcessAgents(self.streams.clone())))
     }
 
     /// Checks the client certificate (when required) and the agent token: the shared
@@ -105,7 +121,7 @@ impl AgentApi {
     }
 }
 
-type ControlStream = Pin<Box<dyn Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;
+type ControlStream = herald_agent::link::ControlStream;
 
 fn validate_hello(hello: &pb::Hello) -> Result<(), Status> {
     if hello.agent_id.is_empty() || hello.agent_id.len() > 200 {
@@ -135,10 +151,43 @@ impl pb::agent_service_server::AgentService for AgentApi {
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let auth = self.authenticate(&request).await?;
-        let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+        let stream = self.streams.attach(auth, request.into_inner()).await?;
+        Ok(Response::new(stream))
+    }
+}
+
+/// The built-in agent's side door: [`Streams::attach`] without a credential.
+struct InProcessAgents(Arc<Streams>);
+
+impl herald_agent::InProcess for InProcessAgents {
+    fn connect(
+        &self,
+        outbound: herald_agent::link::AgentStream,
+    ) -> futures::future::BoxFuture<'static, Result<ControlStream, Status>> {
+        let streams = self.0.clone();
+        Box::pin(async move {
+            let auth = AgentAuth {
+                identity: "built-in agent".into(),
+                credential_id: None,
+                region: None,
+            };
+            streams.attach(auth, outbound.map(Ok)).await
+        })
+    }
+}
+
+impl Streams {
+    /// Reads the hello, registers the agent with the scheduler, relays its messages to it,
+    /// and returns the stream of the agent's jobs (the welcome first).
+    async fn attach(
+        &self,
+        auth: AgentAuth,
+        mut inbound: impl Stream<Item = Result<pb::AgentMessage, Status>> + Send + Unpin + 'static,
+    ) -> Result<ControlStream, Status> {
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.next())
             .await
-            .map_err(|_| Status::deadline_exceeded("hello: not received in time"))??;
+            .map_err(|_| Status::deadline_exceeded("hello: not received in time"))?
+            .transpose()?;
         let Some(pb::AgentMessage {
             message: Some(pb::agent_message::Message::Hello(hello)),
         }) = first
@@ -201,11 +250,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
                     // leases when it hears the agent is gone).
                     _ = disconnect.cancelled() => break,
                     _ = refuse.cancelled() => break,
-                    message = inbound.message() => match message {
+                    message = inbound.next() => match message {
                         // Waits while the scheduler's queue is full: the agent's stream slows down.
-                        Ok(Some(message)) => relay(&dispatcher, key, message).await,
-                        Ok(None) => break,
-                        Err(status) => {
+                        Some(Ok(message)) => relay(&dispatcher, key, message).await,
+                        None => break,
+                        Some(Err(status)) => {
                             tracing::debug!(%agent_id, code = ?status.code(), "agent stream ended");
                             break;
                         }
@@ -242,7 +291,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 }
             }
         };
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Box::pin(stream))
     }
 }
 
