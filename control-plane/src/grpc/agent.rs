@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::bearer;
+use crate::console::session::constant_time_eq;
 use crate::dispatch::{self, Command, scheduler::AgentHello};
 use crate::service::Services;
 
@@ -22,7 +23,10 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct AgentApi {
-    agent_token: Arc<str>,
+    /// `HERALD_AGENT_TOKEN`, when set.
+    configured_token: Option<Arc<str>>,
+    /// The built-in agent's credential: made at this start, known only to this process.
+    builtin_token: Arc<str>,
     services: Services,
     /// With `HERALD_TLS_CLIENT_CA`: agents must present a client certificate from that CA.
     certificate_required: bool,
@@ -40,13 +44,15 @@ struct AgentAuth {
 
 impl AgentApi {
     pub fn new(
-        agent_token: &str,
+        configured_token: Option<&str>,
+        builtin_token: &str,
         services: Services,
         certificate_required: bool,
         replica_id: String,
     ) -> Self {
         Self {
-            agent_token: agent_token.into(),
+            configured_token: configured_token.map(Arc::from),
+            builtin_token: builtin_token.into(),
             services,
             certificate_required,
             replica_id,
@@ -54,8 +60,9 @@ impl AgentApi {
         }
     }
 
-    /// Checks the client certificate (when required) and the agent token: the shared
-    /// `HERALD_AGENT_TOKEN` or a per-agent credential. API tokens are refused.
+    /// Checks the client certificate (when required) and the agent token: the built-in agent's
+    /// in-process credential, `HERALD_AGENT_TOKEN`, or a stored credential (per agent, or the
+    /// generated shared token). API tokens are refused.
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<AgentAuth, Status> {
         let certificate = request.peer_certs().and_then(|certs| {
             certs.first().map(|cert| {
@@ -69,14 +76,18 @@ impl AgentApi {
             ));
         }
         let token = bearer(request)?;
-        let expected = self.agent_token.as_bytes();
-        let shared = token.len() == expected.len()
-            && token
-                .bytes()
-                .zip(expected)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if shared {
+        if constant_time_eq(token, &self.builtin_token) {
+            return Ok(AgentAuth {
+                identity: "built-in agent".into(),
+                credential_id: None,
+                region: None,
+            });
+        }
+        if self
+            .configured_token
+            .as_deref()
+            .is_some_and(|expected| constant_time_eq(token, expected))
+        {
             return Ok(AgentAuth {
                 identity: certificate.unwrap_or_else(|| "shared agent token".into()),
                 credential_id: None,

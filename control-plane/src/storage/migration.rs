@@ -18,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0006ConsoleSessions),
             Box::new(M0007PayloadFilters),
             Box::new(M0008CustomHeaders),
+            Box::new(M0009SharedAgentToken),
         ]
     }
 }
@@ -297,6 +298,26 @@ impl MigrationName for M0008CustomHeaders {
 /// A subscription's custom headers: JSON `[{name, value, secret}]`, secret values sealed like
 /// the API key (NULL: none).
 const M0008: &str = "ALTER TABLE subscriptions ADD COLUMN headers TEXT";
+
+struct M0009SharedAgentToken;
+
+impl MigrationName for M0009SharedAgentToken {
+    fn name(&self) -> &str {
+        "m0009_shared_agent_token"
+    }
+}
+
+/// The shared agent token generated at first start (without `HERALD_AGENT_TOKEN`) is an agent
+/// credential row marked `shared`, so `reset-agent-token` can find and revoke it.
+const M0009: &str =
+    "ALTER TABLE agent_credentials ADD COLUMN shared BOOLEAN NOT NULL DEFAULT FALSE";
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0009SharedAgentToken {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run_statements(manager, M0009).await
+    }
+}
 
 #[async_trait::async_trait]
 impl MigrationTrait for M0008CustomHeaders {

@@ -284,6 +284,8 @@ async fn console_creates_tests_disables_and_retries_a_webhook() {
     browser.shot("01-sign-in").await;
     browser.sign_in(&token).await;
     assert!(browser.text("main").await.contains("No webhooks yet"));
+    // The header names the tenant, not its id.
+    assert_eq!(browser.text("header .tenant").await, "acme");
     browser.shot("02-webhooks-empty").await;
 
     // Bad input: the URL's error next to the URL field, and nothing created.
