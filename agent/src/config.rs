@@ -119,8 +119,9 @@ struct Raw {
 }
 
 /// The settings the agent reads, as lowercase keys without the `HERALD_` prefix; every other
-/// `HERALD_*` variable belongs to another process and is ignored.
-const KEYS: &[&str] = &[
+/// `HERALD_*` variable belongs to another process and is ignored. (README's settings table is
+/// checked against this list.)
+pub const KEYS: &[&str] = &[
     "control_plane",
     "agent_token",
     "region",

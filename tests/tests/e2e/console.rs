@@ -101,7 +101,7 @@ impl Browser {
                 std::path::Path::new(path).exists(),
                 "{path} is missing: the console's browser tests need Debian's Chromium and its \
                  WebDriver; install them with `apt-get install -y chromium chromium-driver` \
-                 (.ci/run does this when they are missing)"
+                 (scripts/test, the README's test command, does this when they are missing)"
             );
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")

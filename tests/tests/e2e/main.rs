@@ -10,5 +10,6 @@ mod lifecycle;
 mod observability;
 mod pipeline;
 mod scale;
+mod setup;
 mod storage_faults;
 mod tls;

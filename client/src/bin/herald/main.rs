@@ -16,8 +16,8 @@ use clap::{Args, CommandFactory as _, Parser, Subcommand};
 #[command(
     name = "herald",
     version,
-    after_help = "Start a control plane with `cargo run --release --bin herald-control-plane`; it \
-                  prints the admin token. Exit codes: 0 ok, 2 usage, 3 not found, 4 \
+    after_help = "Start a control plane with `scripts/start` in Herald's repository; it prints \
+                  the admin token. Exit codes: 0 ok, 2 usage, 3 not found, 4 \
                   authentication or permission, 5 invalid argument or precondition, 6 control \
                   plane unavailable, 1 anything else."
 )]
