@@ -27,7 +27,6 @@ use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, EntityTrait,
     Statement, TransactionTrait,
 };
-use sea_orm_migration::MigratorTrait;
 
 pub use seal::Sealer;
 pub use writer::{ErrorKind, Transaction, WriteHealth, Writer};
@@ -642,10 +641,10 @@ async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
         let txn = db.begin().await?;
         txn.execute_unprepared("SELECT pg_advisory_xact_lock(4242001)")
             .await?;
-        migration::Migrator::up(&txn, None).await?;
+        migration::up(&txn).await?;
         txn.commit().await
     } else {
-        migration::Migrator::up(db, None).await
+        migration::up(db).await
     }
 }
 
