@@ -129,7 +129,8 @@ struct Raw {
 }
 
 /// The settings the agent reads, as lowercase keys without the `HERALD_` prefix; every other
-/// `HERALD_*` variable belongs to another process and is ignored.
+/// `HERALD_*` variable belongs to another process and is ignored. (README's settings table is
+/// checked against this list.)
 pub const KEYS: &[&str] = &[
     "control_plane",
     "agent_token",

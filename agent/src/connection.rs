@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::StreamExt as _;
 use herald_proto::v1 as pb;
 use pb::agent_message::Message as Outbound;
 use pb::control_message::Message as Inbound;
@@ -12,7 +13,6 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout_at};
 use tokio_stream::wrappers::ReceiverStream;
-use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Status};
 use tracing::{Instrument, debug, error, info, warn};

@@ -210,7 +210,7 @@ impl Deliverer {
         // reqwest does not call the resolver for IP literals: check them here.
         self.guard
             .check_literal_host(&url)
-            .map_err(|refusal| Failure::refused(format!("destination refused: {refusal}")))?;
+            .map_err(|refusal| Failure::refused(refused_message(&refusal, &refusal.to_string())))?;
         let headers = header_map(&job.headers)?;
         let request = self.client.post(url).headers(headers).body(job.body);
         let mut response = match timeout_at(deadline, request.send()).await {
@@ -293,6 +293,18 @@ fn keep_allowed(
         Some(refusal) if allowed.is_empty() => Err(ResolveError::Refused { host, refusal }),
         _ => Ok(allowed),
     }
+}
+
+/// The error of a refused destination: what was refused, and the agent setting that allows it
+/// (a test on one machine delivers to 127.0.0.1, which a remote agent refuses by default).
+fn refused_message(refusal: &Refused, what: &str) -> String {
+    let network = match refusal.ip {
+        std::net::IpAddr::V4(ip) => format!("{ip}/32"),
+        std::net::IpAddr::V6(ip) => format!("{ip}/128"),
+    };
+    format!(
+        "destination refused: {what}; HERALD_ALLOW_DESTINATIONS on the agent allows it (e.g. {network})"
+    )
 }
 
 /// Reads the PEM certificates of `HERALD_EXTRA_CA`; an unreadable file or one without a valid
@@ -450,8 +462,8 @@ fn classify(err: &(dyn StdError + 'static)) -> Failure {
     let root = chain.last().map(|e| e.to_string()).unwrap_or_default();
     if let Some(resolve) = chain.iter().find_map(|e| e.downcast_ref::<ResolveError>()) {
         return match resolve {
-            ResolveError::Refused { .. } => {
-                Failure::refused(format!("destination refused: {resolve}"))
+            ResolveError::Refused { refusal, .. } => {
+                Failure::refused(refused_message(refusal, &resolve.to_string()))
             }
             ResolveError::Lookup { .. } | ResolveError::NoAddresses { .. } => {
                 Failure::new(pb::AttemptError::Dns, format!("dns: {resolve}"))
@@ -740,6 +752,14 @@ mod tests {
             );
             assert!(
                 result.error_message.starts_with("destination refused: "),
+                "{url}: {}",
+                result.error_message
+            );
+            // The error names the setting that would allow it.
+            assert!(
+                result
+                    .error_message
+                    .contains("HERALD_ALLOW_DESTINATIONS on the agent allows it (e.g. "),
                 "{url}: {}",
                 result.error_message
             );

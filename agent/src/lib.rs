@@ -146,15 +146,11 @@ impl Agent {
         // after a drain or a broken stream goes on to the next.
         let first = rand::rng().random_range(0..self.control_planes.len());
         for link in self.control_planes.iter().cycle().skip(first) {
-            let span = info_span!("control_plane", url = %link.name(), agent_id = %self.session.agent_id);
-            let outcome = connection::run(
-                link,
-                &self.session,
-                self.deliverer.clone(),
-                &shutdown,
-            )
-            .instrument(span.clone())
-            .await;
+            let span =
+                info_span!("control_plane", url = %link.name(), agent_id = %self.session.agent_id);
+            let outcome = connection::run(link, &self.session, self.deliverer.clone(), &shutdown)
+                .instrument(span.clone())
+                .await;
             if let Some(connected) = &self.session.connected {
                 connected.send_replace(false);
             }

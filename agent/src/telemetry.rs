@@ -3,6 +3,7 @@
 //! W3C trace context in and out, and a Prometheus `/metrics` endpoint. The agent owns this
 //! module; the control plane, which links the agent as its built-in one, uses it too.
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -42,7 +43,12 @@ pub fn init(service: &'static str, json: bool, otlp: bool) -> Result<Telemetry, 
         )
     } else {
         (
-            Some(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)),
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    // Colours only for a person at a terminal: a file or a journal gets plain text.
+                    .with_ansi(std::io::stderr().is_terminal()),
+            ),
             None,
         )
     };

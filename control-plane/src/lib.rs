@@ -33,7 +33,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The admin token generated at this start (first start without `HERALD_ADMIN_TOKEN`).
     pub generated_admin_token: Option<String>,
-    /// The agent credential, when it was generated at this start.
+    /// The shared agent token, when it was generated at this start (first start without
+    /// `HERALD_AGENT_TOKEN`; stored hashed, shown once).
     pub generated_agent_token: Option<String>,
     /// Where the web console is served, when `HERALD_CONSOLE_LISTEN` is set.
     pub console_addr: Option<SocketAddr>,
@@ -198,13 +199,11 @@ pub async fn start_with(
         )
     });
     let generated_admin_token = auth.bootstrap_admin().await?;
-    let (agent_token, generated_agent_token) = match &config.agent_token {
-        Some(token) => (token.clone(), None),
-        None => {
-            let token =
-                service::auth::new_token().replacen(service::auth::TOKEN_PREFIX, "hrla_", 1);
-            (token.clone(), Some(token))
-        }
+    // Remote agents keep one token across restarts: HERALD_AGENT_TOKEN, or one generated at the
+    // first start and stored hashed. The built-in agent never needs either.
+    let generated_agent_token = match &config.agent_token {
+        Some(_) => None,
+        None => service::agents::bootstrap_shared_token(&store).await?,
     };
     let services = Services {
         store: store.clone(),
@@ -266,7 +265,7 @@ pub async fn start_with(
         (config.max_payload_bytes * 500 + (1 << 20)).min(256 << 20),
     );
     let agent_api = grpc::AgentApi::new(
-        &agent_token,
+        config.agent_token.as_deref(),
         services.clone(),
         config.tls_client_ca.is_some(),
         replica_id.clone(),

@@ -31,6 +31,9 @@ struct Args {
 enum Command {
     /// Revoke the generated admin token and print a new one
     ResetAdminToken,
+    /// Revoke the generated shared agent token and print a new one; agents still using the old
+    /// one are disconnected by every running replica (PostgreSQL) and refused from then on
+    ResetAgentToken,
     /// Seal every stored secret under HERALD_MASTER_KEY, opening what
     /// HERALD_MASTER_KEY_PREVIOUS sealed; run once every replica runs with both keys, then
     /// restart them without the previous one. Safe to run again after an interruption.
@@ -132,9 +135,11 @@ fn main() -> ExitCode {
             }
         }
     };
+    let subcommand = args.command.is_some();
     let result = runtime.block_on(async {
         match args.command {
             Some(Command::ResetAdminToken) => reset_admin_token(config).await,
+            Some(Command::ResetAgentToken) => reset_agent_token(config).await,
             Some(Command::RotateMasterKey) => rotate_master_key(config).await,
             Some(Command::Health | Command::Backup { .. }) | None => serve(config).await,
         }
@@ -143,9 +148,29 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("herald-control-plane: {err:#}");
-            ExitCode::FAILURE
+            let (message, code) = describe(&err, subcommand);
+            eprintln!("herald-control-plane: {message}");
+            ExitCode::from(code)
         }
+    }
+}
+
+/// Returns the line a failed run prints and its exit code: 64 when the configuration is at
+/// fault (a PostgreSQL database or role that does not exist), 1 otherwise.
+fn describe(err: &anyhow::Error, subcommand: bool) -> (String, u8) {
+    use herald_control_plane::storage::OpenError;
+    match err.downcast_ref::<OpenError>() {
+        // A maintenance command on an SQLite file that a running control plane holds.
+        Some(OpenError::InUse { path }) if subcommand => (
+            format!(
+                "HERALD_DATABASE_URL: {} is in use by a running control plane: stop the control \
+                 plane first, then run this command again",
+                path.display()
+            ),
+            1,
+        ),
+        Some(open) if open.is_configuration() => (open.to_string(), EXIT_CONFIG),
+        _ => (format!("{err:#}"), 1),
     }
 }
 
@@ -172,7 +197,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     if let Some(token) = &running.generated_agent_token {
         println!(
-            "agent token for remote agents (HERALD_AGENT_TOKEN; generated for this run): {token}"
+            "agent token for remote agents (HERALD_AGENT_TOKEN; shown once, stored hashed): {token}"
+        );
+        println!(
+            "  herald-control-plane reset-agent-token replaces it; per-agent credentials: herald agents credentials create"
         );
     }
     println!("next: herald tenants create --name acme   (see README.md)");
@@ -317,6 +345,35 @@ async fn rotate_master_key(config: Config) -> anyhow::Result<()> {
     store.record_master_key().await?;
     store.close().await;
     println!("re-sealed {sealed} secrets under the new master key");
+    Ok(())
+}
+
+async fn reset_agent_token(config: Config) -> anyhow::Result<()> {
+    use herald_control_plane::dispatch::changes::{Announcer, Change};
+    use herald_control_plane::service::agents;
+    use herald_control_plane::storage;
+    let store = storage::Store::open(storage::StoreOptions {
+        url: config.database_url.clone(),
+        max_connections: 1,
+        master_key: config.master_key,
+        previous_master_key: config.master_key_previous,
+        sqlite_page_limit: None,
+    })
+    .await?;
+    let (revoked, token) = agents::reset_shared_token(&store).await?;
+    // Running replicas (PostgreSQL) end the streams of agents using the old token at once.
+    let announcer = Announcer::new(store.clone(), "reset-agent-token".into());
+    for id in revoked {
+        announcer.announce(Change::AgentCredentialRevoked(id)).await;
+    }
+    store.close().await;
+    if config.agent_token.is_some() {
+        eprintln!(
+            "herald-control-plane: HERALD_AGENT_TOKEN is set too: agents using it stay connected \
+             until it is removed from every replica's settings"
+        );
+    }
+    println!("{token}");
     Ok(())
 }
 

@@ -45,8 +45,9 @@ impl TestDatabase {
             Backend::Postgres => {
                 let admin = Database::connect(PG_ADMIN_URL).await.unwrap_or_else(|err| {
                     panic!(
-                        "PostgreSQL at 127.0.0.1:5432 is unreachable ({err}); start it with \
-                         `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
+                        "PostgreSQL at 127.0.0.1:5432 is unreachable ({err}); scripts/test (the \
+                         README's test command) starts it, or `pg_ctlcluster \
+                         --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
                     )
                 });
                 drop_stale_databases(&admin).await;

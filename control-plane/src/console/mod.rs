@@ -87,12 +87,15 @@ struct Console {
 struct Signed {
     id: String,
     session: Session,
+    /// The tenant's name, shown in the header (its id when it cannot be read).
+    tenant_name: String,
 }
 
 /// What the layout shows on every signed-in page.
 #[derive(Serialize)]
 struct Chrome<'a> {
     tenant_id: &'a str,
+    tenant_name: &'a str,
     csrf: &'a str,
     notice: Option<Notice>,
     nav: &'a str,
@@ -252,7 +255,11 @@ fn set_cookie(name: &str, value: &str, path: &str, max_age_s: u64, secure: bool)
 async fn require_session(State(console): State<Console>, request: Request, next: Next) -> Response {
     let mut signed = match cookie(request.headers(), SESSION_COOKIE) {
         Some(id) => match console.sessions.get(&id).await {
-            Ok(session) => session.map(|session| Signed { id, session }),
+            Ok(session) => session.map(|session| Signed {
+                id,
+                tenant_name: session.tenant_id.clone(),
+                session,
+            }),
             Err(err) => {
                 tracing::warn!(error = %err, "console session not read");
                 return failure(
@@ -279,7 +286,7 @@ async fn require_session(State(console): State<Console>, request: Request, next:
         }
         signed = None;
     }
-    let Some(signed) = signed else {
+    let Some(mut signed) = signed else {
         return if request.method() == Method::GET && request.uri().path() != "/live/events" {
             Redirect::to("/login").into_response()
         } else {
@@ -291,6 +298,14 @@ async fn require_session(State(console): State<Console>, request: Request, next:
             )
         };
     };
+    match console
+        .services
+        .tenant_name(&signed.session.tenant_id)
+        .await
+    {
+        Ok(name) => signed.tenant_name = name,
+        Err(err) => tracing::debug!(error = %err, "tenant name not read; the header shows its id"),
+    }
     let mut request = if request.method() == Method::POST {
         let (parts, body) = request.into_parts();
         let Ok(bytes) = axum::body::to_bytes(body, MAX_FORM_BYTES).await else {
@@ -331,6 +346,7 @@ fn render(
 ) -> Response {
     let chrome = signed.map(|s| Chrome {
         tenant_id: &s.session.tenant_id,
+        tenant_name: &s.tenant_name,
         csrf: &s.session.csrf,
         notice,
         nav,

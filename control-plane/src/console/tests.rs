@@ -15,6 +15,7 @@ use crate::domain::model::{
 fn signed() -> Signed {
     Signed {
         id: session::random_token(),
+        tenant_name: "Acme <Corp>".into(),
         session: Session {
             tenant_id: "ten_a".into(),
             token_id: "tok_a".into(),
@@ -173,6 +174,13 @@ async fn every_template_renders_and_escapes() {
         r#"<p class="error" id="url-error" data-field="url">scheme must be http or https</p>"#
     ));
     assert!(html.contains(&signed.session.csrf));
+    // The header names the tenant by its name (escaped), its id only in the tooltip.
+    assert!(
+        html.contains(
+            r#"title="The tenant this session belongs to (ten_a)">Acme &lt;Corp&gt;</span>"#
+        ),
+        "{html}"
+    );
 }
 
 #[test]

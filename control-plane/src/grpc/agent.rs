@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::bearer;
+use crate::console::session::constant_time_eq;
 use crate::dispatch::{self, Command, scheduler::AgentHello};
 use crate::service::Services;
 
@@ -23,7 +24,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct AgentApi {
-    agent_token: Arc<str>,
+    /// `HERALD_AGENT_TOKEN`, when set.
+    configured_token: Option<Arc<str>>,
     services: Services,
     /// With `HERALD_TLS_CLIENT_CA`: agents must present a client certificate from that CA.
     certificate_required: bool,
@@ -47,13 +49,13 @@ struct AgentAuth {
 
 impl AgentApi {
     pub fn new(
-        agent_token: &str,
+        configured_token: Option<&str>,
         services: Services,
         certificate_required: bool,
         replica_id: String,
     ) -> Self {
         Self {
-            agent_token: agent_token.into(),
+            configured_token: configured_token.map(Arc::from),
             services: services.clone(),
             certificate_required,
             streams: Arc::new(Streams {
@@ -70,8 +72,9 @@ impl AgentApi {
         herald_agent::InProcessLink(Arc::new(InProcessAgents(self.streams.clone())))
     }
 
-    /// Checks the client certificate (when required) and the agent token: the shared
-    /// `HERALD_AGENT_TOKEN` or a per-agent credential. API tokens are refused.
+    /// Checks the client certificate (when required) and the agent token: `HERALD_AGENT_TOKEN`,
+    /// or a stored credential (per agent, or the generated shared token). API tokens are
+    /// refused.
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<AgentAuth, Status> {
         let certificate = request.peer_certs().and_then(|certs| {
             certs.first().map(|cert| {
@@ -85,14 +88,11 @@ impl AgentApi {
             ));
         }
         let token = bearer(request)?;
-        let expected = self.agent_token.as_bytes();
-        let shared = token.len() == expected.len()
-            && token
-                .bytes()
-                .zip(expected)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if shared {
+        if self
+            .configured_token
+            .as_deref()
+            .is_some_and(|expected| constant_time_eq(token, expected))
+        {
             return Ok(AgentAuth {
                 identity: certificate.unwrap_or_else(|| "shared agent token".into()),
                 credential_id: None,

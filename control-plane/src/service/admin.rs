@@ -26,16 +26,22 @@ impl Services {
 
     /// Returns `NOT_FOUND` unless the tenant exists (an admin may name any id).
     pub async fn ensure_tenant(&self, tenant_id: &str) -> Result<(), Error> {
-        if self.known_tenants.contains(tenant_id) {
-            return Ok(());
+        self.tenant_name(tenant_id).await.map(drop)
+    }
+
+    /// Returns the name of a tenant (`NOT_FOUND` unless it exists): the console's header shows it.
+    pub async fn tenant_name(&self, tenant_id: &str) -> Result<String, Error> {
+        if let Some(name) = self.known_tenants.name(tenant_id) {
+            return Ok(name);
         }
-        if !ids::has_prefix(tenant_id, ids::TENANT)
-            || tenants::get(&self.store.db, tenant_id).await?.is_none()
-        {
-            return Err(Error::not_found("tenant", tenant_id));
-        }
-        self.known_tenants.insert(tenant_id);
-        Ok(())
+        let tenant = if ids::has_prefix(tenant_id, ids::TENANT) {
+            tenants::get(&self.store.db, tenant_id).await?
+        } else {
+            None
+        };
+        let tenant = tenant.ok_or_else(|| Error::not_found("tenant", tenant_id))?;
+        self.known_tenants.insert(tenant_id, &tenant.name);
+        Ok(tenant.name)
     }
 
     /// Creates a token for a tenant, or an admin token when `tenant_id` is empty.
@@ -83,26 +89,28 @@ impl Services {
     }
 }
 
-/// Tenant ids known to exist. Tenants are never deleted, so an entry never goes stale; the set
-/// is bounded (emptied when full) so a flood of tenants cannot grow it without limit.
+/// Tenants known to exist, with their names. Tenants are never deleted or renamed, so an entry
+/// never goes stale; the map is bounded (emptied when full) so a flood of tenants cannot grow it
+/// without limit.
 #[derive(Clone, Default)]
-pub struct KnownTenants(Arc<std::sync::RwLock<std::collections::HashSet<String>>>);
+pub struct KnownTenants(Arc<std::sync::RwLock<std::collections::HashMap<String, String>>>);
 
 impl KnownTenants {
     const MAX: usize = 100_000;
 
-    fn contains(&self, tenant_id: &str) -> bool {
+    fn name(&self, tenant_id: &str) -> Option<String> {
         self.0
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(tenant_id)
+            .get(tenant_id)
+            .cloned()
     }
 
-    fn insert(&self, tenant_id: &str) {
+    fn insert(&self, tenant_id: &str, name: &str) {
         let mut known = self.0.write().unwrap_or_else(|e| e.into_inner());
         if known.len() >= Self::MAX {
             known.clear();
         }
-        known.insert(tenant_id.to_owned());
+        known.insert(tenant_id.to_owned(), name.to_owned());
     }
 }

@@ -1,5 +1,6 @@
 //! Agent credentials: per-agent tokens (shown once, stored hashed, optionally pinned to a
-//! region) beside the shared `HERALD_AGENT_TOKEN`.
+//! region) beside the shared agent token — `HERALD_AGENT_TOKEN`, or generated at first start and
+//! stored hashed like the others (`reset-agent-token` replaces it).
 
 use chrono::Utc;
 
@@ -8,7 +9,49 @@ use crate::dispatch::{Command, presence};
 use crate::domain::model::{AgentInfo, Page, PageRequest};
 use crate::domain::{ids, validate};
 use crate::storage::agent_credentials::{self, AgentCredential};
-use crate::storage::agents;
+use crate::storage::{Store, agents};
+
+/// The name the generated shared agent token is listed under (`ListAgentCredentials`).
+pub const SHARED_TOKEN_NAME: &str = "shared agent token";
+
+/// Returns a new random agent credential (`hrla_…`).
+pub fn new_agent_token() -> String {
+    auth::new_token().replacen(auth::TOKEN_PREFIX, AGENT_TOKEN_PREFIX, 1)
+}
+
+/// Stores a new shared agent token; returns its plaintext.
+async fn insert_shared(db: &impl sea_orm::ConnectionTrait) -> Result<String, Error> {
+    let credential = AgentCredential {
+        id: ids::new(ids::AGENT_CREDENTIAL),
+        name: SHARED_TOKEN_NAME.into(),
+        region: None,
+        created_at: Utc::now(),
+        last_used_at: None,
+    };
+    let token = new_agent_token();
+    agent_credentials::insert(db, &credential, &auth::hash(&token), true).await?;
+    Ok(token)
+}
+
+/// At a start without `HERALD_AGENT_TOKEN`: makes the shared agent token when none is stored and
+/// returns its plaintext (printed once), or `None` when one exists already.
+pub async fn bootstrap_shared_token(store: &Store) -> Result<Option<String>, Error> {
+    if agent_credentials::any_shared(&store.db).await? {
+        return Ok(None);
+    }
+    Ok(Some(insert_shared(&store.writer).await?))
+}
+
+/// `reset-agent-token`: revokes the stored shared agent token(s) and makes a new one, in one
+/// transaction. Returns the revoked credentials' ids (whose streams must end on every replica)
+/// and the new plaintext.
+pub async fn reset_shared_token(store: &Store) -> Result<(Vec<String>, String), Error> {
+    let txn = store.writer.begin().await?;
+    let revoked = agent_credentials::revoke_shared(&txn, Utc::now()).await?;
+    let token = insert_shared(&txn).await?;
+    txn.commit().await?;
+    Ok((revoked, token))
+}
 
 /// Prefix of agent credentials, so they are told apart from API tokens at a glance.
 pub const AGENT_TOKEN_PREFIX: &str = "hrla_";
@@ -46,8 +89,9 @@ impl Services {
             created_at: Utc::now(),
             last_used_at: None,
         };
-        let token = auth::new_token().replacen(auth::TOKEN_PREFIX, AGENT_TOKEN_PREFIX, 1);
-        agent_credentials::insert(&self.store.writer, &credential, &auth::hash(&token)).await?;
+        let token = new_agent_token();
+        agent_credentials::insert(&self.store.writer, &credential, &auth::hash(&token), false)
+            .await?;
         Ok((credential, token))
     }
 

@@ -22,10 +22,12 @@ pub struct AgentCredential {
     pub last_used_at: Option<DateTime<Utc>>,
 }
 
+/// Stores a credential; `shared` marks the shared agent token generated at first start.
 pub async fn insert(
     db: &impl ConnectionTrait,
     c: &AgentCredential,
     hash: &str,
+    shared: bool,
 ) -> Result<(), Error> {
     agent_credential::Entity::insert(agent_credential::ActiveModel {
         id: Set(c.id.clone()),
@@ -35,6 +37,7 @@ pub async fn insert(
         created_at: Set(ms(c.created_at)),
         last_used_at: Set(None),
         revoked_at: Set(None),
+        shared: Set(shared),
     })
     .exec_without_returning(db)
     .await?;
@@ -82,6 +85,39 @@ pub async fn revoke(db: &impl ConnectionTrait, id: &str, at: DateTime<Utc>) -> R
         .await?
         .rows_affected
         == 1)
+}
+
+/// Whether an unrevoked shared agent token is stored.
+pub async fn any_shared(db: &impl ConnectionTrait) -> Result<bool, Error> {
+    Ok(agent_credential::Entity::find()
+        .filter(agent_credential::Column::Shared.eq(true))
+        .filter(agent_credential::Column::RevokedAt.is_null())
+        .one(db)
+        .await?
+        .is_some())
+}
+
+/// Revokes every unrevoked shared agent token; returns their ids.
+pub async fn revoke_shared(
+    db: &impl ConnectionTrait,
+    at: DateTime<Utc>,
+) -> Result<Vec<String>, Error> {
+    let ids: Vec<String> = agent_credential::Entity::find()
+        .filter(agent_credential::Column::Shared.eq(true))
+        .filter(agent_credential::Column::RevokedAt.is_null())
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    if !ids.is_empty() {
+        agent_credential::Entity::update_many()
+            .col_expr(agent_credential::Column::RevokedAt, Expr::value(ms(at)))
+            .filter(agent_credential::Column::Id.is_in(ids.clone()))
+            .exec(db)
+            .await?;
+    }
+    Ok(ids)
 }
 
 pub async fn touch(db: &impl ConnectionTrait, id: &str, at: DateTime<Utc>) -> Result<(), Error> {

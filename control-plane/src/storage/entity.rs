@@ -200,6 +200,8 @@ pub mod agent_credential {
         pub created_at: i64,
         pub last_used_at: Option<i64>,
         pub revoked_at: Option<i64>,
+        /// The shared agent token generated at first start (`reset-agent-token` replaces it).
+        pub shared: bool,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

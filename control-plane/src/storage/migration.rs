@@ -1,34 +1,81 @@
 //! Schema migrations, append-only and additive (a rolling restart runs old and new code on one
 //! schema). Plain SQL that SQLite and PostgreSQL both accept: times are BIGINT milliseconds since
 //! the Unix epoch, states the integer values of the proto enums.
+//!
+//! Applied versions are recorded in `seaql_migrations`, the table of sea-orm-migration, which
+//! Herald used before this runner: databases it migrated carry on. (That crate turned on sea-orm's
+//! default features — rust_decimal, uuid, time, schema discovery — which Herald never uses and
+//! every cold build compiled.)
 
-use sea_orm_migration::prelude::*;
+use std::collections::HashSet;
 
-pub struct Migrator;
+use sea_orm::{
+    ConnectionTrait, DbBackend, DbErr, Statement, TransactionSession as _, TransactionTrait,
+};
 
-#[async_trait::async_trait]
-impl MigratorTrait for Migrator {
-    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![
-            Box::new(M0001Initial),
-            Box::new(M0002DeliveryLog),
-            Box::new(M0003AgentCredentials),
-            Box::new(M0004Replicas),
-            Box::new(M0005WaitingBySubscription),
-            Box::new(M0006ConsoleSessions),
-            Box::new(M0007PayloadFilters),
-            Box::new(M0008CustomHeaders),
-        ]
+/// Every migration in order: its version (as recorded) and its statements.
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    ("m0001_initial", M0001),
+    ("m0002_delivery_log", M0002),
+    ("m0003_agent_credentials", M0003),
+    ("m0004_replicas", M0004),
+    ("m0005_waiting_by_subscription", M0005),
+    ("m0006_console_sessions", M0006),
+    ("m0007_payload_filters", M0007),
+    ("m0008_custom_headers", M0008),
+    ("m0009_shared_agent_token", M0009),
+];
+
+/// Applies the migrations `db` has not recorded, in order, each in a transaction with its
+/// record. Versions recorded but unknown here (a newer release migrated the database) are left
+/// alone: migrations only add, so this release still runs on that schema during a rolling
+/// upgrade.
+pub async fn up<C: ConnectionTrait + TransactionTrait>(db: &C) -> Result<(), DbErr> {
+    let backend = db.get_database_backend();
+    // Looked up rather than `CREATE TABLE IF NOT EXISTS`, which PostgreSQL answers with a notice
+    // (logged at every start) when the table exists.
+    let exists = match backend {
+        DbBackend::Postgres => "SELECT 1 WHERE to_regclass('seaql_migrations') IS NOT NULL",
+        _ => "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'seaql_migrations'",
+    };
+    if db
+        .query_one_raw(Statement::from_string(backend, exists))
+        .await?
+        .is_none()
+    {
+        db.execute_unprepared(
+            "CREATE TABLE seaql_migrations \
+             (version VARCHAR NOT NULL PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .await?;
     }
-}
-
-struct M0001Initial;
-
-// Names are explicit: the derive takes the file name, the same for every migration here.
-impl MigrationName for M0001Initial {
-    fn name(&self) -> &str {
-        "m0001_initial"
+    let applied: HashSet<String> = db
+        .query_all_raw(Statement::from_string(
+            backend,
+            "SELECT version FROM seaql_migrations",
+        ))
+        .await?
+        .iter()
+        .map(|row| row.try_get_by_index::<String>(0))
+        .collect::<Result<_, _>>()?;
+    for (version, sql) in MIGRATIONS {
+        if applied.contains(*version) {
+            continue;
+        }
+        let txn = db.begin().await?;
+        for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            txn.execute_unprepared(statement).await?;
+        }
+        let applied_at = chrono::Utc::now().timestamp();
+        // Both values are Herald's own (a constant name, a number): no user input in the SQL.
+        txn.execute_unprepared(&format!(
+            "INSERT INTO seaql_migrations (version, applied_at) VALUES ('{version}', {applied_at})"
+        ))
+        .await?;
+        txn.commit().await?;
+        tracing::info!(version, "applied migration");
     }
+    Ok(())
 }
 
 const M0001: &str = r#"
@@ -134,34 +181,11 @@ CREATE TABLE attempts (
 CREATE INDEX attempts_delivery ON attempts (delivery_id, id);
 "#;
 
-struct M0002DeliveryLog;
-
-impl MigrationName for M0002DeliveryLog {
-    fn name(&self) -> &str {
-        "m0002_delivery_log"
-    }
-}
-
 /// The delivery log by tenant, and the event type on each delivery.
 const M0002: &str = r#"
 ALTER TABLE deliveries ADD COLUMN event_type TEXT;
 CREATE INDEX deliveries_tenant ON deliveries (tenant_id, id)
 "#;
-
-#[async_trait::async_trait]
-impl MigrationTrait for M0002DeliveryLog {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        run_statements(manager, M0002).await
-    }
-}
-
-struct M0003AgentCredentials;
-
-impl MigrationName for M0003AgentCredentials {
-    fn name(&self) -> &str {
-        "m0003_agent_credentials"
-    }
-}
 
 /// Per-agent credentials, stored as hashes.
 const M0003: &str = r#"
@@ -175,21 +199,6 @@ CREATE TABLE agent_credentials (
     revoked_at BIGINT
 )
 "#;
-
-#[async_trait::async_trait]
-impl MigrationTrait for M0003AgentCredentials {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        run_statements(manager, M0003).await
-    }
-}
-
-struct M0004Replicas;
-
-impl MigrationName for M0004Replicas {
-    fn name(&self) -> &str {
-        "m0004_replicas"
-    }
-}
 
 /// Several replicas on one PostgreSQL database: the agents of every replica (for `ListAgents`),
 /// and two small partial indexes the claim reads under its per-subscription lock: the deliveries
@@ -216,14 +225,6 @@ CREATE INDEX deliveries_ordered_unfinished ON deliveries (subscription_id, order
     WHERE ordering_key IS NOT NULL AND state IN (1, 2, 4)
 "#;
 
-struct M0005WaitingBySubscription;
-
-impl MigrationName for M0005WaitingBySubscription {
-    fn name(&self) -> &str {
-        "m0005_waiting_by_subscription"
-    }
-}
-
 /// Fair discovery: the poller pages due work per subscription, and finds the subscriptions
 /// with waiting work by skipping through this index (one probe per subscription). Partial:
 /// only pending (1) and failed (4) deliveries, the backlog, not the history. It replaces
@@ -234,21 +235,6 @@ CREATE INDEX deliveries_waiting ON deliveries (subscription_id, next_attempt_at)
     WHERE state IN (1, 4);
 DROP INDEX IF EXISTS deliveries_due
 "#;
-
-#[async_trait::async_trait]
-impl MigrationTrait for M0005WaitingBySubscription {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        run_statements(manager, M0005).await
-    }
-}
-
-struct M0006ConsoleSessions;
-
-impl MigrationName for M0006ConsoleSessions {
-    fn name(&self) -> &str {
-        "m0006_console_sessions"
-    }
-}
 
 /// Console sessions and one-time sign-in links, shared by every replica and kept across restarts.
 /// Keyed by the SHA-256 of the cookie or link value, never the value itself. A session names the
@@ -275,68 +261,14 @@ CREATE TABLE console_links (
 CREATE INDEX console_links_expiry ON console_links (expires_at)
 "#;
 
-struct M0007PayloadFilters;
-
-impl MigrationName for M0007PayloadFilters {
-    fn name(&self) -> &str {
-        "m0007_payload_filters"
-    }
-}
-
 /// A subscription's payload filter, as written (JSON text; NULL: none).
 const M0007: &str = "ALTER TABLE subscriptions ADD COLUMN payload_filter TEXT";
-
-struct M0008CustomHeaders;
-
-impl MigrationName for M0008CustomHeaders {
-    fn name(&self) -> &str {
-        "m0008_custom_headers"
-    }
-}
 
 /// A subscription's custom headers: JSON `[{name, value, secret}]`, secret values sealed like
 /// the API key (NULL: none).
 const M0008: &str = "ALTER TABLE subscriptions ADD COLUMN headers TEXT";
 
-#[async_trait::async_trait]
-impl MigrationTrait for M0008CustomHeaders {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        run_statements(manager, M0008).await
-    }
-}
-
-#[async_trait::async_trait]
-impl MigrationTrait for M0007PayloadFilters {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        run_statements(manager, M0007).await
-    }
-}
-
-#[async_trait::async_trait]
-impl MigrationTrait for M0006ConsoleSessions {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        run_statements(manager, M0006).await
-    }
-}
-
-#[async_trait::async_trait]
-impl MigrationTrait for M0004Replicas {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        run_statements(manager, M0004).await
-    }
-}
-
-#[async_trait::async_trait]
-impl MigrationTrait for M0001Initial {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        run_statements(manager, M0001).await
-    }
-}
-
-async fn run_statements(manager: &SchemaManager<'_>, sql: &str) -> Result<(), DbErr> {
-    let db = manager.get_connection();
-    for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-        db.execute_unprepared(statement).await?;
-    }
-    Ok(())
-}
+/// The shared agent token generated at first start (without `HERALD_AGENT_TOKEN`) is an agent
+/// credential row marked `shared`, so `reset-agent-token` can find and revoke it.
+const M0009: &str =
+    "ALTER TABLE agent_credentials ADD COLUMN shared BOOLEAN NOT NULL DEFAULT FALSE";

@@ -28,7 +28,6 @@ use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, EntityTrait,
     Statement, TransactionTrait,
 };
-use sea_orm_migration::MigratorTrait;
 
 pub use seal::Sealer;
 pub use writer::{ErrorKind, Transaction, WriteHealth, Writer};
@@ -154,8 +153,12 @@ impl From<seal::WrongKey> for Error {
 /// Why the store could not open.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("HERALD_DATABASE_URL: cannot open {url}: {source}")]
-    Connect { url: String, source: DbErr },
+    /// The database refused or could not be reached; printed as one line with what to do.
+    #[error("HERALD_DATABASE_URL: cannot open {url}: {problem}")]
+    Connect {
+        url: String,
+        problem: ConnectProblem,
+    },
     #[error("migrations failed: {0}")]
     Migrate(DbErr),
     #[error(
@@ -174,6 +177,119 @@ pub enum OpenError {
     WrongMasterKey,
     #[error(transparent)]
     Storage(#[from] Error),
+}
+
+impl OpenError {
+    /// Whether the configuration is at fault (a database or role that does not exist, a wrong
+    /// password): the start ends with exit code 64 like any bad setting.
+    pub fn is_configuration(&self) -> bool {
+        matches!(self, Self::Connect { problem, .. } if problem.configuration)
+    }
+}
+
+/// Why a connection failed, in one line: the database's own words and, where Herald knows,
+/// what to do about it.
+#[derive(Debug)]
+pub struct ConnectProblem {
+    pub reason: String,
+    pub hint: Option<String>,
+    pub configuration: bool,
+}
+
+impl std::fmt::Display for ConnectProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)?;
+        if let Some(hint) = &self.hint {
+            write!(f, "; {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConnectProblem {
+    /// Describes a failed connection to `url` (only the innermost error is kept: sqlx and
+    /// sea-orm repeat it in every layer).
+    fn of(url: &str, err: &DbErr) -> Self {
+        use sea_orm::{RuntimeErr, sqlx};
+        let sqlx_err = match err {
+            DbErr::Conn(RuntimeErr::SqlxError(e))
+            | DbErr::Exec(RuntimeErr::SqlxError(e))
+            | DbErr::Query(RuntimeErr::SqlxError(e)) => Some(e.as_ref()),
+            _ => None,
+        };
+        let parsed = url::Url::parse(url).ok();
+        let user = parsed
+            .as_ref()
+            .map(|u| u.username().to_owned())
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "herald".into());
+        let database = parsed
+            .as_ref()
+            .map(|u| u.path().trim_start_matches('/').to_owned())
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| user.clone());
+        let host = parsed
+            .as_ref()
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .unwrap_or_else(|| "localhost".into());
+        let port = parsed.as_ref().and_then(|u| u.port()).unwrap_or(5432);
+        let unreachable = url
+            .starts_with("postgres")
+            .then(|| format!("is PostgreSQL running and listening on {host}:{port}?"));
+        let create = format!(
+            "as a PostgreSQL superuser: createuser -h {host} -U postgres --pwprompt {user} \
+             (if the role is missing), then createdb -h {host} -U postgres -O {user} {database}; \
+             the role must own the database (Herald creates its tables at start), and each \
+             replica opens up to 17 connections"
+        );
+        match sqlx_err {
+            Some(sqlx::Error::Database(db)) => {
+                let reason = db.message().to_owned();
+                let (hint, configuration) = match db.code().as_deref() {
+                    // invalid_catalog_name: the database does not exist.
+                    Some("3D000") => (Some(format!("create it {create}")), true),
+                    // invalid_authorization_specification: no such role, or pg_hba.conf
+                    // refuses it.
+                    Some("28000") => (
+                        Some(format!(
+                            "create the role and database {create}, and allow the role in \
+                             pg_hba.conf"
+                        )),
+                        true,
+                    ),
+                    Some("28P01") => (
+                        Some("check the password in HERALD_DATABASE_URL".to_owned()),
+                        true,
+                    ),
+                    // insufficient_privilege: no CONNECT on the database.
+                    Some("42501") => (
+                        Some(format!(
+                            "as a PostgreSQL superuser: GRANT CONNECT ON DATABASE {database} TO \
+                             {user} (better: make {user} the database's owner)"
+                        )),
+                        true,
+                    ),
+                    _ => (None, false),
+                };
+                Self {
+                    reason,
+                    hint,
+                    configuration,
+                }
+            }
+            // Unreachable (refused, timed out): perhaps only for now, so not exit 64.
+            Some(other) => Self {
+                reason: other.to_string(),
+                hint: unreachable,
+                configuration: false,
+            },
+            None => Self {
+                reason: err.to_string(),
+                hint: None,
+                configuration: false,
+            },
+        }
+    }
 }
 
 /// The database, with a single writer on SQLite.
@@ -249,9 +365,9 @@ pub struct StoreOptions {
 impl Store {
     /// Connects, runs the migrations, and checks the master key against the stored data.
     pub async fn open(options: StoreOptions) -> Result<Self, OpenError> {
-        let connect_err = |source| OpenError::Connect {
+        let connect_err = |err: DbErr| OpenError::Connect {
             url: redact(&options.url),
-            source,
+            problem: ConnectProblem::of(&options.url, &err),
         };
         let mut file_lock = FileLock::default();
         let writer_state = writer::WriterState::new(options.sqlite_page_limit.clone());
@@ -526,10 +642,10 @@ async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
         let txn = db.begin().await?;
         txn.execute_unprepared("SELECT pg_advisory_xact_lock(4242001)")
             .await?;
-        migration::Migrator::up(&txn, None).await?;
+        migration::up(&txn).await?;
         txn.commit().await
     } else {
-        migration::Migrator::up(db, None).await
+        migration::up(db).await
     }
 }
 

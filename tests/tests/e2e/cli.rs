@@ -99,7 +99,11 @@ impl Cli {
 
 /// A control plane with a tenant; returns (herald, tenant id, tenant token).
 async fn with_tenant() -> (Herald, String, String) {
-    let herald = Herald::builder(Backend::Sqlite).start().await;
+    with_tenant_on(Herald::builder(Backend::Sqlite).start().await).await
+}
+
+/// Makes a tenant and its token on `herald`; returns (herald, tenant id, tenant token).
+async fn with_tenant_on(herald: Herald) -> (Herald, String, String) {
     let tenant_id = as_admin(&herald, &["tenants", "create", "--name", "acme", "--quiet"])
         .await
         .ok()
@@ -185,7 +189,7 @@ async fn readme_quickstart_runs_as_written() {
         !block.contains("jq") && !block.contains("curl"),
         "the quickstart needs nothing but herald: {block}"
     );
-    // The README's first command (`cargo run --release --bin herald-control-plane`) is this
+    // The README's first command (`scripts/start`) is this
     // control plane; its `export HERALD_ADDR=… HERALD_TOKEN=…` line is the environment below.
     let herald = Herald::builder(Backend::Sqlite).start().await;
     let script = block.replace("8787", &free_port().to_string());
@@ -808,6 +812,81 @@ async fn watch_streams_attempts_live() {
     herald.stop().await;
 }
 
+/// `deliveries watch` outlives a control-plane restart: it says it reconnects, watches again
+/// once the control plane is back, and prints the attempts made after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_reconnects_when_the_control_plane_restarts() {
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (herald, _, token) = with_tenant_on(
+        Herald::builder(Backend::Sqlite)
+            .configure(|c| c.listen = listen)
+            .start()
+            .await,
+    )
+    .await;
+    let addr = herald.url();
+    let receiver = Receiver::start().await;
+    let sub = subscribe(&addr, &token, &receiver.url("/hooks"), &[]).await;
+    let (mut child, mut lines, stderr) = spawn(
+        &addr,
+        &token,
+        &["--json", "deliveries", "watch", "--subscription", &sub],
+    );
+    wait_for_text(&stderr, "watching attempts").await;
+
+    let database = herald.stop_keeping_database().await;
+    wait_for_text(&stderr, "reconnecting").await;
+    let herald = Herald::builder(Backend::Sqlite)
+        .configure(|c| c.listen = listen)
+        .start_on(database)
+        .await;
+    wait_for_text(&stderr, "reconnected: watching attempts").await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "watch exited: {}",
+        stderr.lock().unwrap()
+    );
+
+    let published = run_herald(
+        &addr,
+        &token,
+        &[
+            "--json", "events", "publish", "--type", "user.new", "--data", USER_NEW,
+        ],
+    )
+    .await
+    .json();
+    let record: Value = serde_json::from_str(&next_line(&mut lines).await).unwrap();
+    assert_eq!(
+        record["delivery_id"], published["delivery_ids"][0],
+        "{record}"
+    );
+    assert_eq!(record["state"], "DELIVERY_STATE_SUCCEEDED");
+    herald.stop().await;
+}
+
+/// A usage error's usage line shows the flags the command needs, not `--addr` and `--token`
+/// whose values came from HERALD_ADDR and HERALD_TOKEN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_lines_do_not_show_settings_from_the_environment_as_required() {
+    let run = run_herald("http://127.0.0.1:9", "hrld_any", &["tenants", "create"]).await;
+    assert_eq!(run.code, 2, "{run:?}");
+    let usage = run
+        .stderr
+        .lines()
+        .find(|line| line.starts_with("Usage: "))
+        .unwrap_or_else(|| panic!("a usage line: {run:?}"));
+    assert_eq!(usage, "Usage: herald tenants create --name <NAME>");
+    // The environment still counts: a typo names the flag, and the help lists the variables.
+    let help = run_herald(
+        "http://127.0.0.1:9",
+        "hrld_any",
+        &["tenants", "create", "--help"],
+    )
+    .await;
+    assert!(help.ok().contains("[env: HERALD_ADDR="), "{help:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_prints_one_json_object_per_webhook() {
     let (herald, _, token) = with_tenant().await;
@@ -1168,7 +1247,7 @@ async fn control_plane_not_running_exits_6_naming_the_address() {
         let line = run.fails(6);
         assert!(line.contains(&addr), "{line}");
         assert!(
-            line.contains("cargo run --release --bin herald-control-plane"),
+            line.contains("start one with `scripts/start` in Herald's repository"),
             "{line}"
         );
     }

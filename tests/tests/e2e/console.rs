@@ -101,7 +101,7 @@ impl Browser {
                 std::path::Path::new(path).exists(),
                 "{path} is missing: the console's browser tests need Debian's Chromium and its \
                  WebDriver; install them with `apt-get install -y chromium chromium-driver` \
-                 (.ci/run does this when they are missing)"
+                 (scripts/test, the README's test command, does this when they are missing)"
             );
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -284,6 +284,8 @@ async fn console_creates_tests_disables_and_retries_a_webhook() {
     browser.shot("01-sign-in").await;
     browser.sign_in(&token).await;
     assert!(browser.text("main").await.contains("No webhooks yet"));
+    // The header names the tenant, not its id.
+    assert_eq!(browser.text("header .tenant").await, "acme");
     browser.shot("02-webhooks-empty").await;
 
     // Bad input: the URL's error next to the URL field, and nothing created.

@@ -13,5 +13,6 @@ mod observability;
 mod operations;
 mod pipeline;
 mod scale;
+mod setup;
 mod storage_faults;
 mod tls;

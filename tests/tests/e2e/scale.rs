@@ -782,7 +782,8 @@ async fn replicas_starting_together_migrate_an_empty_database_once() {
             "m0005_waiting_by_subscription",
             "m0006_console_sessions",
             "m0007_payload_filters",
-            "m0008_custom_headers"
+            "m0008_custom_headers",
+            "m0009_shared_agent_token"
         ],
         "each migration ran once"
     );

@@ -75,8 +75,8 @@ impl Exit {
                 UNAVAILABLE,
                 format!(
                     "cannot reach the control plane at {addr} ({}); start one with \
-                     `cargo run --release --bin herald-control-plane`, or point --addr \
-                     (HERALD_ADDR) at yours",
+                     `scripts/start` in Herald's repository (or `herald-control-plane`), or \
+                     point --addr (HERALD_ADDR) at yours",
                     connect_reason(status)
                 ),
             ),

@@ -8,7 +8,7 @@ mod output;
 
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 
 /// Herald's command-line tool: manage subscriptions, publish events, follow deliveries, and
 /// receive webhooks locally with `herald listen`.
@@ -16,8 +16,8 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "herald",
     version,
-    after_help = "Start a control plane with `cargo run --release --bin herald-control-plane`; it \
-                  prints the admin token. Exit codes: 0 ok, 2 usage, 3 not found, 4 \
+    after_help = "Start a control plane with `scripts/start` in Herald's repository; it prints \
+                  the admin token. Exit codes: 0 ok, 2 usage, 3 not found, 4 \
                   authentication or permission, 5 invalid argument or precondition, 6 control \
                   plane unavailable, 1 anything else."
 )]
@@ -110,9 +110,30 @@ pub enum Command {
     },
 }
 
+/// Parses the command line, or prints clap's error (exit 2) or help (exit 0) and exits.
+fn parse() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => err.exit(),
+        Err(err) => {
+            // clap counts a value taken from the environment (HERALD_ADDR, HERALD_TOKEN, …) as
+            // typed, so the usage line of an error would show `--addr <URL> --token <TOKEN>` as
+            // if they were required: the same arguments parsed without the environment give the
+            // same error with the usage line the user needs.
+            let without_env = Cli::command()
+                .mut_args(|arg| arg.env(None))
+                .try_get_matches();
+            match without_env {
+                Err(plain) if plain.kind() == err.kind() => plain.exit(),
+                _ => err.exit(),
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cli = Cli::parse();
+    let cli = parse();
     let addr = cli.global.addr.clone();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -51,8 +51,8 @@ pub enum Command {
         #[arg(long, value_name = "TIME")]
         since: Option<String>,
     },
-    /// Stream attempts live as agents report them (Ctrl-C to stop); `--json`: one object per
-    /// line
+    /// Stream attempts live as agents report them (Ctrl-C to stop), reconnecting when the
+    /// control plane restarts; `--json`: one object per line
     Watch {
         /// Only attempts of this subscription (default: every subscription of the tenant)
         #[arg(long, value_name = "ID")]
@@ -345,7 +345,13 @@ fn dash(text: &str) -> String {
     }
 }
 
-/// Streams attempts until the control plane closes the stream or the user interrupts.
+/// The first wait before watching again after the stream ended; doubled up to [`RECONNECT_MAX`].
+const RECONNECT_FIRST: std::time::Duration = std::time::Duration::from_millis(200);
+const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Streams attempts until the user interrupts. When the stream ends or the control plane goes
+/// away (a restart, a rolling upgrade), it watches again as soon as the control plane answers;
+/// an authentication or argument error ends it.
 async fn watch(
     ctx: &Context,
     tenant_id: String,
@@ -355,35 +361,90 @@ async fn watch(
         tenant_id,
         subscription_id: subscription.clone().unwrap_or_default(),
     };
+    let scope = subscription.map_or("every subscription".to_owned(), |s| s.to_string());
+    // The first call fails as any command does (exit 6 when nothing answers there).
     let mut stream = ctx
         .client
         .deliveries()
-        .watch_deliveries(request)
+        .watch_deliveries(request.clone())
         .await?
         .into_inner();
-    let scope = subscription.map_or("every subscription".to_owned(), |s| s.to_string());
     // On stderr, so it never mixes with `--json` lines; tests wait for it before publishing.
-    if ctx.out.mode != Mode::Quiet {
-        eprintln!("watching attempts of {scope} (Ctrl-C to stop)");
-    }
+    let say = |line: &str| {
+        if ctx.out.mode != Mode::Quiet {
+            eprintln!("{line}");
+        }
+    };
+    say(&format!("watching attempts of {scope} (Ctrl-C to stop)"));
     loop {
         let next = tokio::select! {
-            next = stream.message() => next?,
+            next = stream.message() => next,
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
-        let Some(record) = next else {
-            return Err(
-                tonic::Status::unavailable("the control plane closed the watch stream").into(),
-            );
+        let ended = match next {
+            Ok(Some(record)) => {
+                let style = Style {
+                    now: chrono::Utc::now(),
+                    ..ctx.out.style.clone()
+                };
+                match ctx.out.mode {
+                    Mode::Json => print(&to_json(&record, false)?)?,
+                    Mode::Quiet => print(&record.delivery_id)?,
+                    Mode::Human => print(&watch_line(&style, &record))?,
+                }
+                continue;
+            }
+            Ok(None) => "the control plane closed the watch stream (a restart?)".to_owned(),
+            Err(status) if gone(&status) => {
+                format!("the watch stream broke ({})", status.message())
+            }
+            Err(status) => return Err(status.into()),
         };
-        let style = Style {
-            now: chrono::Utc::now(),
-            ..ctx.out.style.clone()
+        say(&format!("{ended}; reconnecting…"));
+        stream = match reconnect(ctx, &request).await? {
+            Some(stream) => stream,
+            None => return Ok(()),
         };
-        match ctx.out.mode {
-            Mode::Json => print(&to_json(&record, false)?)?,
-            Mode::Quiet => print(&record.delivery_id)?,
-            Mode::Human => print(&watch_line(&style, &record))?,
+        say(&format!(
+            "reconnected: watching attempts of {scope} (attempts recorded while disconnected \
+             are not shown; `herald deliveries list` has them)"
+        ));
+    }
+}
+
+/// Whether a watch call failed because the control plane went away or is restarting, rather
+/// than because of the call itself.
+fn gone(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::Aborted
+    )
+}
+
+/// Calls `WatchDeliveries` again until the control plane answers, backing off from
+/// [`RECONNECT_FIRST`] to [`RECONNECT_MAX`]; `None` when the user interrupts meanwhile.
+async fn reconnect(
+    ctx: &Context,
+    request: &pb::WatchDeliveriesRequest,
+) -> anyhow::Result<Option<tonic::Streaming<pb::AttemptRecorded>>> {
+    let mut wait = RECONNECT_FIRST;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(None),
+        }
+        match ctx
+            .client
+            .deliveries()
+            .watch_deliveries(request.clone())
+            .await
+        {
+            Ok(response) => return Ok(Some(response.into_inner())),
+            Err(status) if gone(&status) => wait = (wait * 2).min(RECONNECT_MAX),
+            Err(status) => return Err(status.into()),
         }
     }
 }
