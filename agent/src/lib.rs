@@ -112,7 +112,7 @@ impl Agent {
                     .into_iter()
                     .map(|(url, endpoint)| Link::Grpc {
                         url,
-                        endpoint,
+                        endpoint: Box::new(endpoint),
                         authorization: authorization.clone(),
                     })
                     .collect()

@@ -43,7 +43,8 @@ impl fmt::Debug for InProcessLink {
 pub(crate) enum Link {
     Grpc {
         url: String,
-        endpoint: Endpoint,
+        /// Boxed: an endpoint is large beside the in-process handle.
+        endpoint: Box<Endpoint>,
         /// `Bearer <token>`: never logged.
         authorization: AsciiMetadataValue,
     },
