@@ -436,8 +436,7 @@ impl Store {
     /// without waiting for the WAL flush (`synchronous_commit = off` for this transaction only):
     /// a database crash may lose its last fraction of a second, which sends those deliveries
     /// again (at least once) and never loses an acknowledged event; publishing stays synchronous.
-    /// On SQLite this is `begin_write`; the scheduler's batched writes
-    /// ([`Store::begin_batched_write`]) relax their commit there too.
+    /// SQLite cannot relax one transaction on the shared writer, so it is `begin_write` there.
     pub async fn begin_scheduler_write(&self) -> Result<Transaction, Error> {
         let txn = self.writer.begin().await?;
         if self.shared() {
@@ -454,7 +453,7 @@ impl Store {
         &self,
         scheduler: bool,
     ) -> Result<pipeline::BatchedWrite, Error> {
-        if let Some(txn) = self.writer.begin_pipelined(scheduler).await? {
+        if let Some(txn) = self.writer.begin_pipelined().await? {
             return Ok(pipeline::BatchedWrite::Pipelined(txn));
         }
         let txn = if scheduler {

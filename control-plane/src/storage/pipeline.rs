@@ -32,8 +32,6 @@ use super::writer::WriterState;
 pub struct Pipelined {
     inner: Mutex<Buffer>,
     state: Arc<WriterState>,
-    /// Commits without syncing the WAL (see [`Pipelined::begin`]).
-    relaxed: bool,
 }
 
 struct Buffer {
@@ -66,17 +64,7 @@ fn db_err(err: sqlx::Error) -> DbErr {
 
 impl Pipelined {
     /// Starts a transaction on `conn` (the writer's, taken from its pool); nothing is sent yet.
-    /// `relaxed` (the scheduler's leases and results): the `COMMIT` does not wait for the WAL
-    /// to reach the disk (`synchronous = NORMAL` around it, back to `FULL` in the same command),
-    /// as `synchronous_commit = off` does on PostgreSQL. A power loss may then forget the last
-    /// such commits, which sends those deliveries again (at least once); a process crash loses
-    /// nothing, and a publish still syncs before it answers (its `COMMIT` syncs the WAL with
-    /// every frame before it).
-    pub(crate) fn begin(
-        conn: PoolConnection<Sqlite>,
-        state: Arc<WriterState>,
-        relaxed: bool,
-    ) -> Self {
+    pub(crate) fn begin(conn: PoolConnection<Sqlite>, state: Arc<WriterState>) -> Self {
         let mut buffer = Buffer {
             conn: Some(conn),
             sql: String::new(),
@@ -87,25 +75,15 @@ impl Pipelined {
         if let Some(limit) = state.page_limit() {
             buffer.push(&format!("PRAGMA max_page_count = {limit}"), None);
         }
-        if relaxed {
-            buffer.push("PRAGMA synchronous = NORMAL", None);
-        }
         buffer.push("BEGIN IMMEDIATE", None);
         Self {
             inner: Mutex::new(buffer),
             state,
-            relaxed,
         }
     }
 
     /// Sends what is buffered as one command; returns the rows of its last statement.
-    /// `after_commit`: statements at the end that follow the `COMMIT` (a failure there means the
-    /// transaction may be in the database).
-    async fn flush(
-        &self,
-        buffer: &mut Buffer,
-        after_commit: usize,
-    ) -> Result<Vec<SqliteRow>, DbErr> {
+    async fn flush(&self, buffer: &mut Buffer) -> Result<Vec<SqliteRow>, DbErr> {
         let sql = std::mem::take(&mut buffer.sql);
         let values = std::mem::take(&mut buffer.values);
         let statements = std::mem::replace(&mut buffer.statements, 0);
@@ -145,7 +123,7 @@ impl Pipelined {
             Ok(()) => Ok(rows),
             Err(err) => {
                 let err = db_err(err);
-                buffer.failed_at_end = done + 1 + after_commit >= statements;
+                buffer.failed_at_end = done + 1 >= statements;
                 self.give_up(buffer);
                 self.state.failed(&Error::of(&err));
                 Err(err)
@@ -166,11 +144,7 @@ impl Pipelined {
     pub async fn commit(self) -> Result<(), (Error, bool)> {
         let mut buffer = self.inner.lock().await;
         buffer.push("COMMIT", None);
-        if self.relaxed {
-            // A failure discards the connection, so it never keeps `NORMAL` for a publish.
-            buffer.push("PRAGMA synchronous = FULL", None);
-        }
-        match self.flush(&mut buffer, usize::from(self.relaxed)).await {
+        match self.flush(&mut buffer).await {
             Ok(_) => {
                 self.state.succeeded(false);
                 // Back to the pool, ready for the next transaction.
@@ -277,7 +251,7 @@ impl ConnectionTrait for Pipelined {
     async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
         let mut buffer = self.inner.lock().await;
         buffer.push(&stmt.sql, stmt.values);
-        let rows = self.flush(&mut buffer, 0).await?;
+        let rows = self.flush(&mut buffer).await?;
         Ok(rows.into_iter().map(QueryResult::from).collect())
     }
 
@@ -324,40 +298,13 @@ mod tests {
             .map(|row| row.try_get_by_index::<String>(0).unwrap())
     }
 
-    /// A relaxed (scheduler) transaction runs with `synchronous = NORMAL` and puts `FULL` back
-    /// in its commit: the writer's next transaction, a publish, syncs before it answers.
-    #[tokio::test]
-    async fn a_relaxed_commit_puts_full_syncs_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir).await;
-        let synchronous = async |txn: &Pipelined| -> i64 {
-            txn.query_one_raw(Statement::from_string(
-                DbBackend::Sqlite,
-                "PRAGMA synchronous",
-            ))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get_by_index(0)
-            .unwrap()
-        };
-        let txn = store.writer.begin_pipelined(true).await.unwrap().unwrap();
-        txn.execute_raw(put("a", "1")).await.unwrap();
-        assert_eq!(synchronous(&txn).await, 1, "NORMAL inside");
-        txn.commit().await.unwrap();
-        let txn = store.writer.begin_pipelined(false).await.unwrap().unwrap();
-        assert_eq!(synchronous(&txn).await, 2, "FULL again after the commit");
-        txn.commit().await.unwrap();
-        assert_eq!(value(&store, "a").await.as_deref(), Some("1"));
-    }
-
     /// Buffered writes bind their own parameters in turn, a read in between sees them, and
     /// nothing is visible to others before the COMMIT.
     #[tokio::test]
     async fn writes_go_with_the_next_read_or_the_commit() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
-        let txn = store.writer.begin_pipelined(false).await.unwrap().unwrap();
+        let txn = store.writer.begin_pipelined().await.unwrap().unwrap();
         txn.execute_raw(put("a", "1")).await.unwrap();
         txn.execute_raw(put("b", "2")).await.unwrap();
         let read = txn
@@ -396,7 +343,7 @@ mod tests {
     async fn a_failed_write_commits_nothing_and_the_writer_recovers() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
-        let txn = store.writer.begin_pipelined(false).await.unwrap().unwrap();
+        let txn = store.writer.begin_pipelined().await.unwrap().unwrap();
         txn.execute_raw(put("x", "1")).await.unwrap();
         txn.execute_raw(put("x", "again")).await.unwrap();
         let (err, maybe_committed) = txn.commit().await.unwrap_err();
@@ -405,13 +352,13 @@ mod tests {
         assert_eq!(value(&store, "x").await, None);
 
         // Dropped without a commit: nothing either.
-        let txn = store.writer.begin_pipelined(false).await.unwrap().unwrap();
+        let txn = store.writer.begin_pipelined().await.unwrap().unwrap();
         txn.execute_raw(put("y", "1")).await.unwrap();
         txn.query_all_raw(put("z", "1")).await.unwrap();
         drop(txn);
         assert_eq!(value(&store, "y").await, None);
 
-        let txn = store.writer.begin_pipelined(false).await.unwrap().unwrap();
+        let txn = store.writer.begin_pipelined().await.unwrap().unwrap();
         txn.execute_raw(put("x", "2")).await.unwrap();
         txn.commit().await.unwrap();
         assert_eq!(value(&store, "x").await.as_deref(), Some("2"));

@@ -133,10 +133,8 @@ pub struct Writer {
 impl Writer {
     /// Begins a write transaction whose statements are sent in batches (SQLite only; see
     /// [`super::pipeline`]). On PostgreSQL, `None`: use [`Writer::begin`].
-    /// `relaxed`: its commit does not sync (see [`super::pipeline::Pipelined::begin`]).
     pub(super) async fn begin_pipelined(
         &self,
-        relaxed: bool,
     ) -> Result<Option<super::pipeline::Pipelined>, Error> {
         let DbBackend::Sqlite = self.db.get_database_backend() else {
             return Ok(None);
@@ -146,7 +144,6 @@ impl Writer {
             Ok(conn) => Ok(Some(super::pipeline::Pipelined::begin(
                 conn,
                 self.state.clone(),
-                relaxed,
             ))),
             Err(err) => {
                 let err = Error::of(&DbErr::Conn(sea_orm::RuntimeErr::SqlxError(Arc::new(err))));
