@@ -2,7 +2,8 @@
 //! columns through which agents own work.
 
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    QueryTrait as _, Set,
 };
 
 use super::entity::{attempt, delivery};
@@ -91,7 +92,8 @@ pub async fn get(
         .map(from_model))
 }
 
-/// Lists deliveries newest first.
+/// Lists deliveries newest first. By subscription or by event, the caller has checked that it
+/// is the tenant's (see [`list_query`]).
 pub async fn list(
     db: &impl ConnectionTrait,
     tenant_id: &str,
@@ -99,11 +101,39 @@ pub async fn list(
     state: Option<DeliveryState>,
     page: &PageRequest,
 ) -> Result<Page<Delivery>, Error> {
-    let mut query = delivery::Entity::find()
-        .filter(delivery::Column::TenantId.eq(tenant_id))
-        .order_by_desc(delivery::Column::Id);
+    let rows = list_query(tenant_id, by, state, page).all(db).await?;
+    Ok(paginate(
+        rows.into_iter().map(from_model).collect(),
+        page,
+        |d| &d.id,
+    ))
+}
+
+/// [`list`]'s statement, for the tests of its plan.
+pub fn list_statement(
+    backend: sea_orm::DbBackend,
+    tenant_id: &str,
+    by: &ListBy,
+    state: Option<DeliveryState>,
+    page: &PageRequest,
+) -> sea_orm::Statement {
+    list_query(tenant_id, by, state, page).build(backend)
+}
+
+/// By subscription or by event the query does not repeat the tenant: the id is enough, and
+/// with the tenant's index beside the subscription's, PostgreSQL's planner, when its statistics
+/// lag behind a burst of publishes (before autovacuum analyzes the table), intersected the two
+/// and sorted the whole subscription: 2.9 s per page behind a backlog of a million deliveries,
+/// where walking `deliveries_subscription (subscription_id, id)` backwards takes 0.4 ms.
+fn list_query(
+    tenant_id: &str,
+    by: &ListBy,
+    state: Option<DeliveryState>,
+    page: &PageRequest,
+) -> sea_orm::Select<delivery::Entity> {
+    let mut query = delivery::Entity::find().order_by_desc(delivery::Column::Id);
     query = match by {
-        ListBy::Tenant => query,
+        ListBy::Tenant => query.filter(delivery::Column::TenantId.eq(tenant_id)),
         ListBy::Subscription(id) => query.filter(delivery::Column::SubscriptionId.eq(id.clone())),
         ListBy::Event(id) => query.filter(delivery::Column::EventId.eq(id.clone())),
     };
@@ -113,12 +143,7 @@ pub async fn list(
     if let Some(after) = &page.after {
         query = query.filter(delivery::Column::Id.lt(after.clone()));
     }
-    let rows = query.limit(page.size + 1).all(db).await?;
-    Ok(paginate(
-        rows.into_iter().map(from_model).collect(),
-        page,
-        |d| &d.id,
-    ))
+    query.limit(page.size + 1)
 }
 
 /// Returns a delivery's attempts, oldest first.

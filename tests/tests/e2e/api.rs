@@ -565,6 +565,17 @@ async fn bad_input_is_refused_naming_the_field(backend: Backend) {
         Code::NotFound,
         "another tenant's id is not found, never forbidden"
     );
+    // The delivery log by subscription is scoped by the subscription's tenant alone.
+    let (c, _) = code(
+        other
+            .deliveries()
+            .list_deliveries(pb::ListDeliveriesRequest {
+                subscription_id: sub.id.clone(),
+                ..Default::default()
+            })
+            .await,
+    );
+    assert_eq!(c, Code::NotFound, "another tenant's delivery log");
     let (c, _) = code(
         client
             .admin()
