@@ -15,7 +15,7 @@ use herald_client::{HeraldClient, v1 as pb};
 use tokio::task::JoinSet;
 
 use crate::deploy::{Database, Deployment, Process};
-use crate::receiver::Receiver;
+use crate::receiver::{OkBelow, Receiver};
 use crate::report::{self, Detail, Run, millis, percentile};
 use crate::scenarios::e2e_by_target;
 use crate::workload::{
@@ -224,6 +224,7 @@ async fn measure(
         let mut tick = tokio::time::interval(Duration::from_millis(1000 / PROBE_PUBLISH_PER_S));
         let mut ticks = 0u64;
         let mut last_check = Instant::now();
+        let mut backlog_ok = OkBelow::new(spec.subscriptions as u32);
         loop {
             tick.tick().await;
             ticks += 1;
@@ -257,7 +258,7 @@ async fn measure(
             // Probe deliveries count in ok_count too: check exactly at most once a second.
             if receiver.ok_count() >= expected && last_check.elapsed() >= Duration::from_secs(1) {
                 last_check = Instant::now();
-                let backlog_arrived = receiver.unique_ok_below(spec.subscriptions as u32);
+                let backlog_arrived = receiver.count_ok_below(&mut backlog_ok);
                 if backlog_arrived as u64 >= expected {
                     break;
                 }
