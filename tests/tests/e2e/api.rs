@@ -869,7 +869,17 @@ async fn secrets_are_sealed_at_rest_and_never_logged() {
         .token;
     let client = herald_client::HeraldClient::connect(&url, &token).unwrap();
     let api_key = "receiver-api-key-5f3a9c";
-    let sub = subscribe(&client, receiver.url("/"), |r| r.api_key = api_key.into()).await;
+    let secret_header = "secret-header-value-8e41d7";
+    let sub = subscribe(&client, receiver.url("/"), |r| {
+        r.api_key = api_key.into();
+        r.headers = vec![pb::CustomHeader {
+            name: "X-Shared-Key".into(),
+            value: secret_header.into(),
+            secret: true,
+            ..Default::default()
+        }];
+    })
+    .await;
     let rotated = client
         .subscriptions()
         .rotate_secret(pb::RotateSecretRequest {
@@ -880,12 +890,15 @@ async fn secrets_are_sealed_at_rest_and_never_logged() {
         .unwrap()
         .into_inner();
     client.publish(user_new(1)).await.unwrap();
-    receiver.wait_for(1, Duration::from_secs(20)).await;
+    let got = receiver.wait_for(1, Duration::from_secs(20)).await;
+    // The secret header went out, through every traced path, on a delivery.
+    assert_eq!(got[0].header("x-shared-key"), Some(secret_header));
     cp.terminate().await;
 
     use base64::Engine as _;
     let secrets = [
         api_key.to_owned(),
+        secret_header.to_owned(),
         sub.signing_secret.clone(),
         rotated.signing_secret.clone(),
     ];
