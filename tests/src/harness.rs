@@ -274,24 +274,8 @@ impl Herald {
 
     /// Creates a tenant and a token for it; returns (tenant id, tenant client).
     pub async fn tenant(&self, name: &str) -> (String, HeraldClient) {
-        use herald_client::v1 as pb;
-        let admin = self.admin();
-        let tenant = admin
-            .admin()
-            .create_tenant(pb::CreateTenantRequest { name: name.into() })
-            .await
-            .unwrap()
-            .into_inner();
-        let token = admin
-            .admin()
-            .create_token(pb::CreateTokenRequest {
-                tenant_id: tenant.id.clone(),
-                name: "test".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        (tenant.id, self.client(&token.token))
+        let (tenant, token) = create_tenant(&self.admin(), name, "test").await;
+        (tenant.id, self.client(&token))
     }
 
     /// Stops a control plane started by [`HeraldBuilder::start_crashable_on`] the way SIGKILL
@@ -509,4 +493,31 @@ macro_rules! both_backends {
             }
         }
     };
+}
+
+/// Creates a tenant through an admin client and a token named `token_name` for it; returns the
+/// tenant and the token's secret.
+pub async fn create_tenant(
+    admin: &HeraldClient,
+    name: &str,
+    token_name: &str,
+) -> (herald_client::v1::Tenant, String) {
+    use herald_client::v1 as pb;
+    let tenant = admin
+        .admin()
+        .create_tenant(pb::CreateTenantRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let token = admin
+        .admin()
+        .create_token(pb::CreateTokenRequest {
+            tenant_id: tenant.id.clone(),
+            name: token_name.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    (tenant, token)
 }

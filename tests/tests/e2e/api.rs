@@ -849,24 +849,7 @@ async fn secrets_are_sealed_at_rest_and_never_logged() {
     let url = format!("http://{}", cp.addr.unwrap());
     let admin = herald_client::HeraldClient::connect(&url, harness::ADMIN_TOKEN).unwrap();
     let receiver = Receiver::start().await;
-    let tenant = admin
-        .admin()
-        .create_tenant(pb::CreateTenantRequest {
-            name: "acme".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let token = admin
-        .admin()
-        .create_token(pb::CreateTokenRequest {
-            tenant_id: tenant.id.clone(),
-            name: "t".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let (_, token) = harness::create_tenant(&admin, "acme", "t").await;
     let client = herald_client::HeraldClient::connect(&url, &token).unwrap();
     let api_key = "receiver-api-key-5f3a9c";
     let secret_header = "secret-header-value-8e41d7";

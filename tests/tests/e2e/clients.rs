@@ -83,24 +83,7 @@ async fn script(name: &str) -> String {
 async fn with_subscriber() -> (Herald, String, String, Receiver) {
     let herald = Herald::builder(Backend::Sqlite).start().await;
     let admin = herald.admin();
-    let tenant = admin
-        .admin()
-        .create_tenant(pb::CreateTenantRequest {
-            name: "acme".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let token = admin
-        .admin()
-        .create_token(pb::CreateTokenRequest {
-            tenant_id: tenant.id.clone(),
-            name: "backend".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let (tenant, token) = harness::create_tenant(&admin, "acme", "backend").await;
     let receiver = Receiver::start().await;
     herald
         .client(&token)

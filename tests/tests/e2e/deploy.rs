@@ -309,24 +309,7 @@ async fn the_environment_files_run_the_production_layout() {
         "{listed:?}"
     );
 
-    let tenant = admin
-        .admin()
-        .create_tenant(pb::CreateTenantRequest {
-            name: "acme".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let token = admin
-        .admin()
-        .create_token(pb::CreateTokenRequest {
-            tenant_id: tenant.id.clone(),
-            name: "layout".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let (_, token) = harness::create_tenant(&admin, "acme", "layout").await;
     let publishers = [
         tls_client(ports[0], &ca_path, &token),
         tls_client(ports[1], &ca_path, &token),

@@ -66,24 +66,7 @@ async fn a_backup_taken_while_running_restores_the_state() {
     let mut cp = harness::spawn_control_plane(&env).await;
     let url = format!("http://{}", cp.addr.unwrap());
     let admin = herald_client::HeraldClient::connect(&url, harness::ADMIN_TOKEN).unwrap();
-    let tenant = admin
-        .admin()
-        .create_tenant(pb::CreateTenantRequest {
-            name: "acme".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let token = admin
-        .admin()
-        .create_token(pb::CreateTokenRequest {
-            tenant_id: tenant.id.clone(),
-            name: "backend".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let (_, token) = harness::create_tenant(&admin, "acme", "backend").await;
     let client = herald_client::HeraldClient::connect(&url, &token).unwrap();
     let receiver = Receiver::start().await;
     let subscription = subscribe(&client, receiver.url("/hook"), |_| {}).await;
