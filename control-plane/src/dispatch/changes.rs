@@ -68,7 +68,7 @@ impl Announcer {
         let Ok(payload) = serde_json::to_string(&announcement) else {
             return;
         };
-        if let Err(err) = storage::notify(&self.store.db, CHANNEL, &payload, false).await {
+        if let Err(err) = storage::notify(&self.store.db, CHANNEL, &payload).await {
             tracing::warn!(error = %err, change = ?announcement.change, "could not announce a change to the other replicas");
         }
     }

@@ -202,7 +202,7 @@ pub async fn write(
     };
     let written: Result<Disabled, storage::Error> = async {
         // On SQLite the leases' moves in one hand-off, the rest and the COMMIT in another.
-        let txn = store.begin_batched_write().await?;
+        let txn = store.begin_batched_write(true).await?;
         let disabled = batch.write_steps(&txn, steps).await?;
         txn.commit().await.map_err(|(err, _)| err)?;
         Ok(disabled)
@@ -394,15 +394,14 @@ impl Batch<'_> {
             }
         }
         if self.shared {
-            // Watchers on the other replicas hear of these attempts once they are committed; the
-            // same statement lets the transaction commit without waiting for the WAL flush.
+            // Watchers on the other replicas hear of these attempts once they are committed.
             let recorded: Vec<(String, DeliveryState)> = steps
                 .iter()
                 .filter_map(|s| s.record.as_ref())
                 .map(|r| (r.attempt.id.clone(), r.state))
                 .collect();
             for payload in watch::encode(replica_id, &recorded) {
-                storage::notify(txn, watch::CHANNEL, &payload, true).await?;
+                storage::notify(txn, watch::CHANNEL, &payload).await?;
             }
         }
         Ok(disabled)

@@ -842,7 +842,7 @@ impl Scheduler {
             // would be two more hand-offs to the database connection's thread.
             return deliveries::claim_leases(&self.store.writer, claims, now, shared).await;
         }
-        let txn = self.store.begin_write().await?;
+        let txn = self.store.begin_scheduler_write().await?;
         let claimed = deliveries::claim_leases(&txn, claims, now, shared).await?;
         txn.commit().await?;
         Ok(claimed)
@@ -1081,7 +1081,7 @@ struct Round {
 
 /// Makes leased deliveries pending again, in one transaction.
 async fn release(store: &Store, leases: &[(String, String)]) -> Result<u64, storage::Error> {
-    let txn = store.begin_write().await?;
+    let txn = store.begin_scheduler_write().await?;
     let released = deliveries::release(&txn, leases, Utc::now()).await?;
     txn.commit().await?;
     Ok(released)

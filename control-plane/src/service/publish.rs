@@ -315,7 +315,7 @@ impl Writer {
         // On SQLite two hand-offs to the connection's thread: read, then write and commit.
         let txn = self
             .store
-            .begin_batched_write()
+            .begin_batched_write(false)
             .await
             .map_err(Failed::BeforeCommit)?;
         let written = stage(&self.store, &txn, batch, Utc::now())

@@ -432,13 +432,36 @@ impl Store {
         self.writer.begin().await
     }
 
+    /// Begins a transaction of the scheduler's leases and results. On PostgreSQL it commits
+    /// without waiting for the WAL flush (`synchronous_commit = off` for this transaction only):
+    /// a database crash may lose its last fraction of a second, which sends those deliveries
+    /// again (at least once) and never loses an acknowledged event; publishing stays synchronous.
+    /// SQLite cannot relax one transaction on the shared writer, so it is `begin_write` there.
+    pub async fn begin_scheduler_write(&self) -> Result<Transaction, Error> {
+        let txn = self.writer.begin().await?;
+        if self.shared() {
+            txn.execute_unprepared("SET LOCAL synchronous_commit = off")
+                .await?;
+        }
+        Ok(txn)
+    }
+
     /// Begins a write transaction whose writes go in batches on SQLite (see `pipeline`); a
-    /// [`Store::begin_write`] on PostgreSQL.
-    pub async fn begin_batched_write(&self) -> Result<pipeline::BatchedWrite, Error> {
+    /// [`Store::begin_write`] (or, `scheduler`, a [`Store::begin_scheduler_write`]) on
+    /// PostgreSQL.
+    pub async fn begin_batched_write(
+        &self,
+        scheduler: bool,
+    ) -> Result<pipeline::BatchedWrite, Error> {
         if let Some(txn) = self.writer.begin_pipelined().await? {
             return Ok(pipeline::BatchedWrite::Pipelined(txn));
         }
-        Ok(pipeline::BatchedWrite::Plain(self.begin_write().await?))
+        let txn = if scheduler {
+            self.begin_scheduler_write().await?
+        } else {
+            self.begin_write().await?
+        };
+        Ok(pipeline::BatchedWrite::Plain(txn))
     }
 
     /// Whether writes succeed, for the health service.
@@ -626,32 +649,12 @@ async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
     }
 }
 
-/// A call that lets the PostgreSQL transaction it runs in commit without waiting for the WAL
-/// flush (`synchronous_commit = off` for that transaction only). The scheduler's lease and
-/// results transactions use it: a database crash may lose their last fraction of a second, which
-/// sends those deliveries again (at least once) and never loses an acknowledged event;
-/// publishing stays synchronous. It rides in a `SELECT` the transaction sends anyway (the
-/// claim's locks, the notification of recorded attempts), so it costs no round trip of its own:
-/// a `SET LOCAL` was two of the 17 statements a delivery cost at everyday rates. SQLite cannot
-/// relax one transaction on its shared writer.
-pub const RELAX_COMMIT: &str = "set_config('synchronous_commit', 'off', true)";
-
 /// Sends `payload` on a PostgreSQL notification channel; inside a transaction it goes out when
-/// (and only if) the transaction commits. With `relax_commit`, also [`RELAX_COMMIT`].
-pub async fn notify(
-    db: &impl ConnectionTrait,
-    channel: &str,
-    payload: &str,
-    relax_commit: bool,
-) -> Result<(), Error> {
-    let sql = if relax_commit {
-        format!("SELECT pg_notify($1, $2), {RELAX_COMMIT}")
-    } else {
-        "SELECT pg_notify($1, $2)".to_owned()
-    };
+/// (and only if) the transaction commits.
+pub async fn notify(db: &impl ConnectionTrait, channel: &str, payload: &str) -> Result<(), Error> {
     db.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        sql,
+        "SELECT pg_notify($1, $2)",
         [channel.into(), payload.into()],
     ))
     .await?;
