@@ -536,7 +536,7 @@ async fn free_slots<'g>(
 /// (190 ms), and the drain fell from 6,000/s to under 1,000/s. The setting is set here, in a
 /// statement the claim sends anyway, to cost no round trip; the claim's other statements go by
 /// primary key or by the small partial index of unfinished ordered deliveries either way.
-pub fn claim_locks(subscription_ids: &[&str]) -> sea_orm::Statement {
+fn claim_locks(subscription_ids: &[&str]) -> sea_orm::Statement {
     let mut keys: Vec<i32> = subscription_ids
         .iter()
         .map(|id| claim_lock_key(id))
@@ -556,8 +556,9 @@ pub fn claim_locks(subscription_ids: &[&str]) -> sea_orm::Statement {
 }
 
 /// Counts the deliveries of `subscription_ids` in flight under an unexpired lease, per
-/// subscription (PostgreSQL): a scan of the partial index `deliveries_in_flight` (the state is a
-/// literal: a bound parameter would not prove the index's `state = 2` in a generic plan).
+/// subscription (PostgreSQL; public for the test that reads its plan): a scan of the partial
+/// index `deliveries_in_flight` (the state is a literal: a bound parameter would not prove the
+/// index's `state = 2` in a generic plan).
 pub fn in_flight_count(
     subscription_ids: &[&str],
     now: chrono::DateTime<chrono::Utc>,
