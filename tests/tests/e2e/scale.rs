@@ -1181,6 +1181,62 @@ async fn master_keys_are_set_and_rotated_without_losing_a_secret() {
     database.drop_database().await;
 }
 
+/// A fresh PostgreSQL database with Herald's schema (made by a store, which stays open) and a
+/// connection of the test's own, for tests of what the planner makes of Herald's statements.
+struct PlannerSchema {
+    database: TestDatabase,
+    store: herald_control_plane::storage::Store,
+    db: sea_orm::DatabaseConnection,
+}
+
+impl PlannerSchema {
+    async fn new() -> Self {
+        use herald_control_plane::storage::{Store, StoreOptions};
+        let database = TestDatabase::new(Backend::Postgres).await;
+        let store = Store::open(StoreOptions {
+            url: database.url.clone(),
+            max_connections: 2,
+            master_key: None,
+            previous_master_key: None,
+            sqlite_page_limit: None,
+        })
+        .await
+        .unwrap();
+        let db = sea_orm::Database::connect(&database.url).await.unwrap();
+        Self {
+            database,
+            store,
+            db,
+        }
+    }
+
+    async fn finish(mut self) {
+        let _ = self.db.close().await;
+        self.store.close().await;
+        self.database.drop_database().await;
+    }
+}
+
+/// Returns the plan of `statement` as `explain` (`EXPLAIN`, `EXPLAIN (ANALYZE, BUFFERS)`) prints it.
+async fn explain(
+    db: &impl sea_orm::ConnectionTrait,
+    explain: &str,
+    statement: sea_orm::Statement,
+) -> String {
+    let statement = sea_orm::Statement {
+        sql: format!("{explain} {}", statement.sql),
+        ..statement
+    };
+    let lines: Vec<String> = db
+        .query_all_raw(statement)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.try_get_by_index::<String>(0).unwrap())
+        .collect();
+    lines.join("\n")
+}
+
 /// The delivery log of one subscription reads its newest page from the subscription's index,
 /// whatever PostgreSQL's statistics say. Behind a burst of publishes the table has not been
 /// analyzed yet (autovacuum's analyze comes later, or never where it is off), and with default
@@ -1191,20 +1247,9 @@ async fn master_keys_are_set_and_rotated_without_losing_a_secret() {
 async fn a_subscriptions_delivery_log_reads_its_index_before_statistics_exist() {
     use herald_control_plane::domain::model::PageRequest;
     use herald_control_plane::storage::deliveries::{self, ListBy};
-    use herald_control_plane::storage::{Store, StoreOptions};
 
-    let mut database = TestDatabase::new(Backend::Postgres).await;
-    let store = Store::open(StoreOptions {
-        url: database.url.clone(),
-        max_connections: 2,
-        master_key: None,
-        previous_master_key: None,
-        sqlite_page_limit: None,
-    })
-    .await
-    .unwrap();
-    // The store made the schema; the statements go over a connection of the test's own.
-    let db = sea_orm::Database::connect(&database.url).await.unwrap();
+    let schema = PlannerSchema::new().await;
+    let db = &schema.db;
     // A backlog: 40,000 deliveries of one tenant over four subscriptions, never analyzed.
     db.execute_unprepared(
         "ALTER TABLE deliveries SET (autovacuum_enabled = false);
@@ -1224,18 +1269,7 @@ async fn a_subscriptions_delivery_log_reads_its_index_before_statistics_exist() 
     };
     let statement =
         deliveries::list_statement(sea_orm::DbBackend::Postgres, "ten_a", &by, None, &page);
-    let explain = sea_orm::Statement {
-        sql: format!("EXPLAIN {}", statement.sql),
-        ..statement
-    };
-    let plan: Vec<String> = db
-        .query_all_raw(explain)
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.try_get_by_index::<String>(0).unwrap())
-        .collect();
-    let plan = plan.join("\n");
+    let plan = explain(db, "EXPLAIN", statement).await;
     assert!(
         plan.contains("Index Scan Backward using deliveries_subscription")
             && !plan.contains("Sort"),
@@ -1243,16 +1277,14 @@ async fn a_subscriptions_delivery_log_reads_its_index_before_statistics_exist() 
     );
 
     // And it is the subscription's newest page.
-    let listed = deliveries::list(&db, "ten_a", &by, None, &page)
+    let listed = deliveries::list(db, "ten_a", &by, None, &page)
         .await
         .unwrap();
     let ids: Vec<&str> = listed.items.iter().map(|d| d.id.as_str()).collect();
     assert_eq!(ids.len(), 10);
     assert_eq!(ids[0], "dlv_00039997");
     assert!(ids.windows(2).all(|w| w[0] > w[1]), "{ids:?}");
-    let _ = db.close().await;
-    store.close().await;
-    database.drop_database().await;
+    schema.finish().await;
 }
 
 /// The cluster-wide claim counts each subscription's deliveries in flight through the partial
@@ -1264,20 +1296,10 @@ async fn a_subscriptions_delivery_log_reads_its_index_before_statistics_exist() 
 #[tokio::test]
 async fn the_claims_in_flight_count_skips_finished_leases_once_met() {
     use herald_control_plane::storage::deliveries::{self, ClaimGroup, LeaseClaim};
-    use herald_control_plane::storage::{Store, StoreOptions};
     use sea_orm::TransactionTrait as _;
 
-    let mut database = TestDatabase::new(Backend::Postgres).await;
-    let store = Store::open(StoreOptions {
-        url: database.url.clone(),
-        max_connections: 2,
-        master_key: None,
-        previous_master_key: None,
-        sqlite_page_limit: None,
-    })
-    .await
-    .unwrap();
-    let db = sea_orm::Database::connect(&database.url).await.unwrap();
+    let schema = PlannerSchema::new().await;
+    let db = &schema.db;
     // 20,000 leases of one subscription of which 10 are still out (the rest finished: dead
     // entries in the index), 50 pending deliveries to claim, and one pending for each of four
     // more subscriptions (a claim round counts several at once); never vacuumed nor analyzed.
@@ -1344,19 +1366,8 @@ async fn the_claims_in_flight_count_skips_finished_leases_once_met() {
     assert!(claimed.leased.is_empty(), "{claimed:?}");
     assert_eq!(claimed.deferred.len(), 50, "sub_a is full");
     let count = deliveries::in_flight_count(&subscriptions, now);
-    let explain = sea_orm::Statement {
-        sql: format!("EXPLAIN (ANALYZE, BUFFERS) {}", count.sql),
-        ..count
-    };
-    let plan: Vec<String> = second
-        .query_all_raw(explain)
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.try_get_by_index::<String>(0).unwrap())
-        .collect();
+    let plan = explain(&second, "EXPLAIN (ANALYZE, BUFFERS)", count).await;
     second.rollback().await.unwrap();
-    let plan = plan.join("\n");
     let heap_pages: i64 = db
         .query_one_raw(sea_orm::Statement::from_string(
             sea_orm::DbBackend::Postgres,
@@ -1382,7 +1393,5 @@ async fn the_claims_in_flight_count_skips_finished_leases_once_met() {
         buffers * 10 < heap_pages,
         "the count read {buffers} pages of a {heap_pages}-page table for 24 live leases:\n{plan}"
     );
-    let _ = db.close().await;
-    store.close().await;
-    database.drop_database().await;
+    schema.finish().await;
 }
