@@ -437,6 +437,14 @@ const NOT_BLOCKED_BY_EARLIER: &str = "(ordering_key IS NULL OR NOT EXISTS (\
     AND earlier.id < deliveries.id \
     AND earlier.ordering_key IS NOT NULL AND earlier.state IN (1, 2, 4)))";
 
+/// Whether [`claim_leases`] runs a single statement for `claims` (SQLite, one lease of at most
+/// one chunk): atomic by itself, it needs no transaction around it.
+pub fn claim_is_one_statement(claims: &[LeaseClaim], shared: bool) -> bool {
+    !shared
+        && claims.len() == 1
+        && claims[0].groups.iter().map(|g| g.ids.len()).sum::<usize>() <= INSERT_CHUNK
+}
+
 /// Leases the claimable deliveries among each claim's groups to its agent under its lease, in
 /// one transaction (`txn`). A delivery is claimable when it is due (pending or failed with its time
 /// come, or in flight under an expired lease) and, for an ordered subscription, no earlier
@@ -451,14 +459,6 @@ const NOT_BLOCKED_BY_EARLIER: &str = "(ordering_key IS NULL OR NOT EXISTS (\
 ///
 /// Whatever the number of groups: one statement for the locks, one for the counts, and one
 /// update per lease.
-/// Whether [`claim_leases`] runs a single statement for `claims` (SQLite, one lease of at most
-/// one chunk): atomic by itself, it needs no transaction around it.
-pub fn claim_is_one_statement(claims: &[LeaseClaim], shared: bool) -> bool {
-    !shared
-        && claims.len() == 1
-        && claims[0].groups.iter().map(|g| g.ids.len()).sum::<usize>() <= INSERT_CHUNK
-}
-
 pub async fn claim_leases(
     txn: &impl ConnectionTrait,
     claims: &[LeaseClaim],
@@ -529,13 +529,15 @@ async fn free_slots<'g>(
 /// turns bitmap scans off until the transaction ends, for [`in_flight_count`]'s sake.
 ///
 /// Why: every lease that ends leaves a dead entry in `deliveries_in_flight` until `VACUUM`
-/// removes it. A plain index scan marks the dead entries it meets and skips them from then on;
-/// a bitmap scan, which the planner prefers for a list of subscriptions, marks nothing and
-/// visits every dead row's heap page at every claim. Behind a backlog of a million with
-/// autovacuum slow or off, that made each claim round read 121,482 entries for 154 live ones
-/// (190 ms), and the drain fell from 6,000/s to under 1,000/s. The setting is set here, in a
-/// statement the claim sends anyway, to cost no round trip; the claim's other statements go by
-/// primary key or by the small partial index of unfinished ordered deliveries either way.
+/// removes it. A plain index scan marks the dead entries it meets and skips them from then on
+/// (once no open snapshot is older than their rows: a long transaction, a replication slot or a
+/// standby's feedback hold the marking back as they hold back `VACUUM`); a bitmap scan, which
+/// the planner prefers for a list of subscriptions, marks nothing and visits every dead row's
+/// heap page at every claim. Behind a backlog of a million with autovacuum slow or off, that
+/// made each claim round read 121,482 entries for 154 live ones (190 ms), and the drain fell
+/// from 6,000/s to under 1,000/s. The setting rides in a statement the claim sends anyway, to
+/// cost no round trip; the claim's other statements go by primary key or by the partial index
+/// of unfinished ordered deliveries, whose plans are the same without bitmap scans.
 fn claim_locks(subscription_ids: &[&str]) -> sea_orm::Statement {
     let mut keys: Vec<i32> = subscription_ids
         .iter()
@@ -555,10 +557,11 @@ fn claim_locks(subscription_ids: &[&str]) -> sea_orm::Statement {
     sea_orm::Statement::from_sql_and_values(sea_orm::DbBackend::Postgres, sql, params)
 }
 
-/// Counts the deliveries of `subscription_ids` in flight under an unexpired lease, per
-/// subscription (PostgreSQL; public for the test that reads its plan): a scan of the partial
-/// index `deliveries_in_flight` (the state is a literal: a bound parameter would not prove the
-/// index's `state = 2` in a generic plan).
+/// Counts the deliveries of `subscription_ids` (at least one) in flight under an unexpired
+/// lease, per subscription (PostgreSQL; public for the test that reads its plan): a scan of the
+/// partial index `deliveries_in_flight` (the state is a literal: a bound parameter would not
+/// prove the index's `state = 2` in a generic plan).
+#[doc(hidden)]
 pub fn in_flight_count(
     subscription_ids: &[&str],
     now: chrono::DateTime<chrono::Utc>,

@@ -1217,14 +1217,14 @@ impl PlannerSchema {
     }
 }
 
-/// Returns the plan of `statement` as `explain` (`EXPLAIN`, `EXPLAIN (ANALYZE, BUFFERS)`) prints it.
+/// Returns the plan of `statement` as `prefix` (`EXPLAIN`, `EXPLAIN (ANALYZE, BUFFERS)`) prints it.
 async fn explain(
     db: &impl sea_orm::ConnectionTrait,
-    explain: &str,
+    prefix: &str,
     statement: sea_orm::Statement,
 ) -> String {
     let statement = sea_orm::Statement {
-        sql: format!("{explain} {}", statement.sql),
+        sql: format!("{prefix} {}", statement.sql),
         ..statement
     };
     let lines: Vec<String> = db
@@ -1301,8 +1301,9 @@ async fn the_claims_in_flight_count_skips_finished_leases_once_met() {
     let schema = PlannerSchema::new().await;
     let db = &schema.db;
     // 20,000 leases of one subscription of which 10 are still out (the rest finished: dead
-    // entries in the index), 50 pending deliveries to claim, and one pending for each of four
-    // more subscriptions (a claim round counts several at once); never vacuumed nor analyzed.
+    // entries in the index) and one more whose lease expired (it holds no slot), 50 pending
+    // deliveries to claim, and one pending for each of four more subscriptions (a claim round
+    // counts several at once); never vacuumed nor analyzed.
     db.execute_unprepared(
         "ALTER TABLE deliveries SET (autovacuum_enabled = false);
          INSERT INTO deliveries (id, tenant_id, event_id, subscription_id, state, attempt_count,
@@ -1311,6 +1312,9 @@ async fn the_claims_in_flight_count_skips_finished_leases_once_met() {
                 'lse_old', 9000000000000, 0, 0
          FROM generate_series(1, 20000) AS n;
          UPDATE deliveries SET state = 3, lease_id = NULL WHERE id <= 'dlv_00019990';
+         INSERT INTO deliveries (id, tenant_id, event_id, subscription_id, state, attempt_count,
+             next_attempt_at, lease_id, lease_expires_at, created_at, updated_at)
+         VALUES ('dlv_expired', 'ten_a', 'evt_expired', 'sub_a', 2, 1, 0, 'lse_gone', 1, 0, 0);
          INSERT INTO deliveries (id, tenant_id, event_id, subscription_id, state, attempt_count,
              next_attempt_at, created_at, updated_at)
          SELECT 'dlv_' || lpad(n::text, 8, '0'), 'ten_a', 'evt_' || n, 'sub_a', 1, 0, 0, 0, 0
@@ -1355,7 +1359,7 @@ async fn the_claims_in_flight_count_skips_finished_leases_once_met() {
     assert_eq!(
         claimed.leased.len(),
         10 + 4,
-        "sub_a: 20 slots, 10 of them taken"
+        "sub_a: 20 slots, 10 of them taken (an expired lease takes none)"
     );
     assert_eq!(claimed.deferred.len(), 40);
 
@@ -1371,19 +1375,26 @@ async fn the_claims_in_flight_count_skips_finished_leases_once_met() {
     let heap_pages: i64 = db
         .query_one_raw(sea_orm::Statement::from_string(
             sea_orm::DbBackend::Postgres,
-            "SELECT pg_relation_size('deliveries') / 8192",
+            "SELECT pg_relation_size('deliveries') / current_setting('block_size')::bigint",
         ))
         .await
         .unwrap()
         .unwrap()
         .try_get_by_index(0)
         .unwrap();
-    // The first "Buffers:" line is the top node's: everything the count read.
+    // The first "Buffers: shared" line is the top node's: every page the count touched, found
+    // in shared buffers (hit) or not (read).
     let buffers: i64 = plan
         .lines()
-        .find_map(|line| line.trim().strip_prefix("Buffers: shared hit="))
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
+        .find_map(|line| line.trim().strip_prefix("Buffers: shared "))
+        .map(|counts| {
+            counts
+                .split_whitespace()
+                .filter_map(|count| count.split_once('='))
+                .filter(|(kind, _)| matches!(*kind, "hit" | "read"))
+                .filter_map(|(_, n)| n.parse::<i64>().ok())
+                .sum()
+        })
         .unwrap_or_else(|| panic!("no buffer count in the plan:\n{plan}"));
     assert!(
         plan.contains("using deliveries_in_flight") && !plan.contains("Bitmap"),
