@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use herald_client::{HeraldClient, v1 as pb};
-use herald_tests::{Backend, Herald, Receiver, TestDatabase, eventually};
+use herald_tests::{Backend, Herald, Receiver, TestDatabase, eventually, harness};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -28,23 +28,7 @@ async fn herald_with_console() -> (Herald, SocketAddr) {
 
 /// A tenant with a token: (tenant id, plaintext token, client).
 async fn tenant_with_token(herald: &Herald, name: &str) -> (String, String, HeraldClient) {
-    let admin = herald.admin();
-    let tenant = admin
-        .admin()
-        .create_tenant(pb::CreateTenantRequest { name: name.into() })
-        .await
-        .unwrap()
-        .into_inner();
-    let token = admin
-        .admin()
-        .create_token(pb::CreateTokenRequest {
-            tenant_id: tenant.id.clone(),
-            name: "console".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let (tenant, token) = harness::create_tenant(&herald.admin(), name, "console").await;
     let client = herald.client(&token);
     (tenant.id, token, client)
 }

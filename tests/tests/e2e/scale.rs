@@ -115,25 +115,7 @@ impl Cluster {
 
     /// Creates a tenant and a token; returns one tenant client per replica.
     async fn tenant(&self) -> Vec<HeraldClient> {
-        let admin = self.admin(0);
-        let tenant = admin
-            .admin()
-            .create_tenant(pb::CreateTenantRequest {
-                name: "acme".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let token = admin
-            .admin()
-            .create_token(pb::CreateTokenRequest {
-                tenant_id: tenant.id,
-                name: "scale".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .token;
+        let (_, token) = harness::create_tenant(&self.admin(0), "acme", "scale").await;
         (0..self.ports.len())
             .map(|i| client(&self.url(i), &token))
             .collect()

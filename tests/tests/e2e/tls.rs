@@ -123,24 +123,7 @@ async fn tls_listener_serves_the_right_ca_and_refuses_the_rest() {
     )
     .await;
     let receiver = Receiver::start().await;
-    let token = admin
-        .admin()
-        .create_tenant(pb::CreateTenantRequest {
-            name: "acme".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let tenant_token = admin
-        .admin()
-        .create_token(pb::CreateTokenRequest {
-            tenant_id: token.id,
-            name: "t".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let (_, tenant_token) = harness::create_tenant(&admin, "acme", "t").await;
     let client = tls_client(&herald, &ca_path, &tenant_token);
     subscribe(&client, receiver.url("/"), |_| {}).await;
     client.publish(user_new(1)).await.unwrap();
